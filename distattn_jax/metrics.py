@@ -161,18 +161,18 @@ def _sum_to_shape(t: Array, shape: tuple[int, ...]) -> Array:
 
 
 def _safe_root(s: Array, p: float | Array) -> Array:
-  """``s ** (1/p)`` for ``s >= 0`` with gradient 0 (not inf or NaN) at ``s == 0``."""
-  positive = s > 0
-  safe = jnp.where(positive, s, 1.0)
+  """``s ** (1/p)`` for ``s >= 0`` with gradient 0 (not inf or NaN) at ``s == 0``; NaN stays NaN."""
+  zero = s == 0
+  safe = jnp.where(zero, 1.0, s)
   root = jnp.sqrt(safe) if isinstance(p, float) and p == 2.0 else safe ** (1.0 / p)
-  return jnp.where(positive, root, 0.0)
+  return jnp.where(zero, 0.0, root)
 
 
 def _inverse_norm(x: Array) -> Array:
-  """``1 / |x|`` over the last axis, and 0 (with gradient 0) for a zero vector."""
+  """``1 / |x|`` over the last axis, and 0 (with gradient 0) for a zero vector; NaN stays NaN."""
   sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  positive = sq > 0
-  return jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  zero = sq == 0
+  return jnp.where(zero, 0.0, jax.lax.rsqrt(jnp.where(zero, 1.0, sq)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -293,21 +293,21 @@ def _power_sum_root(x: Array, y: Array, p: float | Array) -> Array:
   if isinstance(p, float) and p.is_integer() and p <= MAX_UNSCALED_INTEGER_P:
     return _safe_root(jnp.sum(jax.lax.integer_pow(t, int(p)), axis=-1), p)
   scale = jax.lax.stop_gradient(jnp.max(t, axis=-1))
-  safe_scale = jnp.where(scale > 0, scale, 1.0)
+  scale_zero = scale == 0
+  safe_scale = jnp.where(scale_zero, 1.0, scale)
   u = t / safe_scale[..., None]
-  positive = u > 0
-  powered = jnp.where(positive, jnp.where(positive, u, 1.0) ** p, 0.0)
-  return jnp.where(scale > 0, safe_scale * jnp.sum(powered, axis=-1) ** (1.0 / p), 0.0)
+  u_zero = u == 0
+  powered = jnp.where(u_zero, 0.0, jnp.where(u_zero, 1.0, u) ** p)
+  return jnp.where(scale_zero, 0.0, safe_scale * jnp.sum(powered, axis=-1) ** (1.0 / p))
 
 
 def _lp_partials(x: Array, y: Array, d: Array, p: float | Array) -> tuple[Array, Array]:
   """``u = |x - y| / d`` (in [0, 1]) and ``d lp / d x = u^(p-1) sign(x - y)``, 0 where undefined."""
   diff = _diff(x, y)
-  safe_d = jnp.where(d > 0, d, 1.0)[..., None]
-  u = jnp.abs(diff) / safe_d
-  positive = u > 0
-  u_safe = jnp.where(positive, u, 1.0)
-  partial = jnp.where(positive & (d[..., None] > 0), u_safe ** (p - 1.0), 0.0) * jnp.sign(diff)
+  d_zero = (d == 0)[..., None]
+  u = jnp.abs(diff) / jnp.where(d_zero, 1.0, d[..., None])
+  u_zero = u == 0
+  partial = jnp.where(u_zero | d_zero, 0.0, jnp.where(u_zero, 1.0, u) ** (p - 1.0)) * jnp.sign(diff)
   return u, partial
 
 
@@ -344,9 +344,9 @@ def _lp_traced_bwd(res, g):
   x, y, d, p = res
   u, partial = _lp_partials(x, y, d, p)
   dx, dy = _reduce_pairs(g[..., None] * partial, x, y)
-  positive = u > 0
-  u_safe = jnp.where(positive, u, 1.0)
-  u_log_u = jnp.where(positive, u_safe**p * jnp.log(u_safe), 0.0)
+  u_zero = u == 0
+  u_safe = jnp.where(u_zero, 1.0, u)
+  u_log_u = jnp.where(u_zero, 0.0, u_safe**p * jnp.log(u_safe))
   dp = jnp.sum(g * d / p * jnp.sum(u_log_u, axis=-1)).astype(p.dtype)
   return dx, dy, dp
 

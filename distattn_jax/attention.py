@@ -1,0 +1,282 @@
+"""``distance_attention``: the one entry point every layer, model and user calls.
+
+It checks every argument at trace time, brings the Flax layout ``[batch..., length, heads, head_dim]`` to the
+kernels' canonical shapes (see :mod:`distattn_jax.kernels.common`), picks a kernel by name from the registry and
+returns the result in the caller's layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distattn_jax import kernels, metrics
+from distattn_jax.kernels import common
+
+Array = jax.Array
+
+# Keyword arguments that Flax's attention modules pass to an ``attention_fn`` and that distance attention
+# accepts. The einsum overrides exist for quantised dot products; a distance has no single einsum to swap.
+_FLAX_KWARGS = ("module", "force_fp32_for_softmax", "promote_dtype", "einsum_dot_general",
+                "qk_attn_weights_einsum", "attn_weights_value_einsum")
+_UNSUPPORTED_FLAX_KWARGS = ("einsum_dot_general", "qk_attn_weights_einsum", "attn_weights_value_einsum")
+
+
+def _fail(argname: str, message: str, exc: type[Exception] = ValueError):
+  raise exc(f"distance_attention: {argname} {message}")
+
+
+def _check_flax_kwargs(flax_kwargs: dict[str, Any]) -> Any:
+  """Returns the ``module`` to sow weights into (or None) after rejecting what distance attention can't honour."""
+  for name, value in flax_kwargs.items():
+    if name not in _FLAX_KWARGS:
+      _fail(name, f"is not an argument of distance_attention (got {name}={value!r}); the Flax keyword "
+            f"arguments it accepts are {', '.join(_FLAX_KWARGS)}", TypeError)
+    if name in _UNSUPPORTED_FLAX_KWARGS and value is not None:
+      _fail(name, f"must be None: distance metrics do not reduce to a swappable einsum (got {value!r})")
+  # force_fp32_for_softmax is always honoured: softmax statistics are float32 or wider for every dtype.
+  return flax_kwargs.get("module")
+
+
+def _check_arrays(query, key, value, dtype) -> tuple[Array, Array, Array]:
+  arrays = {"query": jnp.asarray(query), "key": jnp.asarray(key), "value": jnp.asarray(value)}
+  for name, a in arrays.items():
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      _fail(name, f"must be a floating-point array; got dtype {a.dtype} (cast integer inputs explicitly)",
+            TypeError)
+    if a.ndim < 3:
+      _fail(name, f"must have shape [batch..., length, heads, head_dim]; got shape {a.shape}")
+  query, key, value = arrays.values()
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    _fail("dtype", f"must be a floating-point dtype or None; got {dtype!r}", TypeError)
+  dtype = jnp.result_type(query, key, value) if dtype is None else jnp.dtype(dtype)
+
+  shapes = f"query.shape={query.shape}, key.shape={key.shape}, value.shape={value.shape}"
+  if not query.ndim == key.ndim == value.ndim:
+    _fail("query/key/value", f"must have the same rank; got {shapes}")
+  if query.shape[:-3] != key.shape[:-3]:
+    _fail("key", f"batch dimensions {key.shape[:-3]} must equal query's {query.shape[:-3]}; got {shapes}")
+  if key.shape[:-3] != value.shape[:-3] or key.shape[-3] != value.shape[-3]:
+    _fail("value", f"batch and length dimensions {value.shape[:-2]} must equal key's {key.shape[:-2]}; "
+          f"got {shapes}")
+  if key.shape[-2] != value.shape[-2]:
+    _fail("value", f"heads ({value.shape[-2]}) must equal key heads ({key.shape[-2]}); got {shapes}")
+  if query.shape[-1] != key.shape[-1]:
+    _fail("key", f"head_dim ({key.shape[-1]}) must equal query head_dim ({query.shape[-1]}); got {shapes}")
+  num_heads, num_kv_heads = query.shape[-2], key.shape[-2]
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
+    _fail("query", f"heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}) for "
+          f"grouped-query attention; got {shapes}")
+  if key.shape[-3] == 0 or query.shape[-1] == 0:
+    _fail("key", f"must have at least one position and one feature; got {shapes}")
+  return query.astype(dtype), key.astype(dtype), value.astype(dtype)
+
+
+def _check_lam(lam: Any, num_heads: int, dtype) -> Array:
+  """``lam`` as a ``[heads]`` array; a concrete value must be positive and finite."""
+  arr = jnp.asarray(lam)
+  if arr.dtype == bool or not jnp.issubdtype(arr.dtype, jnp.number):
+    _fail("lam", f"must be a positive float or a [heads] array of them; got {lam!r}", TypeError)
+  if arr.shape not in ((), (num_heads,)):
+    _fail("lam", f"must be a scalar or have shape ({num_heads},) (one per query head); got shape {arr.shape}")
+  value = metrics._concrete(lam)
+  if value is not None and not (np.all(np.isfinite(value)) and np.all(value > 0)):
+    _fail("lam", f"must be > 0 and finite; got {value.tolist()}")
+  return jnp.broadcast_to(arr.astype(metrics.accumulation_dtype(dtype)), (num_heads,))
+
+
+def _as_kernel_operand(argname: str, a: Any, batch_shape: tuple[int, ...], tail: tuple[int, int, int]):
+  """Checks that ``a`` broadcasts to ``[batch..., heads, q_len, kv_len]`` and folds its batch dims into one."""
+  if a is None:
+    return None
+  a = jnp.asarray(a)
+  target = batch_shape + tail
+  try:
+    broadcasts = a.ndim <= len(target) and np.broadcast_shapes(a.shape, target) == target
+  except ValueError:
+    broadcasts = False
+  if not broadcasts:
+    _fail(argname, f"with shape {a.shape} does not broadcast to [batch..., heads, q_len, kv_len] = {target}")
+  a = a.reshape((1,) * (len(target) - a.ndim) + a.shape)
+  lead, rest = a.shape[:len(batch_shape)], a.shape[len(batch_shape):]
+  if all(d == 1 for d in lead):
+    return a.reshape((1,) + rest)
+  return jnp.broadcast_to(a, batch_shape + rest).reshape((math.prod(batch_shape),) + rest)
+
+
+def _check_bias(bias: Any) -> Any:
+  if bias is not None:
+    dtype = jnp.asarray(bias).dtype
+    if dtype == bool or not jnp.issubdtype(dtype, jnp.number):
+      _fail("bias", f"must be a numeric array added to the logits; got dtype {dtype} (pass booleans as mask)",
+            TypeError)
+  return bias
+
+
+def _check_mask(mask: Any) -> Any:
+  """Bool masks pass through; numeric masks (Flax builds float32 ones) mean nonzero = attend."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype != bool:
+    if not jnp.issubdtype(mask.dtype, jnp.number):
+      _fail("mask", f"must be a bool array (True = attend); got dtype {mask.dtype}", TypeError)
+    mask = mask != 0
+  return mask
+
+
+def _check_dropout(dropout_rate: Any, deterministic: Any, dropout_rng: Any) -> bool:
+  """Validates the dropout arguments; returns whether dropout is active."""
+  rate = metrics._concrete(dropout_rate)
+  if rate is None or rate.ndim != 0 or not np.issubdtype(rate.dtype, np.number) or rate.dtype == bool:
+    _fail("dropout_rate", f"must be a Python number in [0, 1); got {dropout_rate!r}", TypeError)
+  if not 0.0 <= float(rate) < 1.0:
+    _fail("dropout_rate", f"must be in [0, 1); got {float(rate)}")
+  if not isinstance(deterministic, (bool, np.bool_)):
+    _fail("deterministic", f"must be a Python bool; got {deterministic!r}", TypeError)
+  active = (not deterministic) and float(rate) > 0.0
+  if active and dropout_rng is None:
+    _fail("dropout_rng", f"is required when dropout is active (dropout_rate={float(rate)}, "
+          "deterministic=False); pass a PRNG key or deterministic=True")
+  return active
+
+
+def _select_implementation(implementation: Any, need_weights: bool) -> str:
+  if implementation is None or implementation == "auto":
+    return "reference"
+  kernels.get(implementation)  # raises ValueError listing the registered names
+  return implementation
+
+
+def _sow_weights(module: Any, weights: Array) -> None:
+  """Stores weights where Flax's own attention stores them, for Linen and NNX modules alike."""
+  from flax import linen, nnx  # Flax is only needed when a Flax module asks for its weights.
+
+  if isinstance(module, linen.Module):
+    module.sow("intermediates", "attention_weights", weights)
+  elif isinstance(module, nnx.Module):
+    module.sow(nnx.Intermediate, "attention_weights", weights)
+  else:
+    _fail("module", f"must be a flax.linen or flax.nnx Module; got {type(module).__name__}", TypeError)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "metric", "p_static", "is_causal", "dropout_rate",
+                                             "broadcast_dropout", "precision", "return_weights"))
+def _attend(q, k, v, lam, bias, mask, p_traced, dropout_rng, *, implementation, metric, p_static, is_causal,
+            dropout_rate, broadcast_dropout, precision, return_weights) -> common.AttentionResult:
+  dropout = None if dropout_rng is None else common.Dropout(dropout_rate, dropout_rng, broadcast_dropout)
+  return kernels.get(implementation)(
+      q, k, v, lam=lam, bias=bias, mask=mask, metric=metric, p=p_static if p_traced is None else p_traced,
+      is_causal=is_causal, dropout=dropout, precision=precision, return_weights=return_weights)
+
+
+def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", lam=1.0, p=2.0,
+                       is_causal=False, broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
+                       deterministic=False, dtype=None, precision=None, implementation=None,
+                       return_weights=False, **flax_kwargs):
+  """Attention whose logits are negative distances between queries and keys.
+
+  ``logits[..., h, i, j] = -lam[h] * distance(query[..., i, h, :], key[..., j, h', :]) / sqrt(head_dim)``
+  (``+lam * q.k / sqrt(head_dim)`` for ``metric="dot"``), plus ``bias``, masked where ``mask`` is False or
+  ``j > i`` under ``is_causal``; ``weights = softmax_j(logits)``; ``out = weights @ value``.
+
+  Args:
+    query: ``[batch..., q_len, heads, head_dim]``, floating point.
+    key: ``[batch..., kv_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads`` (query head
+      ``h`` reads kv head ``h // (heads // kv_heads)``, grouped-query attention).
+    value: ``[batch..., kv_len, kv_heads, v_dim]``.
+    bias: added to the logits; broadcastable to ``[batch..., heads, q_len, kv_len]``.
+    mask: True = attend; broadcastable like ``bias``. Numeric masks (Flax's ``make_attention_mask`` returns
+      float32) mean nonzero = attend. A query row with nothing to attend to yields output 0 and zero gradients.
+    metric: one of ``metrics.available()`` or a ``DistanceType``.
+    lam: positive scale, a scalar or one per query head (``[heads]``); may be traced (learned).
+    p: the order of ``metric="lp"`` (any ``p > 0``, ``inf`` allowed); may be traced (learned).
+    is_causal: mask keys after the query position (``j > i``, aligned at position 0 as in
+      ``jax.nn.dot_product_attention``); kernels may skip the masked blocks.
+    broadcast_dropout, dropout_rng, dropout_rate, deterministic: attention dropout with Flax's semantics and
+      Flax's random draw, applied to the weights after the softmax.
+    dtype: the computation dtype (default: the promoted dtype of query, key and value). Reductions and softmax
+      statistics accumulate in float32 (float64 for float64 inputs).
+    precision: passed to every matmul.
+    implementation: ``None``/``"auto"`` or a registered kernel name (``kernels.available()``).
+    return_weights: also return the softmax weights ``[batch..., heads, q_len, kv_len]`` (before dropout,
+      accumulation dtype). Asking for weights materialises them.
+    **flax_kwargs: what Flax's attention modules pass: ``module`` (sow the weights into its intermediates, as
+      Flax does), ``force_fp32_for_softmax`` (always the case here), ``promote_dtype`` (ignored: promotion
+      follows ``dtype``); einsum overrides must be None.
+
+  Returns:
+    ``[batch..., q_len, heads, v_dim]`` in ``dtype``; with ``return_weights``, ``(out, weights)``.
+  """
+  module = _check_flax_kwargs(flax_kwargs)
+  metric = metrics.canonical_name(metric)
+  p = metrics.check_p(p)
+  if not isinstance(is_causal, (bool, np.bool_)):
+    _fail("is_causal", f"must be a Python bool; got {is_causal!r}", TypeError)
+  if not isinstance(return_weights, (bool, np.bool_)):
+    _fail("return_weights", f"must be a Python bool; got {return_weights!r}", TypeError)
+  query, key, value = _check_arrays(query, key, value, dtype)
+  batch_shape = query.shape[:-3]
+  q_len, num_heads, _ = query.shape[-3:]
+  kv_len, num_kv_heads, v_dim = value.shape[-3:]
+  lam = _check_lam(lam, num_heads, query.dtype)
+  tail = (num_heads, q_len, kv_len)
+  bias = _as_kernel_operand("bias", _check_bias(bias), batch_shape, tail)
+  mask = _as_kernel_operand("mask", _check_mask(mask), batch_shape, tail)
+  dropout_active = _check_dropout(dropout_rate, deterministic, dropout_rng)
+  need_weights = bool(return_weights) or module is not None
+  implementation = _select_implementation(implementation, need_weights)
+
+  batch = math.prod(batch_shape)
+  result = _attend(
+      query.reshape((batch,) + query.shape[-3:]), key.reshape((batch,) + key.shape[-3:]),
+      value.reshape((batch,) + value.shape[-3:]), lam, bias, mask,
+      None if isinstance(p, float) else p, dropout_rng if dropout_active else None,
+      implementation=implementation, metric=metric, p_static=p if isinstance(p, float) else None,
+      is_causal=bool(is_causal), dropout_rate=float(dropout_rate), broadcast_dropout=bool(broadcast_dropout),
+      precision=precision, return_weights=need_weights)
+  out = result.out.reshape(batch_shape + (q_len, num_heads, v_dim))
+  if not need_weights:
+    return out
+  weights = result.weights.reshape(batch_shape + tail)
+  if module is not None:
+    _sow_weights(module, weights)
+  return (out, weights) if return_weights else out
+
+
+_FIXABLE = ("lam", "p", "implementation", "is_causal")
+
+
+def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -> Callable[..., Array]:
+  """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and ``flax.nnx.MultiHeadAttention``.
+
+  ``fixed`` may set ``lam``, ``p``, ``implementation`` and ``is_causal`` (ORed with the caller's). The returned
+  function takes every keyword argument those modules pass (``module`` included, so ``sow_weights`` works).
+  """
+  metric = metrics.canonical_name(metric)
+  unknown = sorted(set(fixed) - set(_FIXABLE))
+  if unknown:
+    raise TypeError(f"make_attention_fn: cannot fix {', '.join(unknown)}; the arguments that can be fixed are "
+                    f"{', '.join(_FIXABLE)}")
+  if "p" in fixed:
+    metrics.check_p(fixed["p"])
+  if "implementation" in fixed and fixed["implementation"] not in (None, "auto"):
+    kernels.get(fixed["implementation"])
+  fixed_causal = fixed.pop("is_causal", False)
+
+  def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+                   dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
+                   is_causal=False, force_fp32_for_softmax=False):
+    del force_fp32_for_softmax  # softmax statistics are always float32 or wider
+    return distance_attention(query, key, value, bias, mask, metric=metric, is_causal=bool(is_causal or fixed_causal),
+                              broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
+                              dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
+                              precision=precision, module=module, **fixed)
+
+  attention_fn.__name__ = f"{metric}_attention"
+  return attention_fn

@@ -1,0 +1,48 @@
+"""The materialised oracle: every logit, weight and (under autodiff) every intermediate is an explicit array.
+
+It is the definition the other kernels are tested against, and the kernel that can return attention weights.
+Memory is ``O(B * H * T * S)`` for the logits, and for ``l1``/``chebyshev``/generic ``lp`` XLA fuses the
+``[..., D]`` difference reduction in the forward pass while the metrics' custom VJPs recompute it backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from distattn_jax import metrics
+from distattn_jax.kernels import common, registry
+
+
+def attention(q, k, v, *, lam, bias=None, mask=None, metric: str, p: Any = 2.0, is_causal: bool = False,
+              dropout: common.Dropout | None = None, precision: Any = None,
+              return_weights: bool = False) -> common.AttentionResult:
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+  group = num_heads // num_kv_heads
+  acc = metrics.accumulation_dtype(q.dtype)
+
+  # [B, T, K, G, D] -> [B, K, G*T, D]: each kv head scores its whole query group in one pairwise call.
+  q_grouped = q.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+  q_grouped = q_grouped.reshape(batch, num_kv_heads, group * q_len, head_dim)
+  scores = metrics.score(q_grouped, k.transpose(0, 2, 1, 3), metric, p=p, precision=precision)
+  scores = scores.reshape(batch, num_heads, q_len, kv_len)
+
+  logits = scores * (lam.astype(acc) / math.sqrt(head_dim))[:, None, None]
+  if bias is not None:
+    logits = logits + bias.astype(acc)
+  weights, lse = common.masked_softmax(logits, common.combine_masks(mask, is_causal, q_len, kv_len))
+
+  mixing = weights
+  if dropout is not None:
+    mixing = mixing * common.dropout_multiplier(dropout, mixing.shape, mixing.dtype)
+  mixing = mixing.astype(v.dtype).reshape(batch, num_kv_heads, group, q_len, kv_len)
+  out = jnp.einsum("bkgts,bskd->btkgd", mixing, v, precision=precision, preferred_element_type=acc)
+  out = out.reshape(batch, q_len, num_heads, v_dim).astype(q.dtype)
+  return common.AttentionResult(out, lse, weights if return_weights else None)
+
+
+registry.register("reference", attention)
