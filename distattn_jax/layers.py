@@ -1,0 +1,205 @@
+"""Flax Linen modules: thin shells over :func:`distattn_jax.attention.distance_attention`."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.linear import DenseGeneral, default_kernel_init
+
+from distattn_jax import attention, metrics
+
+Array = jax.Array
+
+
+def _check_config(module: "DistanceBasedAttention", qkv_features: int) -> tuple[str, int]:
+  """Trace-time checks of the module's fields; returns (metric name, kv heads)."""
+  name = type(module).__name__
+  if not isinstance(module.num_heads, int) or module.num_heads < 1:
+    raise ValueError(f"{name}: num_heads must be a positive int; got {module.num_heads!r}")
+  if qkv_features % module.num_heads:
+    raise ValueError(f"{name}: qkv_features ({qkv_features}) must be divisible by num_heads ({module.num_heads})")
+  num_kv_heads = module.num_heads if module.num_kv_heads is None else module.num_kv_heads
+  if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or module.num_heads % num_kv_heads:
+    raise ValueError(f"{name}: num_kv_heads must be a positive divisor of num_heads ({module.num_heads}); "
+                     f"got {module.num_kv_heads!r}")
+  metric = metrics.canonical_name(module.metric)
+  metrics.check_p(module.p)
+  if module.learnable_p and metric != "lp":
+    raise ValueError(f"{name}: learnable_p=True needs metric='lp'; got metric={metric!r}")
+  if module.learnable_p and math.isinf(module.p):
+    raise ValueError(f"{name}: learnable_p=True needs a finite initial p; got p={module.p}")
+  if module.lambda_init is not None and not (isinstance(module.lambda_init, (int, float))
+                                             and 0 < module.lambda_init < math.inf):
+    raise ValueError(f"{name}: lambda_init must be None or a positive finite number; got {module.lambda_init!r}")
+  if not 0.0 <= module.dropout_rate < 1.0:
+    raise ValueError(f"{name}: dropout_rate must be in [0, 1); got {module.dropout_rate!r}")
+  return metric, num_kv_heads
+
+
+class DistanceBasedAttention(nn.Module):
+  """Multi-head distance attention with the interface of ``flax.linen.MultiHeadDotProductAttention``.
+
+  Projections, parameter names (``query``, ``key``, ``value``, ``out``) and the call signature are Flax's, so a
+  model swaps ``nn.MultiHeadDotProductAttention(num_heads=8)`` for ``DistanceBasedAttention(num_heads=8,
+  metric="l1")``. The logits are ``-lam_h * distance(q, k) / sqrt(head_dim)``; with ``metric="dot"`` and
+  ``lam = 1`` the module computes exactly what Flax's does. (The seed project's ``DistanceBasedAttention(
+  hidden_size, num_heads, distance_type, lambda_param)`` maps to ``qkv_features``, ``num_heads``, ``metric``
+  (a ``DistanceType`` or its name) and ``lambda_init``.)
+
+  Attributes beyond Flax's:
+    metric: a name in ``metrics.available()`` or a ``DistanceType``.
+    lambda_init: the initial lam of every head. None picks ``metrics.default_lambda(metric, head_dim, p)``, the
+      lam at which, for unit-variance queries and keys, the logits spread across keys as much as dot-product
+      attention's logits do (std over keys ~= 1), so swapping the metric keeps the softmax's initial sharpness.
+      Derivation, for ``q, k ~ N(0, I_D)`` and a fixed query: the dot logit ``q.k / sqrt(D)`` has variance
+      ``|q|^2 / D ~= 1`` over keys. For a distance the variance over keys of ``d(q, k) / sqrt(D)`` is
+      ``Var_k[d] / D``, so lam = ``sqrt(D / E_q Var_k[d(q, k)])``. Closed forms where they exist:
+      sqeuclidean ``1/sqrt(6) = 0.408`` (``Var_k |q - k|^2 = sum_d (2 + 4 q_d^2)``, mean ``6D``); cosine ``D``
+      (``q^.k^`` has variance ``1/D`` over the sphere); l2 ``~= 2 sqrt(D/3)`` (delta method on the sqrt of the
+      sqeuclidean); l1 ``1/sqrt(2 - E_q m(q)^2) = 1.332`` with ``m(q) = E_k |q - k| = q(2 Phi(q) - 1) +
+      2 phi(q)``. Chebyshev and general lp have none, so every value is measured the same way, on fixed
+      samples by ``metrics.logit_spread`` (``metrics.default_lambda_table()`` prints this table; the tests check
+      it against the closed forms):
+
+      ====  =====  =====  ===========  =======  ======  =========  ===
+      D     l1     l2     sqeuclidean  lp, p=3  cosine  chebyshev  dot
+      ====  =====  =====  ===========  =======  ======  =========  ===
+      16    1.345  4.695  0.4096       6.267    16.20   6.405      1
+      32    1.339  6.579  0.4093       9.684    32.11   9.504      1
+      64    1.333  9.253  0.4085       15.18    63.92   14.31      1
+      128   1.342  13.16  0.4096       24.10    128.8   21.39      1
+      ====  =====  =====  ===========  =======  ======  =========  ===
+
+    learnable_lambda: learn one lam per head, stored as ``params['log_lambda']`` so it stays positive. False
+      keeps lam fixed at its initial value.
+    p: the order of ``metric="lp"``.
+    learnable_p: learn ``p`` (metric "lp" only), stored as ``params['log_p']`` so it stays positive.
+    num_kv_heads: key/value heads for grouped-query attention (default: ``num_heads``).
+    implementation: kernel name passed to ``distance_attention`` (None = automatic).
+
+  ``decode=True`` keeps a KV cache in the ``cache`` collection exactly as Flax does, generalised to chunks: a
+  call with ``L`` new positions writes them at the cache index and lets position ``i`` of the chunk attend to
+  every cached position up to its own. ``sow_weights=True`` stores the attention weights in ``intermediates``.
+  """
+
+  num_heads: int
+  metric: str | metrics.DistanceType = "l1"
+  lambda_init: float | None = None
+  learnable_lambda: bool = True
+  p: float = 2.0
+  learnable_p: bool = False
+  num_kv_heads: int | None = None
+  implementation: str | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  qkv_features: int | None = None
+  out_features: int | None = None
+  broadcast_dropout: bool = True
+  dropout_rate: float = 0.0
+  deterministic: bool | None = None
+  precision: Any = None
+  kernel_init: Callable = default_kernel_init
+  out_kernel_init: Callable | None = None
+  bias_init: Callable = nn.initializers.zeros_init()
+  out_bias_init: Callable | None = None
+  use_bias: bool = True
+  decode: bool = False
+  normalize_qk: bool = False
+
+  def _lam_and_p(self, head_dim: int) -> tuple[Array | float, Array | float]:
+    """The current lam (``[num_heads]`` or a float) and p, from their parameters when they are learned."""
+    metric = metrics.canonical_name(self.metric)
+    lam_init = self.lambda_init
+    if lam_init is None:
+      lam_init = metrics.default_lambda(metric, head_dim, float(self.p))
+    if self.learnable_lambda:
+      log_lam = self.param("log_lambda", nn.initializers.constant(math.log(lam_init)), (self.num_heads,),
+                           self.param_dtype)
+      lam = jnp.exp(log_lam)
+    else:
+      lam = float(lam_init)
+    p = float(self.p)
+    if self.learnable_p:
+      p = jnp.exp(self.param("log_p", nn.initializers.constant(math.log(p)), (), self.param_dtype))
+    return lam, p
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
+               inputs_kv: Array | None = None, mask: Array | None = None, deterministic: bool | None = None,
+               dropout_rng: Array | None = None, sow_weights: bool = False, is_causal: bool = False) -> Array:
+    """Like ``nn.MultiHeadDotProductAttention.__call__``; ``is_causal`` adds a causal mask that kernels can use
+    to skip blocks (ignored while decoding, where the cache index already masks the future)."""
+    if inputs_kv is not None:
+      if inputs_k is not None or inputs_v is not None:
+        raise ValueError("DistanceBasedAttention: pass inputs_kv or inputs_k/inputs_v, not both")
+      inputs_k = inputs_v = inputs_kv
+    if inputs_k is None:
+      if inputs_v is not None:
+        raise ValueError("DistanceBasedAttention: inputs_v was given without inputs_k")
+      inputs_k = inputs_q
+    if inputs_v is None:
+      inputs_v = inputs_k
+
+    qkv_features = self.qkv_features or inputs_q.shape[-1]
+    metric, num_kv_heads = _check_config(self, qkv_features)
+    head_dim = qkv_features // self.num_heads
+    dense = functools.partial(DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=self.kernel_init, bias_init=self.bias_init, use_bias=self.use_bias,
+                              precision=self.precision)
+    query = dense(features=(self.num_heads, head_dim), name="query")(inputs_q)
+    key = dense(features=(num_kv_heads, head_dim), name="key")(inputs_k)
+    value = dense(features=(num_kv_heads, head_dim), name="value")(inputs_v)
+    if self.normalize_qk:
+      query = nn.LayerNorm(name="query_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(query)
+      key = nn.LayerNorm(name="key_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(key)
+
+    if self.decode:
+      key, value, mask, decoding = self._update_cache(query, key, value, mask)
+      is_causal = is_causal and not decoding
+
+    if self.dropout_rate > 0.0:
+      deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+      if not deterministic and dropout_rng is None:
+        dropout_rng = self.make_rng("dropout")
+    else:
+      deterministic = True
+
+    lam, p = self._lam_and_p(head_dim)
+    x = attention.distance_attention(
+        query, key, value, mask=mask, metric=metric, lam=lam, p=p, is_causal=is_causal,
+        broadcast_dropout=self.broadcast_dropout, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+        deterministic=deterministic, dtype=self.dtype, precision=self.precision,
+        implementation=self.implementation, module=self if sow_weights else None)
+    return DenseGeneral(features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
+                        kernel_init=self.out_kernel_init or self.kernel_init,
+                        bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias, dtype=self.dtype,
+                        param_dtype=self.param_dtype, precision=self.precision, name="out")(x)
+
+  def _update_cache(self, query, key, value, mask):
+    """Writes the new keys/values into the cache; returns (keys, values, mask, whether this was a decode step)."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+    if not initialized:
+      return key, value, mask, False
+    *batch_dims, max_length, num_kv_heads, head_dim = cached_key.value.shape
+    chunk = query.shape[-3]
+    if tuple(query.shape[:-3]) != tuple(batch_dims) or key.shape[-3] != chunk or chunk > max_length:
+      raise ValueError(f"DistanceBasedAttention: decoding expects inputs of shape {tuple(batch_dims)} + "
+                       f"(chunk <= {max_length}, features); got query shape {query.shape}")
+    index = cache_index.value
+    start = (0,) * len(batch_dims) + (index, 0, 0)
+    key = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+    value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+    cached_key.value, cached_value.value = key, value
+    cache_index.value = index + chunk
+    visible = jnp.arange(max_length)[None, :] <= index + jnp.arange(chunk)[:, None]
+    visible = jnp.broadcast_to(visible, tuple(batch_dims) + (1, chunk, max_length))
+    mask = visible if mask is None else jnp.logical_and(jnp.asarray(mask) != 0, visible)
+    return key, value, mask, True

@@ -1,0 +1,105 @@
+"""A printed tour of the distattn_jax API; every number it prints is computed here.
+
+Run: ``make run`` (or ``.venv/bin/python experiments/examples.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, logging
+
+import distattn_jax as da
+
+
+def fmt(values) -> str:
+  return "[" + ", ".join(f"{v:.4f}" for v in np.asarray(values).ravel()) + "]"
+
+
+def section(title: str) -> None:
+  print(f"\n== {title} " + "=" * max(0, 76 - len(title)))
+
+
+def tour_metrics() -> None:
+  section("1. Every metric on one input: distance(x_0, y_j) for 4 keys, 8 features")
+  x = jax.random.normal(jax.random.key(0), (1, 8))
+  y = jax.random.normal(jax.random.key(1), (4, 8))
+  for name in da.metrics.available():
+    kwargs = {"p": 3.0} if name == "lp" else {}
+    values = np.asarray(da.metrics.get(name)(x, y, **kwargs))[0]
+    label = f"{name} (p=3)" if name == "lp" else name + (" (similarity)" if name == "dot" else "")
+    print(f"  {label:<18} " + "  ".join(f"{v:8.4f}" for v in values))
+
+  section("2. distance_attention: one query over the same 4 keys, per metric (lam = default for D=8)")
+  q = x.reshape(1, 1, 1, 8)
+  k = y.reshape(1, 4, 1, 8)
+  v = jnp.eye(4).reshape(1, 4, 1, 4)  # identity values: the output row is the attention distribution
+  for name in da.metrics.available():
+    lam = da.metrics.default_lambda(name, 8, 3.0)
+    out = da.distance_attention(q, k, v, metric=name, lam=lam, p=3.0)
+    print(f"  {name:<12} lam={lam:7.3f}  weights " + "  ".join(f"{w:.3f}" for w in np.asarray(out).ravel()))
+
+
+class TinyLM(nn.Module):
+  """Embedding -> causal distance attention -> vocabulary logits, with a residual and layer norm."""
+
+  vocab: int = 32
+  width: int = 32
+  metric: str = "l1"
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(self.vocab, self.width)(tokens)
+    h = h + da.DistanceBasedAttention(num_heads=4, metric=self.metric, name="attention")(nn.LayerNorm()(h),
+                                                                                         is_causal=True)
+    return nn.Dense(self.vocab)(nn.LayerNorm()(h))
+
+
+def tour_module() -> None:
+  section("3. DistanceBasedAttention inside a tiny causal language model")
+  tokens = jax.random.randint(jax.random.key(2), (4, 16), 0, 32)
+  model = TinyLM()
+  params = model.init(jax.random.key(3), tokens)["params"]
+  n_params = sum(a.size for a in jax.tree.leaves(params))
+  lam = np.exp(np.asarray(params["attention"]["log_lambda"]))
+  print(f"  parameters: {n_params}; attention params: {sorted(params['attention'])}")
+  print(f"  initial lam per head (default for l1, head_dim 8): {fmt(lam)}")
+  logits = model.apply({"params": params}, tokens)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+  print(f"  logits {tuple(logits.shape)}; next-token loss {float(loss):.4f} (uniform guess: {math.log(32):.4f})")
+
+  section("4. One gradient step on lambda alone (the other parameters frozen)")
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "lambda" if path[-1].key == "log_lambda" else "frozen", params)
+  optimizer = optax.multi_transform({"lambda": optax.sgd(0.5), "frozen": optax.set_to_zero()}, labels)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+  loss0, grads = jax.value_and_grad(loss_fn)(params)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  new_params = optax.apply_updates(params, updates)
+  loss1 = loss_fn(new_params)
+  new_lam = np.exp(np.asarray(new_params["attention"]["log_lambda"]))
+  print(f"  d loss / d log_lambda: {fmt(grads['attention']['log_lambda'])}")
+  print(f"  lam: {fmt(lam)} -> {fmt(new_lam)}")
+  print(f"  loss: {float(loss0):.5f} -> {float(loss1):.5f}")
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # keep the tour's output to what it computes
+  print(f"distattn_jax {da.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)); "
+        f"metrics: {', '.join(da.metrics.available())}; kernels: {', '.join(da.kernels.available())}")
+  tour_metrics()
+  tour_module()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,17 @@
+"""The tour that `make run` prints: it runs, and the numbers it reports are consistent with each other."""
+
+import re
+
+import examples  # experiments/ is on pytest's pythonpath (pyproject.toml)
+
+
+def test_tour_prints_every_metric_and_a_lambda_step_that_lowers_the_loss(capsys):
+  examples.main([])
+  out = capsys.readouterr().out
+  for name in ("l1", "l2", "sqeuclidean", "lp (p=3)", "cosine", "chebyshev", "dot (similarity)"):
+    assert re.search(rf"^  {re.escape(name)}\s+-?\d", out, re.M), name
+  # Section 2 prints attention distributions: each row's weights sum to 1 (to the printed 3 decimals).
+  rows = re.findall(r"weights ((?:\d\.\d{3}\s*){4})", out)
+  assert len(rows) == 7 and all(abs(sum(map(float, r.split())) - 1) < 3e-3 for r in rows)
+  before, after = map(float, re.search(r"loss: ([\d.]+) -> ([\d.]+)", out).groups())
+  assert after < before
