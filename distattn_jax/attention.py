@@ -146,11 +146,33 @@ def _check_dropout(dropout_rate: Any, deterministic: Any, dropout_rng: Any) -> b
   return active
 
 
-def _select_implementation(implementation: Any, need_weights: bool) -> str:
+# "auto" picks the blockwise kernel once the reference would materialise a float32 logits array of more than
+# this many bytes (batch * heads * q_len * kv_len * 4); see README "Implementations" for the measurements.
+AUTO_REFERENCE_MAX_BYTES = 16 * 2**20
+
+
+def _select_kernel(implementation: Any, need_weights: bool, logits_elements: int, dropout_rng: Any) -> Callable:
+  """The kernel to run. Explicit names and kernel objects are honoured; "auto" chooses as documented above,
+  keeping the reference whenever weights are requested or a dropout key cannot be drawn tile by tile."""
   if implementation is None or implementation == "auto":
-    return "reference"
-  kernels.get(implementation)  # raises ValueError listing the registered names
-  return implementation
+    if need_weights or logits_elements * 4 <= AUTO_REFERENCE_MAX_BYTES:
+      return kernels.get("reference")
+    if dropout_rng is not None:
+      try:
+        kernels.blockwise.check_dropout_rng(dropout_rng)
+      except ValueError:
+        return kernels.get("reference")
+    return kernels.get("blockwise")
+  if isinstance(implementation, str):
+    return kernels.get(implementation)  # raises ValueError listing the registered names
+  if callable(implementation):
+    try:
+      hash(implementation)
+    except TypeError:
+      _fail("implementation", f"must be a registered name or a hashable kernel object; got {implementation!r}",
+            TypeError)
+    return implementation
+  kernels.get(implementation)  # a non-string, non-callable value: the registry's error lists the names
 
 
 def _sow_weights(module: Any, weights: Array) -> None:
@@ -165,12 +187,12 @@ def _sow_weights(module: Any, weights: Array) -> None:
     _fail("module", f"must be a flax.linen or flax.nnx Module; got {type(module).__name__}", TypeError)
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "metric", "p_static", "is_causal", "dropout_rate",
+@functools.partial(jax.jit, static_argnames=("kernel", "metric", "p_static", "is_causal", "dropout_rate",
                                              "broadcast_dropout", "precision", "return_weights"))
-def _attend(q, k, v, lam, bias, mask, p_traced, dropout_rng, *, implementation, metric, p_static, is_causal,
+def _attend(q, k, v, lam, bias, mask, p_traced, dropout_rng, *, kernel, metric, p_static, is_causal,
             dropout_rate, broadcast_dropout, precision, return_weights) -> common.AttentionResult:
   dropout = None if dropout_rng is None else common.Dropout(dropout_rate, dropout_rng, broadcast_dropout)
-  return kernels.get(implementation)(
+  return kernel(
       q, k, v, lam=lam, bias=bias, mask=mask, metric=metric, p=p_static if p_traced is None else p_traced,
       is_causal=is_causal, dropout=dropout, precision=precision, return_weights=return_weights)
 
@@ -203,7 +225,10 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
     dtype: the computation dtype (default: the promoted dtype of query, key and value). Reductions and softmax
       statistics accumulate in float32 (float64 for float64 inputs).
     precision: passed to every matmul.
-    implementation: ``None``/``"auto"`` or a registered kernel name (``kernels.available()``).
+    implementation: ``None``/``"auto"``, a registered kernel name (``kernels.available()``), or a kernel object
+      such as ``kernels.Blockwise(block_q=128, block_k=256)``. ``"auto"`` uses ``"reference"`` while its logits
+      would take at most ``AUTO_REFERENCE_MAX_BYTES`` (and whenever weights are requested), else
+      ``"blockwise"``, whose memory is linear in sequence length.
     return_weights: also return the softmax weights ``[batch..., heads, q_len, kv_len]`` (before dropout,
       accumulation dtype). Asking for weights materialises them.
     **flax_kwargs: what Flax's attention modules pass: ``module`` (sow the weights into its intermediates, as
@@ -230,14 +255,15 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
   mask = _as_kernel_operand("mask", _check_mask(mask), batch_shape, tail)
   dropout_active = _check_dropout(dropout_rate, deterministic, dropout_rng)
   need_weights = bool(return_weights) or module is not None
-  implementation = _select_implementation(implementation, need_weights)
-
   batch = math.prod(batch_shape)
+  kernel = _select_kernel(implementation, need_weights, batch * num_heads * q_len * kv_len,
+                          dropout_rng if dropout_active else None)
+
   result = _attend(
       query.reshape((batch,) + query.shape[-3:]), key.reshape((batch,) + key.shape[-3:]),
       value.reshape((batch,) + value.shape[-3:]), lam, bias, mask,
       None if isinstance(p, float) else p, dropout_rng if dropout_active else None,
-      implementation=implementation, metric=metric, p_static=p if isinstance(p, float) else None,
+      kernel=kernel, metric=metric, p_static=p if isinstance(p, float) else None,
       is_causal=bool(is_causal), dropout_rate=float(dropout_rate), broadcast_dropout=bool(broadcast_dropout),
       precision=precision, return_weights=need_weights)
   out = result.out.reshape(batch_shape + (q_len, num_heads, v_dim))
@@ -265,8 +291,8 @@ def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -
                     f"{', '.join(_FIXABLE)}")
   if "p" in fixed:
     metrics.check_p(fixed["p"])
-  if "implementation" in fixed and fixed["implementation"] not in (None, "auto"):
-    kernels.get(fixed["implementation"])
+  if "implementation" in fixed:
+    _select_kernel(fixed["implementation"], False, 0, None)
   fixed_causal = fixed.pop("is_causal", False)
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,

@@ -15,7 +15,8 @@ def register(name: str, kernel: Callable) -> Callable:
 
 
 def available() -> tuple[str, ...]:
-  return tuple(_KERNELS)
+  """Registered names, sorted (import order must not change error messages)."""
+  return tuple(sorted(_KERNELS))
 
 
 def get(name: str) -> Callable:

@@ -1,0 +1,222 @@
+r"""Speed and memory of distance attention, side by side with jax.nn.dot_product_attention in one process.
+
+For every metric x implementation x sequence length it measures forward and forward+backward wall time (median
+of repeats after a warm-up call, each ending in block_until_ready) and the compiled temporary memory of both
+(``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``), and the same for
+``jax.nn.dot_product_attention`` at the same shape. It writes JSON, a markdown table of ratios, and with
+``--plot`` a PNG of time and memory against N.
+
+  python experiments/benchmark.py --lengths=512,1024,2048 --out=runs/bench/attention.json
+  python experiments/benchmark.py --metrics=l1,dot --implementations=blockwise --lengths=16384 --repeats=1
+
+A cell whose compiled temporaries exceed ``--max_temp_gib`` is compiled (so its memory is reported) but not run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+import distattn_jax as da
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "attention", ["attention"], "What to benchmark.")
+flags.DEFINE_list("metrics", list(da.metrics.available()), "Metrics to measure.")
+flags.DEFINE_list("implementations", ["reference", "blockwise"], "Kernel names to measure.")
+flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096"], "Sequence lengths N (queries = keys = N).")
+flags.DEFINE_integer("batch", 1, "Batch size.")
+flags.DEFINE_integer("heads", 8, "Attention heads.")
+flags.DEFINE_integer("head_dim", 64, "Features per head.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
+flags.DEFINE_float("p", 3.0, "The order of metric lp.")
+flags.DEFINE_bool("causal", False, "Causal masking.")
+flags.DEFINE_integer("repeats", 5, "Timed calls per cell (median reported).")
+flags.DEFINE_float("max_seconds_per_cell", 60.0, "Stop repeating a cell once its timed calls took this long.")
+flags.DEFINE_float("max_temp_gib", 8.0, "Do not run a cell whose compiled temporaries exceed this (GiB).")
+flags.DEFINE_string("out", "runs/benchmark/attention.json", "JSON output path; the markdown table goes beside it.")
+flags.DEFINE_bool("plot", False, "Also write a PNG of time and memory against N beside the JSON.")
+
+BASELINE = "jax.nn.dot_product_attention"
+
+
+def machine() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "backend": jax.default_backend(), "device": device.device_kind,
+          "jax": jax.__version__, "distattn_jax": da.__version__}
+
+
+def inputs(n: int, dtype) -> tuple[jax.Array, ...]:
+  shape = (FLAGS.batch, n, FLAGS.heads, FLAGS.head_dim)
+  keys = jax.random.split(jax.random.key(0), 4)
+  return tuple(jax.random.normal(key, shape, dtype) for key in keys)
+
+
+def forward_and_backward(attend: Callable) -> tuple[Callable, Callable]:
+  """``attend(q, k, v)`` and the gradient of ``sum(attend(q, k, v) * cotangent)`` for q, k and v."""
+  def fwd(q, k, v, cotangent):
+    del cotangent
+    return attend(q, k, v)
+
+  def loss(q, k, v, cotangent):
+    return jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent.astype(jnp.float32))
+
+  return fwd, jax.grad(loss, argnums=(0, 1, 2))
+
+
+def measure(fn: Callable, args: tuple, repeats: int) -> dict[str, Any]:
+  """Compiles ``fn``, reports its temporary memory, and times it unless that memory is over the limit."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  temp = int(analysis.temp_size_in_bytes) if analysis is not None else None
+  row: dict[str, Any] = {"compile_s": compile_s, "temp_bytes": temp, "seconds": None, "times": []}
+  if temp is not None and temp > FLAGS.max_temp_gib * 2**30:
+    row["skipped"] = f"temporaries {temp / 2**30:.1f} GiB > --max_temp_gib={FLAGS.max_temp_gib}"
+    return row
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times: list[float] = []
+  while len(times) < repeats and sum(times) < FLAGS.max_seconds_per_cell:
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  row["times"] = times
+  row["seconds"] = statistics.median(times)
+  return row
+
+
+def run_attention() -> dict[str, Any]:
+  dtype = jnp.dtype(FLAGS.dtype)
+  rows = []
+  for n in map(int, FLAGS.lengths):
+    args = inputs(n, dtype)
+    cases = [(BASELINE, "-", functools_partial(jax.nn.dot_product_attention, is_causal=FLAGS.causal))]
+    for metric in FLAGS.metrics:
+      for impl in FLAGS.implementations:
+        cases.append((metric, impl, functools_partial(da.distance_attention, metric=metric, p=FLAGS.p,
+                                                      is_causal=FLAGS.causal, implementation=impl)))
+    baseline: dict[str, Any] = {}
+    for metric, impl, attend in cases:
+      fwd, fwdbwd = forward_and_backward(attend)
+      row = {"n": n, "metric": metric, "implementation": impl}
+      for name, fn in (("forward", fwd), ("forward_backward", fwdbwd)):
+        result = measure(fn, args, FLAGS.repeats)
+        row[name] = result
+        if metric == BASELINE:
+          baseline[name] = result
+        else:
+          base = baseline[name]
+          row[name]["time_ratio"] = (result["seconds"] / base["seconds"]
+                                     if result["seconds"] and base["seconds"] else None)
+          row[name]["memory_ratio"] = (result["temp_bytes"] / base["temp_bytes"]
+                                       if result["temp_bytes"] and base["temp_bytes"] else None)
+      logging.info("N=%d %s/%s fwd %s fwd+bwd %s", n, metric, impl, _fmt_s(row["forward"]["seconds"]),
+                   _fmt_s(row["forward_backward"]["seconds"]))
+      print(f"N={n:<6} {metric:<12} {impl:<10} fwd {_fmt_s(row['forward']['seconds']):>9} "
+            f"fwd+bwd {_fmt_s(row['forward_backward']['seconds']):>9}  "
+            f"temp {_fmt_bytes(row['forward_backward']['temp_bytes']):>10}", flush=True)
+      rows.append(row)
+  return {"machine": machine(), "mode": "attention",
+          "settings": {"batch": FLAGS.batch, "heads": FLAGS.heads, "head_dim": FLAGS.head_dim,
+                       "dtype": FLAGS.dtype, "p": FLAGS.p, "causal": FLAGS.causal, "repeats": FLAGS.repeats},
+          "rows": rows}
+
+
+def functools_partial(fn, **kwargs):
+  def attend(q, k, v):
+    return fn(q, k, v, **kwargs)
+  return attend
+
+
+def _fmt_s(seconds) -> str:
+  return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def _fmt_bytes(n) -> str:
+  return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _fmt_ratio(x) -> str:
+  return "-" if x is None else f"{x:.2f}x"
+
+
+def markdown(report: dict[str, Any]) -> str:
+  m, s = report["machine"], report["settings"]
+  lines = [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['backend']} ({m['device']}), jax {m['jax']}. "
+           f"batch {s['batch']}, {s['heads']} heads, head_dim {s['head_dim']}, {s['dtype']}, causal={s['causal']}, "
+           f"lp p={s['p']:g}; median of up to {s['repeats']} calls after a warm-up.",
+           "",
+           f"Time and compiled temporary memory relative to `{BASELINE}` at the same N (lower is better).",
+           "",
+           "| N | metric | implementation | fwd | fwd+bwd | fwd time ratio | fwd+bwd time ratio | fwd+bwd temp | "
+           "fwd+bwd memory ratio |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for row in report["rows"]:
+    f, fb = row["forward"], row["forward_backward"]
+    lines.append(f"| {row['n']} | {row['metric']} | {row['implementation']} | {_fmt_s(f['seconds'])} | "
+                 f"{_fmt_s(fb['seconds'])} | {_fmt_ratio(f.get('time_ratio'))} | {_fmt_ratio(fb.get('time_ratio'))} | "
+                 f"{_fmt_bytes(fb['temp_bytes'])} | {_fmt_ratio(fb.get('memory_ratio'))} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(13, 5))
+  series: dict[tuple[str, str], list[tuple[int, float | None, int | None]]] = {}
+  for row in report["rows"]:
+    fb = row["forward_backward"]
+    series.setdefault((row["metric"], row["implementation"]), []).append((row["n"], fb["seconds"], fb["temp_bytes"]))
+  for (metric, impl), points in series.items():
+    label = metric if impl == "-" else f"{metric} ({impl})"
+    style = dict(linewidth=3, color="black") if impl == "-" else dict(linestyle="-" if impl == "blockwise" else ":")
+    timed = [(n, t) for n, t, _ in points if t is not None]
+    if timed:
+      ax_time.plot(*zip(*timed), marker="o", label=label, **style)
+    sized = [(n, b / 2**20) for n, _, b in points if b is not None]
+    if sized:
+      ax_mem.plot(*zip(*sized), marker="o", label=label, **style)
+  for ax, ylabel in ((ax_time, "forward+backward seconds"), (ax_mem, "compiled temporaries (MiB)")):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+  ax_mem.legend(fontsize=7, ncol=2)
+  m = report["machine"]
+  fig.suptitle(f"distance attention vs {BASELINE} ({m['processor']}, {m['cpu_count']} CPUs, {m['backend']})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv) -> None:
+  del argv
+  report = run_attention()
+  out = pathlib.Path(FLAGS.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(report, indent=1))
+  table = markdown(report)
+  out.with_suffix(".md").write_text(table)
+  print("\n" + table)
+  print(f"wrote {out} and {out.with_suffix('.md')}")
+  if FLAGS.plot:
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
