@@ -234,10 +234,11 @@ def _even_power_sum_acc(x: Array, y: Array, p: int, precision: Any) -> Array:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Elementwise reductions with custom VJPs. Both passes loop over the D features, each step working on one
-# [..., N, M] slice of differences, so neither ever holds a [..., N, M, D] tensor; the backward pass recomputes
-# the differences from x and y. (A loop over D is also what XLA's CPU backend runs fastest: fusing a
-# broadcast difference into a reduction over its last axis is up to 100x slower there.)
+# Elementwise reductions with custom VJPs. The forward pass loops over the D features, each step adding one
+# [..., N, M] slice of differences; the backward pass loops over keys and over queries, recomputing the
+# differences from x and y. Neither ever holds a [..., N, M, D] tensor. (Loops of elementwise updates are also
+# what XLA's CPU backend runs fastest: fusing a broadcast difference into a reduction over its last axis is up
+# to 100x slower there.)
 
 
 def _feature_slices(x: Array, y: Array) -> tuple[Array, Array]:
@@ -260,16 +261,40 @@ def _pair_zeros(x: Array, y: Array) -> Array:
   return jnp.zeros(shape, jnp.result_type(x, y))
 
 
-def _feature_cotangents(weight: Callable, x: Array, y: Array, init: Any = None) -> tuple[Array, Array, Any]:
-  """Cotangents ``dx[..., n, d] = sum_m w_d[n, m]`` and ``dy[..., m, d] = -sum_n w_d[n, m]`` where
-  ``(carry, w_d) = weight(carry, t_d)``; also returns the final carry (for extra accumulations)."""
-  def body(carry, xy):
-    carry, w = weight(carry, _pair_diff(*xy))
-    return carry, (jnp.sum(w, axis=-1), jnp.sum(w, axis=-2))
-  carry, (dx, dy) = jax.lax.scan(body, init, _feature_slices(x, y))
-  dx = _sum_to_shape(jnp.moveaxis(dx, 0, -1), x.shape)
-  dy = _sum_to_shape(-jnp.moveaxis(dy, 0, -1), y.shape)
-  return dx, dy, carry
+def _pair_cotangents(weight: Callable, x: Array, y: Array, pair_values: tuple[Array, ...],
+                     key_extra: Callable | None = None) -> tuple[Array, Array, Array | None]:
+  """Cotangents ``dx[..., n, :] = sum_m w(x_n - y_m)`` and ``dy[..., m, :] = -sum_n w(x_n - y_m)``, where
+  ``w = weight(t, *values)`` is elementwise in the difference ``t [D]`` and the pair's ``values[..., n, m]``.
+
+  Two loops accumulate elementwise, one over keys (for dx) and one over queries (for dy), so nothing of size
+  ``N x M x D`` exists and no reduction over an inner axis is needed (XLA's CPU backend runs those several
+  times slower than elementwise updates). ``key_extra(t, *values)``, when given, is summed in the key loop and
+  returned whole (used for the gradient of a learned ``p``).
+  """
+  batch = np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+  dtype = jnp.result_type(x, y)
+
+  def over_keys(carry, sliced):
+    dx, extra = carry
+    y_m, values = sliced
+    t = x - y_m[..., None, :]
+    values = tuple(v[..., :, None] for v in values)
+    if key_extra is not None:
+      extra = extra + jnp.sum(key_extra(t, *values))
+    return (dx + weight(t, *values), extra), None
+
+  key_slices = (jnp.moveaxis(y, -2, 0), tuple(jnp.moveaxis(v, -1, 0) for v in pair_values))
+  init = (jnp.zeros(batch + x.shape[-2:], dtype), jnp.zeros((), dtype))
+  (dx, extra), _ = jax.lax.scan(over_keys, init, key_slices)
+
+  def over_queries(dy, sliced):
+    x_n, values = sliced
+    t = x_n[..., None, :] - y
+    return dy - weight(t, *(v[..., :, None] for v in values)), None
+
+  query_slices = (jnp.moveaxis(x, -2, 0), tuple(jnp.moveaxis(v, -2, 0) for v in pair_values))
+  dy, _ = jax.lax.scan(over_queries, jnp.zeros(batch + y.shape[-2:], dtype), query_slices)
+  return _sum_to_shape(dx, x.shape), _sum_to_shape(dy, y.shape), extra if key_extra is not None else None
 
 
 def _power(u: Array, e: float | Array) -> Array:
@@ -296,7 +321,7 @@ def _l1_fwd(x, y):
 
 def _l1_bwd(res, g):
   x, y = res
-  dx, dy, _ = _feature_cotangents(lambda c, t: (c, g * jnp.sign(t)), x, y)
+  dx, dy, _ = _pair_cotangents(lambda t, g: g * jnp.sign(t), x, y, (g,))
   return dx, dy
 
 
@@ -327,7 +352,8 @@ def _chebyshev_fwd(x, y):
 def _chebyshev_bwd(res, g):
   x, y, d, ties = res
   share = g / jnp.maximum(ties, 1.0)
-  dx, dy, _ = _feature_cotangents(lambda c, t: (c, jnp.where(jnp.abs(t) == d, share, 0.0) * jnp.sign(t)), x, y)
+  dx, dy, _ = _pair_cotangents(lambda t, d, share: jnp.where(jnp.abs(t) == d, share, 0.0) * jnp.sign(t), x, y,
+                               (d, share))
   return dx, dy
 
 
@@ -347,17 +373,15 @@ def _power_sum_root(x: Array, y: Array, p: float | Array) -> Array:
   return jnp.where(scale_zero, 0.0, safe_scale * total ** (1.0 / p))
 
 
-def _lp_weight(g: Array, d: Array, p: float | Array) -> Callable:
-  """The cotangent weight ``g * (|t| / d)^(p-1) sign(t)``: ``(|t|/d)`` is in [0, 1], so it cannot overflow;
-  it is 0 where ``t == 0`` or ``d == 0``."""
+def _lp_cotangent_values(g: Array, d: Array) -> tuple[Array, Array]:
+  """``(g, 1/d)`` with both 0 where ``d == 0`` (the documented zero gradient at zero distance)."""
   d_zero = d == 0
-  inv_d = jnp.where(d_zero, 0.0, 1.0 / jnp.where(d_zero, 1.0, d))
-  scaled_g = jnp.where(d_zero, 0.0, g)
+  return jnp.where(d_zero, 0.0, g), jnp.where(d_zero, 0.0, 1.0 / jnp.where(d_zero, 1.0, d))
 
-  def weight(u: Array, t: Array) -> Array:
-    return scaled_g * _power(u, p - 1.0) * jnp.sign(t)
 
-  return inv_d, weight
+def _lp_weight(p: float | Array) -> Callable:
+  """``g * (|t| / d)^(p-1) sign(t)``; ``|t| / d`` is in [0, 1], so the power cannot overflow."""
+  return lambda t, g, inv_d: g * _power(jnp.abs(t) * inv_d, p - 1.0) * jnp.sign(t)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -372,8 +396,7 @@ def _lp_static_fwd(x, y, p):
 
 def _lp_static_bwd(p, res, g):
   x, y, d = res
-  inv_d, weight = _lp_weight(g, d, p)
-  dx, dy, _ = _feature_cotangents(lambda c, t: (c, weight(jnp.abs(t) * inv_d, t)), x, y)
+  dx, dy, _ = _pair_cotangents(_lp_weight(p), x, y, _lp_cotangent_values(g, d))
   return dx, dy
 
 
@@ -392,18 +415,17 @@ def _lp_traced_fwd(x, y, p):
 
 def _lp_traced_bwd(res, g):
   x, y, d, p = res
-  inv_d, weight = _lp_weight(g, d, p)
+  g_safe, inv_d = _lp_cotangent_values(g, d)
 
-  def step(u_log_u_sum, t):
+  def u_log_u(t, g, inv_d):
+    # d lp / d p = lp / p * sum_k u_k^p log u_k with u = |t| / lp (module docstring); g * lp / p = g / (p inv_d).
     u = jnp.abs(t) * inv_d
     zero = u == 0
     safe = jnp.where(zero, 1.0, u)
-    return u_log_u_sum + jnp.where(zero, 0.0, safe**p * jnp.log(safe)), weight(u, t)
+    return jnp.where(zero, 0.0, g * safe**p * jnp.log(safe) / (p * jnp.where(inv_d == 0, 1.0, inv_d)))
 
-  dx, dy, u_log_u = _feature_cotangents(step, x, y, _pair_zeros(x, y))
-  # d lp / d p = lp / p * sum_k u_k^p log u_k (see the module docstring); 0 at zero distance (u = 0).
-  dp = jnp.sum(g * d / p * u_log_u).astype(p.dtype)
-  return dx, dy, dp
+  dx, dy, dp = _pair_cotangents(_lp_weight(p), x, y, (g_safe, inv_d), key_extra=u_log_u)
+  return dx, dy, dp.astype(p.dtype)
 
 
 _lp_traced_core.defvjp(_lp_traced_fwd, _lp_traced_bwd)

@@ -37,7 +37,7 @@ Array = jax.Array
 # matmul metrics amortise loop overhead best with large tiles; elementwise metrics evaluate D differences per
 # pair and prefer tiles whose [block_q * group, block_k] slab stays in cache.
 MATMUL_BLOCKS = (512, 512)
-ELEMENTWISE_BLOCKS = (256, 256)
+ELEMENTWISE_BLOCKS = (256, 512)
 MATMUL_METRICS = frozenset({"dot", "sqeuclidean", "l2", "cosine"})
 
 
@@ -347,8 +347,9 @@ def _round_up(n: int, block: int) -> int:
   return -(-n // block) * block
 
 
-def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
-  if x.shape[axis] in (1, size):
+def _pad_axis(x: Array, axis: int, size: int, value=0, broadcast_ok: bool = False) -> Array:
+  """Pads ``axis`` to ``size``; with ``broadcast_ok`` a size-1 axis (a broadcast mask/bias dim) stays 1."""
+  if x.shape[axis] == size or (broadcast_ok and x.shape[axis] == 1):
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, size - x.shape[axis])
@@ -364,7 +365,7 @@ def _group_operand(x: Array | None, num_kv: int, group: int, t_pad: int, s_pad: 
     x = x.reshape(b, 1, t, 1, s)
   else:
     x = x.reshape(b, num_kv, group, t, s).transpose(0, 1, 3, 2, 4)
-  return _pad_axis(_pad_axis(x, 2, t_pad, fill), 4, s_pad, fill)
+  return _pad_axis(_pad_axis(x, 2, t_pad, fill, broadcast_ok=True), 4, s_pad, fill, broadcast_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)
