@@ -1,0 +1,64 @@
+"""The command-line programs, run as a user runs them (in a subprocess, with small settings)."""
+
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
+                        text=True, cwd=ROOT, timeout=600)
+
+
+def test_selfcheck_passes_and_lists_every_implementation():
+  # One metric and dtype keep this under half a minute; test_kernels.py covers the full grid in-process.
+  proc = run("selfcheck.py", "--metrics=l1", "--dtypes=bfloat16")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "implementations: blockwise;" in proc.stdout  # every registered kernel but the reference
+  rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("blockwise ")]
+  assert [(r[1], r[2], r[3]) for r in rows] == [("l1", "bfloat16", "8/8")]
+  assert "8/8 cases passed (100.0%)" in proc.stdout
+
+
+def test_selfcheck_fails_on_a_wrong_kernel(tmp_path):
+  # A kernel that is 1% off must be caught: register it in a wrapper script and expect exit status 1.
+  script = tmp_path / "broken_selfcheck.py"
+  script.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(ROOT / 'experiments')!r})\n"
+      "import distattn_jax as da\n"
+      "def broken(*args, **kwargs):\n"
+      "  result = da.kernels.get('reference')(*args, **kwargs)\n"
+      "  return result._replace(out=result.out * 1.01)\n"
+      "da.kernels.register('broken', broken)\n"
+      "import selfcheck\n"
+      "from absl import app\n"
+      "app.run(lambda argv: sys.exit(selfcheck.main(argv)))\n")
+  proc = subprocess.run([sys.executable, str(script), "--implementations=broken", "--metrics=dot",
+                         "--dtypes=float32"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "0/8 cases passed (0.0%)" in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_benchmark_writes_ratios_measured_against_the_baseline(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = run("benchmark.py", "--metrics=l1,dot", "--implementations=reference,blockwise", "--lengths=64,128",
+             "--heads=2", "--head_dim=8", "--repeats=2", f"--out={out}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  report = json.loads(out.read_text())
+  rows = report["rows"]
+  assert len(rows) == 2 * (1 + 2 * 2)  # per length: the baseline plus 2 metrics x 2 implementations
+  for row in rows:
+    for phase in ("forward", "forward_backward"):
+      cell = row[phase]
+      assert len(cell["times"]) == 2 and cell["seconds"] == statistics.median(cell["times"]) > 0
+      assert cell["temp_bytes"] is not None
+      if row["metric"] != "jax.nn.dot_product_attention":
+        base = next(r for r in rows if r["n"] == row["n"] and r["implementation"] == "-")[phase]
+        assert abs(cell["time_ratio"] - cell["seconds"] / base["seconds"]) < 1e-12
+  table = out.with_suffix(".md").read_text()
+  assert "| 128 | l1 | blockwise |" in table and "jax.nn.dot_product_attention" in table
