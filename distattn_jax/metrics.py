@@ -328,33 +328,47 @@ def _l1_bwd(res, g):
 _l1_core.defvjp(_l1_fwd, _l1_bwd)
 
 
-def _max_and_ties(x: Array, y: Array) -> tuple[Array, Array]:
-  """``max_d |x_d - y_d|`` and how many coordinates attain it, in one pass."""
-  def step(carry, t):
-    m, count = carry
-    a = jnp.abs(t)
-    count = jnp.where(a > m, 1.0, jnp.where(a == m, count + 1.0, count))
-    return jnp.maximum(m, a), count
-  zeros = _pair_zeros(x, y)
-  return _reduce_over_features(step, (zeros, zeros), x, y)
-
-
 @jax.custom_vjp
 def _chebyshev_core(x: Array, y: Array) -> Array:
   return _max_abs(x, y)
 
 
 def _chebyshev_fwd(x, y):
-  d, ties = _max_and_ties(x, y)
-  return d, (x, y, d, ties)
+  d = _max_abs(x, y)
+  return d, (x, y, d)
 
 
 def _chebyshev_bwd(res, g):
-  x, y, d, ties = res
-  share = g / jnp.maximum(ties, 1.0)
-  dx, dy, _ = _pair_cotangents(lambda t, d, share: jnp.where(jnp.abs(t) == d, share, 0.0) * jnp.sign(t), x, y,
-                               (d, share))
-  return dx, dy
+  """Ties share equally: each of the ``c`` coordinates with ``|t_k| == d`` gets ``g / c``.
+
+  The query loop counts the ties of each pair while it accumulates ``dy`` (in a ``[D, M]`` layout, so the count
+  is a reduction over the outer axis, which XLA vectorises); the key loop then uses those counts for ``dx``.
+  """
+  x, y, d = res
+  batch = np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+  y_t = jnp.swapaxes(y, -1, -2)  # [..., D, M]
+
+  def over_queries(dy_t, sliced):
+    x_n, d_n, g_n = sliced  # [..., D], [..., M], [..., M]
+    t = x_n[..., :, None] - y_t
+    at_max = jnp.abs(t) == d_n[..., None, :]
+    ties = jnp.sum(at_max, axis=-2).astype(t.dtype)
+    share = g_n / jnp.maximum(ties, 1.0)
+    return dy_t - jnp.where(at_max, share[..., None, :], 0.0) * jnp.sign(t), ties
+
+  init = jnp.zeros(batch + y_t.shape[-2:], jnp.result_type(x, y))
+  query_slices = (jnp.moveaxis(x, -2, 0), jnp.moveaxis(d, -2, 0), jnp.moveaxis(g, -2, 0))
+  dy_t, ties = jax.lax.scan(over_queries, init, query_slices)
+  share = g / jnp.maximum(jnp.moveaxis(ties, 0, -2), 1.0)
+
+  def over_keys(dx, sliced):
+    y_m, d_m, share_m = sliced  # [..., D], [..., N], [..., N]
+    t = x - y_m[..., None, :]
+    return dx + jnp.where(jnp.abs(t) == d_m[..., :, None], share_m[..., :, None], 0.0) * jnp.sign(t), None
+
+  key_slices = (jnp.moveaxis(y, -2, 0), jnp.moveaxis(d, -1, 0), jnp.moveaxis(share, -1, 0))
+  dx, _ = jax.lax.scan(over_keys, jnp.zeros(batch + x.shape[-2:], init.dtype), key_slices)
+  return _sum_to_shape(dx, x.shape), _sum_to_shape(jnp.swapaxes(dy_t, -1, -2), y.shape)
 
 
 _chebyshev_core.defvjp(_chebyshev_fwd, _chebyshev_bwd)

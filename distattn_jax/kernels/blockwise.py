@@ -37,7 +37,7 @@ Array = jax.Array
 # matmul metrics amortise loop overhead best with large tiles; elementwise metrics evaluate D differences per
 # pair and prefer tiles whose [block_q * group, block_k] slab stays in cache.
 MATMUL_BLOCKS = (512, 512)
-ELEMENTWISE_BLOCKS = (256, 512)
+ELEMENTWISE_BLOCKS = (128, 256)
 MATMUL_METRICS = frozenset({"dot", "sqeuclidean", "l2", "cosine"})
 
 
