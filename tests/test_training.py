@@ -349,3 +349,12 @@ def test_training_throughput_is_timed_steps_times_tokens_over_their_seconds(monk
   monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
   tokens_per_second = training.throughput(small_config(), steps_to_time=5, warmup_steps=1)
   assert tokens_per_second == 5 * 4 * 16 / 2.0
+
+
+def test_a_checkpoint_of_another_model_is_an_error_and_is_left_in_place(tmp_path):
+  _checkpointed(tmp_path)
+  wider = _state(small_config(**{"model.mlp_dim": 48}))
+  with pytest.raises(checkpoint.CheckpointError, match=r"ckpt/6 was written by a different model or optimizer "
+                     r"configuration \(shapes differ: .*fc_in/bias: saved \(64,\), expected \(48,\)"):
+    checkpoint.Checkpoints(tmp_path / "ckpt", keep=3).restore_latest(wider)
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3", "6"]

@@ -59,23 +59,6 @@ def build(config: ml_collections.ConfigDict) -> tuple[TruthGPT, steps.TrainState
   return model, steps.create_train_state(model, tx, config.seed, config.data.seq_len)
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[TruthGPT, steps.TrainState]:
-  """The model and the newest readable checkpoint's train state in ``workdir`` (for sampling and analysis)."""
-  model, state = build(config)
-  directory = pathlib.Path(workdir) / "checkpoints"
-  if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoints in {str(directory)!r}: train first (experiments/train.py "
-                            f"--workdir={workdir})")
-  checkpoints = checkpoint.Checkpoints(directory, config.train.keep_checkpoints)
-  try:
-    restored = checkpoints.restore_latest(state)
-  finally:
-    checkpoints.close()
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoints in {str(directory)!r}: train first")
-  return model, restored
-
-
 def load_data(config: ml_collections.ConfigDict) -> text.TextData:
   corpus = text.load_corpus(config.data.path, config.data.val_fraction, min_split_bytes=config.data.seq_len + 1)
   info = corpus.info
