@@ -1,6 +1,6 @@
 """TruthGPT byte-level language model on the Python standard library's source (or ``data.path``).
 
-The ``make run`` job (about 4 minutes on a 2-core CPU):
+The ``make run`` job (under 3 minutes on a 2-core CPU, then a sample from experiments/generate.py):
 
   .venv/bin/python experiments/train.py --config=configs/lm.py:metric=l1,size=tiny --workdir=runs/lm_tiny_l1
 
