@@ -22,10 +22,11 @@ def main(argv) -> None:
   logging.set_verbosity(logging.INFO)
   training.hide_orbax_info_logs()
   summary = training.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  trained = summary["steps"] - summary["resumed_from_step"]
+  speed = f"{summary['tokens_per_second']:,.0f} tokens/s, " if "tokens_per_second" in summary else ""
   print(f"validation bits per byte: {summary['untrained_validation_bits_per_byte']:.4f} untrained -> "
-        f"{summary['validation_bits_per_byte']:.4f} after {summary['steps']} steps "
-        f"({summary.get('tokens_per_second', float('nan')):,.0f} tokens/s, "
-        f"{summary['wall_seconds']:.0f} s; {flags.FLAGS.workdir}/summary.json)")
+        f"{summary['validation_bits_per_byte']:.4f} after {summary['steps']} steps ({trained} in this run, "
+        f"{speed}{summary['wall_seconds']:.0f} s; {flags.FLAGS.workdir}/summary.json)")
 
 
 if __name__ == "__main__":

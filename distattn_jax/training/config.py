@@ -104,11 +104,10 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
         raise ValueError(f"config.{name} must be a group of fields ({', '.join(sorted(default.keys()))})")
       _check_keys(value, default, name + ".")
       continue
-    expected = type(default) if default is not None else schema.get_type(key)
-    ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
-    if value is None and default is None:
-      ok = True
-    if not ok or (expected is not bool and isinstance(value, bool)):
+    expected = schema.get_type(key)  # a placeholder's declared type for None defaults
+    ok = (isinstance(value, expected) or (expected is float and isinstance(value, int))) and (
+        isinstance(value, bool) == (expected is bool))
+    if not (ok or (value is None and default is None)):
       raise ValueError(f"config.{name}={value!r} must be a {expected.__name__}")
   missing = sorted(set(schema.keys()) - set(config.keys()))
   if missing:

@@ -59,6 +59,13 @@ def build(config: ml_collections.ConfigDict) -> tuple[TruthGPT, steps.TrainState
   return model, steps.create_train_state(model, tx, config.seed, config.data.seq_len)
 
 
+def compile_train_step(config: ml_collections.ConfigDict, state: steps.TrainState, windows: np.ndarray,
+                       dropout_key: jax.Array):
+  """``train_step`` jitted (the state donated) and compiled for these shapes; returns it and its compile stats."""
+  fn = jax.jit(functools.partial(steps.train_step, grad_accum=config.optim.grad_accum_steps), donate_argnums=0)
+  return monitoring.compile_with_stats(fn, state, windows, dropout_key)
+
+
 def load_data(config: ml_collections.ConfigDict) -> text.TextData:
   corpus = text.load_corpus(config.data.path, config.data.val_fraction, min_split_bytes=config.data.seq_len + 1)
   info = corpus.info
@@ -78,7 +85,7 @@ class Progress:
   """tqdm when stderr is a terminal; otherwise one log line per report, with the same numbers."""
 
   def __init__(self, total: int, start: int):
-    self.total, self.start = total, start
+    self.total = total
     self.bar = None
     if sys.stderr.isatty():
       from tqdm import tqdm
@@ -112,7 +119,7 @@ def _check_finite(records: list[tuple[int, dict[str, float]]], checkpoints: chec
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the summary it saves."""
   wall_start = time.perf_counter()
-  model, state = build(config)  # validates the config before anything is compiled
+  _, state = build(config)  # validates the config before anything is read or compiled
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
@@ -123,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   eval_batches = data.eval_batches(train_cfg.eval_batches)
   eval_fn, eval_stats = monitoring.compile_with_stats(jax.jit(steps.eval_step), state, eval_batches[0])
-  untrained_bpb = evaluate(eval_fn, state, eval_batches)
+  untrained_bpb = evaluate(eval_fn, state, eval_batches)  # the fresh state, also when the run resumes below
   checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", train_cfg.keep_checkpoints)
   state = checkpoints.restore_latest(state) or state
   start = int(state.step)
@@ -141,9 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   progress = Progress(total, start)
   try:
     if start < total:
-      train_fn = jax.jit(functools.partial(steps.train_step, grad_accum=config.optim.grad_accum_steps),
-                         donate_argnums=0)
-      train_fn, stats = monitoring.compile_with_stats(train_fn, state, data.train_batch(start), dropout_key)
+      train_fn, stats = compile_train_step(config, state, data.train_batch(start), dropout_key)
       compile_stats.update(stats)
       writer.write(start, "perf", monitoring.get_performance_stats({}, compile_stats))
       timer.restart(start)
@@ -201,9 +206,7 @@ def throughput(config: ml_collections.ConfigDict, steps_to_time: int = 20, warmu
   windows = np.random.default_rng(config.seed).integers(0, config.model.vocab_size, (d.batch_size, d.seq_len + 1),
                                                       dtype=np.int32)
   key = steps.dropout_key(config.seed)
-  train_fn = jax.jit(functools.partial(steps.train_step, grad_accum=config.optim.grad_accum_steps),
-                     donate_argnums=0)
-  train_fn, _ = monitoring.compile_with_stats(train_fn, state, windows, key)
+  train_fn, _ = compile_train_step(config, state, windows, key)
   for _ in range(warmup_steps):
     state, _ = train_fn(state, windows, key)
   jax.block_until_ready(state)
