@@ -5,7 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test clean
+# The main job: train TruthGPT (l1 attention, tiny) on the standard library's source, then sample from it.
+# A second `make run` resumes from the run's newest checkpoint; delete $(RUN_DIR) to train from scratch.
+LM_CONFIG := configs/lm.py:metric=l1,size=tiny
+RUN_DIR := runs/lm_tiny_l1
+
+.PHONY: run tour test clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +19,10 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(PY) experiments/train.py --config=$(LM_CONFIG) --workdir=$(RUN_DIR)
+	$(PY) experiments/generate.py --config=$(LM_CONFIG) --workdir=$(RUN_DIR)
+
+tour: $(STAMP)
 	$(PY) experiments/examples.py
 
 test: $(STAMP)

@@ -1,6 +1,6 @@
 """A printed tour of the distattn_jax API; every number it prints is computed here.
 
-Run: ``make run`` (or ``.venv/bin/python experiments/examples.py``).
+Run: ``make tour`` (or ``.venv/bin/python experiments/examples.py``).
 """
 
 from __future__ import annotations

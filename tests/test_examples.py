@@ -1,4 +1,4 @@
-"""The tour that `make run` prints: it runs, and the numbers it reports are consistent with each other."""
+"""The tour that `make tour` prints: it runs, and the numbers it reports are consistent with each other."""
 
 import re
 

@@ -1,0 +1,1 @@
+"""Data: every loader returns numpy batches; nothing here touches the network."""

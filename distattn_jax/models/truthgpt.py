@@ -1,0 +1,265 @@
+"""TruthGPT: a pre-norm transformer whose attention is :class:`distattn_jax.DistanceBasedAttention`.
+
+Two models share one trunk (positions, ``depth`` pre-norm blocks of attention + MLP, final norm) over a token
+embedding they own:
+
+* :class:`TruthGPT`, the decoder-only language model: causal attention, logits through the tied token embedding,
+  ``decode=True`` for generation with the attention layers' KV cache;
+* :class:`TruthGPTClassifier`, the encoder variant: bidirectional attention over a padding mask, mean or
+  first-token pooling and a linear head.
+
+Every choice a run can change (metric, lam, p, kernel, sizes, positions, dtypes) is a field of
+:class:`TruthGPTConfig`, which checks itself when built, so a bad value fails before anything is traced. The
+models know nothing of data or training; ``apply`` is a pure function of parameters, tokens and rngs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import distattn_jax as da
+
+Array = jax.Array
+
+POSITIONS = ("learned", "rotary")
+DTYPES = ("float32", "bfloat16")
+POOLINGS = ("mean", "first")
+
+
+@dataclasses.dataclass(frozen=True)
+class TruthGPTConfig:
+  """The model's hyperparameters; ``TruthGPTConfig(**config.model)`` builds it from an ml_collections config.
+
+  ``num_kv_heads=None`` means one kv head per query head; ``lambda_init=None`` starts every head at
+  ``da.metrics.default_lambda`` (the lam whose initial softmax is as sharp as dot-product attention's).
+  ``dtype`` is the compute dtype; parameters (and so the optimizer's master copy) are always float32.
+  """
+
+  vocab_size: int = 256
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  mlp_dim: int = 512
+  max_len: int = 256
+  positions: str = "learned"
+  rotary_base: float = 10000.0
+  metric: str = "l1"
+  lambda_init: float | None = None
+  learnable_lambda: bool = True
+  p: float = 2.0
+  learnable_p: bool = False
+  implementation: str = "auto"
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    def fail(field: str, allowed: str):
+      raise ValueError(f"model.{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+    for field in ("vocab_size", "width", "depth", "num_heads", "mlp_dim", "max_len"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        fail(field, "must be a positive int")
+    if self.width % self.num_heads:
+      fail("num_heads", f"must divide model.width={self.width}")
+    kv = self.num_kv_heads
+    if kv is not None and (not isinstance(kv, int) or kv < 1 or self.num_heads % kv):
+      fail("num_kv_heads", f"must be None or a positive divisor of model.num_heads={self.num_heads}")
+    if self.positions not in POSITIONS:
+      fail("positions", f"must be one of {', '.join(POSITIONS)}")
+    if self.positions == "rotary" and self.head_dim % 2:
+      fail("positions", f"'rotary' needs an even head dimension; width/num_heads = {self.head_dim}")
+    if not self.rotary_base > 1:
+      fail("rotary_base", "must be > 1")
+    da.metrics.canonical_name(self.metric, argname="model.metric")
+    da.metrics.check_p(self.p, argname="model.p")
+    if self.learnable_p and self.metric != "lp":
+      fail("learnable_p", f"needs model.metric='lp' (got metric={self.metric!r})")
+    if self.lambda_init is not None and not 0 < self.lambda_init < math.inf:
+      fail("lambda_init", "must be None (the metric's default) or a positive finite number")
+    if self.implementation != "auto" and self.implementation not in da.kernels.available():
+      fail("implementation", f"must be one of {', '.join(('auto',) + da.kernels.available())}")
+    for field in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        fail(field, "must be in [0, 1)")
+    if self.dtype not in DTYPES:
+      fail("dtype", f"must be one of {', '.join(DTYPES)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+
+def rotate(x: Array, positions: Array, base: float) -> Array:
+  """Rotary position embedding of ``x [batch, length, heads, head_dim]`` at ``positions [length]``.
+
+  Feature pairs ``(x_i, x_{i + D/2})`` turn by the angle ``position * base^(-2i/D)`` (the half-split layout of
+  GPT-NeoX). Rotations preserve norms, so for the rotation-invariant metrics (dot, l2, sqeuclidean, cosine) the
+  logit between positions ``m`` and ``n`` depends only on ``m - n``; l1, chebyshev and lp see the rotated
+  coordinates and so get a position-dependent, not purely relative, signal.
+  """
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, None] * freqs  # [length, half]
+  cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _rotary_interceptor(positions: Array, base: float):
+  """Rotates the outputs of the ``query`` and ``key`` projections of a ``DistanceBasedAttention``.
+
+  The layer owns its projections, so rotary positions are applied by intercepting those two ``DenseGeneral``
+  calls (``nn.intercept_methods``) rather than by re-implementing the layer; the projections' names are part of
+  the layer's Flax-compatible contract.
+  """
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if (context.method_name == "__call__" and module.name in ("query", "key")
+        and isinstance(module.parent, da.DistanceBasedAttention)):
+      out = rotate(out, positions, base)
+    return out
+
+  return interceptor
+
+
+class Mlp(nn.Module):
+  config: TruthGPTConfig
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    c = self.config
+    x = nn.Dense(c.mlp_dim, dtype=c.compute_dtype, name="fc_in")(x)
+    x = nn.Dense(c.width, dtype=c.compute_dtype, name="fc_out")(nn.gelu(x))
+    return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+  config: TruthGPTConfig
+  causal: bool
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None, positions: Array, deterministic: bool,
+               sow_weights: bool) -> Array:
+    c = self.config
+    attention = da.DistanceBasedAttention(
+        num_heads=c.num_heads, metric=c.metric, lambda_init=c.lambda_init, learnable_lambda=c.learnable_lambda,
+        p=c.p, learnable_p=c.learnable_p, num_kv_heads=c.num_kv_heads, implementation=c.implementation,
+        dtype=c.compute_dtype, dropout_rate=c.attention_dropout_rate, decode=self.decode, name="attention")
+    y = nn.LayerNorm(dtype=c.compute_dtype, name="ln_attention")(x)
+    if c.positions == "rotary":
+      with nn.intercept_methods(_rotary_interceptor(positions, c.rotary_base)):
+        y = attention(y, mask=mask, deterministic=deterministic, sow_weights=sow_weights, is_causal=self.causal)
+    else:
+      y = attention(y, mask=mask, deterministic=deterministic, sow_weights=sow_weights, is_causal=self.causal)
+    x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+    return x + Mlp(c, name="mlp")(nn.LayerNorm(dtype=c.compute_dtype, name="ln_mlp")(x), deterministic)
+
+
+class Trunk(nn.Module):
+  """Learned positions (if configured), the blocks and the final norm, over already embedded tokens; the
+  models own the token embedding so that the decoder can reuse it as its output layer."""
+
+  config: TruthGPTConfig
+  causal: bool
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None, deterministic: bool, sow_weights: bool) -> Array:
+    c = self.config
+    length = x.shape[-2]
+    positions = jnp.arange(length) + self._decode_offset(length)
+    x = x.astype(c.compute_dtype)
+    if c.positions == "learned":
+      if length > c.max_len:
+        raise ValueError(f"TruthGPT: a sequence of {length} tokens exceeds model.max_len={c.max_len}")
+      table = self.param("pos_embed", nn.initializers.normal(stddev=c.width ** -0.5), (c.max_len, c.width))
+      x = x + jnp.take(table, positions, axis=0).astype(c.compute_dtype)
+    x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+    for i in range(c.depth):
+      x = Block(c, self.causal, self.decode, name=f"block_{i}")(x, mask, positions, deterministic, sow_weights)
+    return nn.LayerNorm(dtype=c.compute_dtype, name="ln_final")(x)
+
+  def _decode_offset(self, length: int) -> Array:
+    """0 when not decoding; else the number of positions already in the cache (advanced by ``length``)."""
+    if not self.decode:
+      return jnp.zeros((), jnp.int32)
+    initialized = self.has_variable("cache", "position")
+    position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+    offset = position.value
+    if initialized:
+      position.value = offset + length
+    return offset
+
+
+def _embedding(config: TruthGPTConfig) -> nn.Embed:
+  return nn.Embed(config.vocab_size, config.width, name="embed")
+
+
+class TruthGPT(nn.Module):
+  """Decoder-only language model: ``tokens [batch, length] -> logits [batch, length, vocab]`` (float32).
+
+  The output layer is the token embedding, transposed (tied). With ``decode=True`` every attention layer keeps a
+  KV cache (the ``cache`` collection) sized by the tokens given to ``init``; each later call appends its tokens
+  (a prompt chunk, then one token at a time) and returns their logits, exactly as the full causal pass would.
+  """
+
+  config: TruthGPTConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, deterministic: bool = True, sow_weights: bool = False) -> Array:
+    embed = _embedding(self.config)
+    x = Trunk(self.config, causal=True, decode=self.decode, name="trunk")(embed(tokens), None, deterministic,
+                                                                          sow_weights)
+    return embed.attend(x.astype(jnp.float32))
+
+
+class TruthGPTClassifier(nn.Module):
+  """Encoder classifier: bidirectional attention over ``mask`` (True = real token), pooled, then a linear head.
+
+  ``pooling="mean"`` averages the real tokens' states; ``"first"`` takes the first token's (a CLS position).
+  Returns ``[batch, num_classes]`` float32 logits.
+  """
+
+  config: TruthGPTConfig
+  num_classes: int
+  pooling: str = "mean"
+
+  @nn.compact
+  def __call__(self, tokens: Array, mask: Array | None = None, *, deterministic: bool = True,
+               sow_weights: bool = False) -> Array:
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"TruthGPTClassifier: pooling={self.pooling!r} must be one of {', '.join(POOLINGS)}")
+    mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    x = Trunk(self.config, causal=False, name="trunk")(_embedding(self.config)(tokens),
+                                                       nn.make_attention_mask(mask, mask), deterministic,
+                                                       sow_weights)
+    x = x.astype(jnp.float32)
+    if self.pooling == "mean":
+      weights = mask.astype(jnp.float32)[..., None]
+      pooled = jnp.sum(x * weights, axis=-2) / jnp.maximum(jnp.sum(weights, axis=-2), 1.0)
+    else:
+      pooled = x[..., 0, :]
+    return nn.Dense(self.num_classes, name="head")(pooled)
+
+
+def count_params(params: Any) -> int:
+  return sum(int(a.size) for a in jax.tree.leaves(params))

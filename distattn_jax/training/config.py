@@ -1,0 +1,157 @@
+"""The run configuration: every field a run can change, its default, and the checks that run before compiling.
+
+``default_config()`` is the schema: a config file (``configs/*.py``) starts from it and overrides values, and
+:func:`validate` rejects any key the schema does not have (listing the valid ones), values of the wrong type and
+values out of range, naming the field. The model's own checks live in :class:`TruthGPTConfig`.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from distattn_jax.models import TruthGPTConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field with its default; ``None`` defaults are typed placeholders, so they can be set from flags."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # parameter init, data order and dropout all derive from it
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=256, width=128, depth=2, num_heads=4, num_kv_heads=config_dict.placeholder(int), mlp_dim=512,
+      max_len=256, positions="learned", rotary_base=10000.0, metric="l1",
+      lambda_init=config_dict.placeholder(float),  # None: da.metrics.default_lambda for the metric
+      learnable_lambda=True, p=2.0, learnable_p=False, implementation="auto", dropout_rate=0.0,
+      attention_dropout_rate=0.0, dtype="float32"))  # dtype: compute dtype; parameters stay float32
+
+  c.data = ml_collections.ConfigDict(dict(
+      path="",  # "" = the Python standard library's source; else a text file or a folder of them
+      seq_len=128, batch_size=16, val_fraction=0.05))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=3e-3, warmup_steps=100, end_learning_rate_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
+      eps=1e-8, clip_norm=1.0,  # global-norm clipping of the non-lambda gradients; 0 = off
+      grad_accum_steps=1,  # microbatches per optimizer step; data.batch_size is the whole step's batch
+      lambda_learning_rate=1e-2))  # peak lr of the log_lambda / log_p group (same schedule shape, no decay)
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=2000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500, keep_checkpoints=3))
+
+  c.sample = ml_collections.ConfigDict(dict(prompt="def ", length=200, temperature=0.8, top_k=0, seed=0))
+  c.analysis = ml_collections.ConfigDict(dict(batch_size=4))  # validation sequences analysed by analyze.py
+  return c
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """``{"model.metric": "l1", ...}``: every leaf field under its dotted name."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
+  """Parses a config file's argument, ``"metric=l1,size=tiny"``, into the keys of ``defaults``.
+
+  Values take the type of their default (ints, floats, bools and strings); a ``None`` default takes a Python
+  literal (``1.5``, ``None``) or else the string.
+  An unknown key is a ValueError listing the valid ones.
+  """
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ValueError(f"config argument {item!r} is not key=value with a known key; valid keys: "
+                       f"{', '.join(sorted(defaults))}")
+    default = defaults[key]
+    text = text.strip()
+    if isinstance(default, bool):
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={text!r} must be true or false")
+      values[key] = text.lower() in ("true", "1")
+    elif isinstance(default, (int, float)):
+      try:
+        values[key] = type(default)(ast.literal_eval(text))
+      except (ValueError, SyntaxError):
+        raise ValueError(f"config argument {key}={text!r} must be a {type(default).__name__}") from None
+    elif default is None:
+      try:
+        values[key] = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        values[key] = text
+    else:
+      values[key] = text
+  return values
+
+
+def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+  for key in config.keys():
+    name = prefix + key
+    if key not in schema:
+      raise ValueError(f"unknown config key {name!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
+                       f"{', '.join(sorted(schema.keys()))}")
+    value, default = config[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f"config.{name} must be a group of fields ({', '.join(sorted(default.keys()))})")
+      _check_keys(value, default, name + ".")
+      continue
+    expected = schema.get_type(key)  # a placeholder's declared type for None defaults
+    ok = (isinstance(value, expected) or (expected is float and isinstance(value, int))) and (
+        isinstance(value, bool) == (expected is bool))
+    if not (ok or (value is None and default is None)):
+      raise ValueError(f"config.{name}={value!r} must be a {expected.__name__}")
+  missing = sorted(set(schema.keys()) - set(config.keys()))
+  if missing:
+    raise ValueError(f"config{'.' + prefix[:-1] if prefix else ''} is missing {', '.join(missing)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> TruthGPTConfig:
+  """Checks every field of a run's config; returns the model's config. Raises ValueError naming the field."""
+  _check_keys(config, default_config(), "")
+  model = TruthGPTConfig(**config.model.to_dict())
+
+  def require(ok: bool, field: str, rule: str):
+    if not ok:
+      group, key = field.split(".")
+      raise ValueError(f"config.{field}={config[group][key]!r} is invalid: {rule}")
+
+  d, o, t, s = config.data, config.optim, config.train, config.sample
+  require(d.seq_len >= 1, "data.seq_len", "must be >= 1")
+  require(d.seq_len <= model.max_len, "data.seq_len", f"must be <= model.max_len={model.max_len}")
+  require(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+  require(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+  require(o.learning_rate >= 0, "optim.learning_rate", "must be >= 0")
+  require(o.lambda_learning_rate >= 0, "optim.lambda_learning_rate", "must be >= 0")
+  require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  require(0 <= o.end_learning_rate_fraction <= 1, "optim.end_learning_rate_fraction", "must be in [0, 1]")
+  require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+  require(0 <= o.b1 < 1, "optim.b1", "must be in [0, 1)")
+  require(0 <= o.b2 < 1, "optim.b2", "must be in [0, 1)")
+  require(o.eps > 0, "optim.eps", "must be > 0")
+  require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
+  require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+  require(d.batch_size % o.grad_accum_steps == 0, "optim.grad_accum_steps",
+          f"must divide data.batch_size={d.batch_size}")
+  require(t.steps >= 0, "train.steps", "must be >= 0")
+  for field in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    require(t[field] >= 1, f"train.{field}", "must be >= 1")
+  # Resumed runs restart at a checkpoint; logging intervals aligned to it make their records identical.
+  require(t.checkpoint_every % t.log_every == 0, "train.checkpoint_every",
+          f"must be a multiple of train.log_every={t.log_every}")
+  require(len(s.prompt) >= 1, "sample.prompt", "must not be empty")
+  require(s.length >= 1, "sample.length", "must be >= 1")
+  require(s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
+  require(0 <= s.top_k <= model.vocab_size, "sample.top_k", f"must be in [0, {model.vocab_size}] (0 = all)")
+  require(len(s.prompt.encode()) + s.length <= model.max_len or model.positions == "rotary", "sample.length",
+          f"prompt bytes + length must be <= model.max_len={model.max_len} with learned positions")
+  require(config.analysis.batch_size >= 1, "analysis.batch_size", "must be >= 1")
+  return model

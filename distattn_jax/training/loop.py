@@ -1,0 +1,217 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``, and ``throughput(config, steps)``.
+
+Files in ``workdir``: ``config.json`` (the resolved config), ``data.json`` (the corpus: source, files, bytes,
+split), ``checkpoints/`` (orbax), ``metrics.jsonl`` and ``tensorboard/`` (train, eval and perf records) and
+``summary.json`` at the end. Starting again in the same ``workdir`` resumes from the newest readable
+checkpoint; batches and dropout are functions of the step, so the resumed run computes what an uninterrupted
+run computes. A non-finite loss stops the run before the next checkpoint could store it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging as pylogging
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from distattn_jax import monitoring
+from distattn_jax.data import text
+from distattn_jax.models import TruthGPT, count_params
+from distattn_jax.training import checkpoint, optim, steps
+from distattn_jax.training.config import validate
+from distattn_jax.training.writers import MetricWriter
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def hide_orbax_info_logs() -> None:
+  """Orbax logs a dozen INFO lines per save; keep its warnings and errors, drop the rest (for the mains)."""
+
+  def keep(record) -> bool:
+    return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+  logging.get_absl_logger().addFilter(keep)
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+  """Writes ``value`` as JSON through a temporary file and a rename, so a reader never sees half a file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def build(config: ml_collections.ConfigDict) -> tuple[TruthGPT, steps.TrainState]:
+  """The validated model and its freshly initialised train state (the target a checkpoint restores into)."""
+  model = TruthGPT(validate(config))
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  return model, steps.create_train_state(model, tx, config.seed, config.data.seq_len)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, state: steps.TrainState, windows: np.ndarray,
+                       dropout_key: jax.Array):
+  """``train_step`` jitted (the state donated) and compiled for these shapes; returns it and its compile stats."""
+  fn = jax.jit(functools.partial(steps.train_step, grad_accum=config.optim.grad_accum_steps), donate_argnums=0)
+  return monitoring.compile_with_stats(fn, state, windows, dropout_key)
+
+
+def load_data(config: ml_collections.ConfigDict) -> text.TextData:
+  corpus = text.load_corpus(config.data.path, config.data.val_fraction, min_split_bytes=config.data.seq_len + 1)
+  info = corpus.info
+  logging.info("corpus %s (%s): %d files, %d bytes; train %d bytes, validation %d bytes (split by %s)",
+               info["source"], info["path"], info["files"], info["bytes"], info["train_bytes"],
+               info["validation_bytes"], info["split"])
+  return text.TextData(corpus, config.data.seq_len, config.data.batch_size, config.seed)
+
+
+def evaluate(eval_fn, state: steps.TrainState, batches: list[np.ndarray]) -> float:
+  """Validation bits per byte over ``batches``."""
+  totals = [eval_fn(state, b) for b in batches]
+  return steps.bits_per_byte(sum(float(t["nll_sum"]) for t in totals), sum(float(t["tokens"]) for t in totals))
+
+
+class Progress:
+  """tqdm when stderr is a terminal; otherwise one log line per report, with the same numbers."""
+
+  def __init__(self, total: int, start: int):
+    self.total = total
+    self.bar = None
+    if sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+  def report(self, step: int, loss: float, perf: dict[str, float]) -> None:
+    tokens_per_second = perf.get("tokens_per_second", float("nan"))
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+      return
+    eta = (self.total - step) * perf.get("step_seconds", float("nan"))
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, self.total, loss, tokens_per_second,
+                 eta_text)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _check_finite(records: list[tuple[int, dict[str, float]]], checkpoints: checkpoint.Checkpoints) -> None:
+  for step, values in records:
+    if not math.isfinite(values["loss"]):
+      kept = checkpoints.steps()
+      raise NonFiniteLossError(
+          f"training stopped: the loss is {values['loss']} at step {step}; the last good checkpoint "
+          f"({'step ' + str(kept[-1]) if kept else 'none yet'}) in {checkpoints.directory} is kept")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the summary it saves."""
+  wall_start = time.perf_counter()
+  _, state = build(config)  # validates the config before anything is read or compiled
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  data = load_data(config)
+  write_json(workdir / "data.json", data.corpus.info)
+  train_cfg = config.train
+  total = train_cfg.steps
+
+  eval_batches = data.eval_batches(train_cfg.eval_batches)
+  eval_fn, eval_stats = monitoring.compile_with_stats(jax.jit(steps.eval_step), state, eval_batches[0])
+  untrained_bpb = evaluate(eval_fn, state, eval_batches)  # the fresh state, also when the run resumes below
+  checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", train_cfg.keep_checkpoints)
+  state = checkpoints.restore_latest(state) or state
+  start = int(state.step)
+  logging.info("%s at step %d of %d in %s; %d parameters", "resuming" if start else "starting", start, total,
+               workdir, count_params(state.params))
+  writer = MetricWriter(workdir, start)
+  if start == 0:
+    writer.write(0, "eval", {"bits_per_byte": untrained_bpb})
+
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  schedule = optim.learning_rate_schedule(config.optim.learning_rate, config.optim, total)
+  dropout_key = steps.dropout_key(config.seed)
+  compile_stats = {"eval_compile_seconds": eval_stats["compile_seconds"]}
+  timer = monitoring.Throughput(tokens_per_step, start)
+  progress = Progress(total, start)
+  try:
+    if start < total:
+      train_fn, stats = compile_train_step(config, state, data.train_batch(start), dropout_key)
+      compile_stats.update(stats)
+      writer.write(start, "perf", monitoring.get_performance_stats({}, compile_stats))
+      timer.restart(start)
+    pending = []
+    for step in range(start + 1, total + 1):
+      state, metrics = train_fn(state, data.train_batch(step - 1), dropout_key)
+      pending.append((step, metrics))
+      if step % train_cfg.log_every == 0 or step == total:
+        records = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+        pending = []
+        _check_finite(records, checkpoints)
+        perf = timer.mark(step)
+        loss = float(np.mean([r["loss"] for _, r in records]))
+        values = {"loss": loss, "bits_per_byte": loss / math.log(2),
+                  "grad_norm": float(np.mean([r["grad_norm"] for _, r in records])),
+                  "learning_rate": float(schedule(step - 1)),
+                  **jax.device_get(steps.lambda_values(state.params))}
+        writer.write(step, "train", values)
+        writer.write(step, "perf", monitoring.get_performance_stats(perf, {}))
+        progress.report(step, loss, perf)
+      if step % train_cfg.eval_every == 0 or step == total:
+        writer.write(step, "eval", {"bits_per_byte": evaluate(eval_fn, state, eval_batches)})
+        timer.restart(step)  # evaluation and checkpointing are not training time
+      if step % train_cfg.checkpoint_every == 0 or step == total:
+        checkpoints.save(state)
+        timer.restart(step)
+  finally:
+    progress.close()
+    writer.close()
+    checkpoints.close()
+
+  final_bpb = evaluate(eval_fn, state, eval_batches)
+  summary = {
+      "steps": int(state.step), "untrained_validation_bits_per_byte": untrained_bpb,
+      "validation_bits_per_byte": final_bpb, "parameters": count_params(state.params),
+      "tokens_per_step": tokens_per_step, "wall_seconds": time.perf_counter() - wall_start,
+      "resumed_from_step": start, "corpus": data.corpus.info,
+      "lambda": {k: np.asarray(v).tolist() for k, v in steps.lambda_values(state.params).items()},
+      **monitoring.get_performance_stats(timer.overall(), compile_stats),
+  }
+  write_json(workdir / "summary.json", summary)
+  return summary
+
+
+def throughput(config: ml_collections.ConfigDict, steps_to_time: int = 20, warmup_steps: int = 3) -> float:
+  """Training tokens per second of ``config``'s model and optimizer: one compiled ``train_step`` on random
+  bytes of the configured batch shape, ``warmup_steps`` untimed, then ``steps_to_time`` timed up to
+  ``block_until_ready``. Compilation and warm-up are excluded; the corpus is not read (the cost of a step does
+  not depend on which bytes it sees)."""
+  if steps_to_time < 1 or warmup_steps < 0:
+    raise ValueError(f"throughput: need steps_to_time >= 1 and warmup_steps >= 0; got {steps_to_time}, "
+                     f"{warmup_steps}")
+  _, state = build(config)
+  d = config.data
+  windows = np.random.default_rng(config.seed).integers(0, config.model.vocab_size, (d.batch_size, d.seq_len + 1),
+                                                      dtype=np.int32)
+  key = steps.dropout_key(config.seed)
+  train_fn, _ = compile_train_step(config, state, windows, key)
+  for _ in range(warmup_steps):
+    state, _ = train_fn(state, windows, key)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(steps_to_time):
+    state, _ = train_fn(state, windows, key)
+  jax.block_until_ready(state)
+  return steps_to_time * d.batch_size * d.seq_len / (time.perf_counter() - start)

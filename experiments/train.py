@@ -1,0 +1,33 @@
+"""Trains a config in a workdir, resuming from its newest checkpoint; prints validation bits per byte.
+
+  .venv/bin/python experiments/train.py --config=configs/lm.py:metric=l1,size=tiny --workdir=runs/lm_tiny_l1
+
+All logic is in ``distattn_jax.training`` (``train_and_evaluate``); this is the absl shell around it.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from distattn_jax import training
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:metric=l1,size=tiny.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the run's summary.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.INFO)
+  training.hide_orbax_info_logs()
+  summary = training.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  trained = summary["steps"] - summary["resumed_from_step"]
+  speed = f"{summary['tokens_per_second']:,.0f} tokens/s, " if "tokens_per_second" in summary else ""
+  print(f"validation bits per byte: {summary['untrained_validation_bits_per_byte']:.4f} untrained -> "
+        f"{summary['validation_bits_per_byte']:.4f} after {summary['steps']} steps ({trained} in this run, "
+        f"{speed}{summary['wall_seconds']:.0f} s; {flags.FLAGS.workdir}/summary.json)")
+
+
+if __name__ == "__main__":
+  app.run(main)

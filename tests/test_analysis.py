@@ -1,0 +1,99 @@
+"""Attention statistics against closed forms, the sown weights against distance_attention, lam history, plots."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+
+import distattn_jax as da
+from distattn_jax import analysis
+from distattn_jax.models import TruthGPT, TruthGPTConfig
+
+T = 6
+
+
+def uniform_causal(t=T):
+  return np.tril(np.ones((t, t))) / np.arange(1, t + 1)[:, None]
+
+
+def test_closed_forms_for_uniform_self_and_first_token_attention():
+  rows = np.arange(T)
+  weights = np.stack([uniform_causal(), np.eye(T), np.eye(T)[[0] * T]])[None]  # heads: uniform, self, first
+  stats = analysis.attention_statistics(jnp.asarray(weights))
+  # Uniform causal row i: entropy ln(i + 1), max 1 / (i + 1), mean distance sum_{j<=i} (i - j) / (i + 1) = i / 2.
+  np.testing.assert_allclose(stats["entropy"], [np.mean(np.log(rows + 1)), 0.0, 0.0], atol=1e-6)
+  np.testing.assert_allclose(stats["max_weight"], [np.mean(1 / (rows + 1)), 1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(stats["mean_distance"], [np.mean(rows / 2), 0.0, np.mean(rows)], rtol=1e-6)
+
+
+def test_statistics_average_over_the_batch_and_place_queries_last_when_shorter_than_keys():
+  # Two queries at key positions 4 and 5 of 6, each attending to key 0: distances 4 and 5.
+  weights = np.zeros((2, 1, 2, 6))
+  weights[0, 0, :, 0] = 1.0
+  weights[1, 0, :, :] = 1 / 6  # uniform over all six keys: entropy ln 6
+  stats = analysis.attention_statistics(jnp.asarray(weights))
+  uniform_distance = np.mean([np.mean(np.abs(i - np.arange(6))) for i in (4, 5)])
+  np.testing.assert_allclose(stats["mean_distance"], [(4.5 + uniform_distance) / 2], rtol=1e-6)
+  np.testing.assert_allclose(stats["entropy"], [np.log(6) / 2], rtol=1e-6)
+
+
+def small_model(metric="l1", **fields):
+  config = TruthGPTConfig(width=16, depth=2, num_heads=2, mlp_dim=32, max_len=16, metric=metric, **fields)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)), jnp.int32)
+  model = TruthGPT(config)
+  return model, model.init(jax.random.key(0), tokens)["params"], tokens
+
+
+def test_sown_weights_are_the_first_layers_distance_attention_weights():
+  model, params, tokens = small_model("l2")
+  weights = analysis.attention_weights(model, params, tokens)
+  assert len(weights) == 2 and weights[0].shape == (2, 2, 8, 8)
+  _, state = model.apply({"params": params}, tokens, capture_intermediates=True, mutable=["intermediates"])
+  y = state["intermediates"]["trunk"]["block_0"]["ln_attention"]["__call__"][0]
+  p = params["trunk"]["block_0"]["attention"]
+  project = lambda w: jnp.einsum("blf,fhd->blhd", y, w["kernel"]) + w["bias"]
+  _, want = da.distance_attention(project(p["query"]), project(p["key"]), project(p["value"]), metric="l2",
+                                  lam=jnp.exp(p["log_lambda"]), is_causal=True, return_weights=True)
+  chex.assert_trees_all_close(weights[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_report_holds_bounded_statistics_lambda_and_p():
+  model, params, tokens = small_model("lp", p=3.0, learnable_p=True)
+  layers = analysis.analyze_attention_patterns(model, params, tokens)
+  rows = np.arange(8)
+  for i, layer in enumerate(layers):
+    assert layer["layer"] == i
+    # Causal rows over i + 1 keys: entropy in [0, ln(i + 1)], max weight in [1 / (i + 1), 1], distance in [0, i].
+    assert all(0 <= e <= np.mean(np.log(rows + 1)) + 1e-6 for e in layer["entropy"])
+    assert all(np.mean(1 / (rows + 1)) - 1e-6 <= m <= 1 for m in layer["max_weight"])
+    assert all(0 <= d <= np.mean(rows) for d in layer["mean_distance"])
+    attention = params["trunk"][f"block_{i}"]["attention"]
+    np.testing.assert_allclose(layer["lambda"], np.exp(attention["log_lambda"]), rtol=1e-6)
+    np.testing.assert_allclose(layer["p"], 3.0, rtol=1e-6)
+
+
+def test_lambda_history_collects_each_heads_values_from_train_records():
+  records = [{"step": 0, "split": "eval", "bits_per_byte": 8.0},
+             {"step": 5, "split": "train", "block_0/attention/lambda": [1.0, 2.0], "block_0/attention/p": 3.0},
+             {"step": 10, "split": "train", "block_0/attention/lambda": [1.5, 2.5], "block_0/attention/p": 2.5}]
+  history = analysis.lambda_history(records)
+  steps, values = history["block_0/attention/lambda"]
+  assert steps == [5, 10]
+  np.testing.assert_array_equal(values, [[1.0, 2.0], [1.5, 2.5]])
+  np.testing.assert_array_equal(history["block_0/attention/p"][1], [[3.0], [2.5]])
+
+
+def test_plots_are_png_images_with_one_panel_per_statistic_or_head(tmp_path):
+  model, params, tokens = small_model()
+  layers = analysis.analyze_attention_patterns(model, params, tokens)
+  analysis.plot_statistics(layers, tmp_path / "stats.png")
+  analysis.plot_attention_maps(analysis.attention_weights(model, params, tokens[:1]), tmp_path / "maps.png")
+  history = analysis.lambda_history([{"step": s, "split": "train", "block_0/attention/lambda": [1.0, s]}
+                                     for s in (1, 2)])
+  analysis.plot_lambda_history(history, tmp_path / "lambda.png")
+  for name in ("stats.png", "maps.png", "lambda.png"):
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # statistics: 4 panels of 3.2 inches side by side at 100 dpi; maps: 2 heads by 2 layers of 2.2 inches.
+  assert matplotlib.image.imread(tmp_path / "stats.png").shape[1] == 4 * 320
+  assert matplotlib.image.imread(tmp_path / "maps.png").shape[:2] == (440, 440)

@@ -1,0 +1,186 @@
+"""End to end on a shrunk config and the standard-library corpus: the loss falls, a killed and resumed run equals
+an uninterrupted one, a NaN stops the run and keeps the last good checkpoint, every metric trains, lam moves,
+and the experiment mains run."""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import distattn_jax as da
+from distattn_jax import training
+from distattn_jax.data import text
+from distattn_jax.training import steps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COMPARED = ("loss", "bits_per_byte", "grad_norm", "learning_rate", "block_0/attention/lambda",
+            "block_1/attention/lambda")
+
+
+def shrunk_config(**overrides):
+  config = training.default_config()
+  config.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, max_len=32, dropout_rate=0.1,
+                      attention_dropout_rate=0.1)  # dropout on, so resuming must reproduce its random draws
+  config.data.update(seq_len=16, batch_size=8)
+  config.optim.update(learning_rate=1e-2, warmup_steps=2, lambda_learning_rate=5e-2)
+  config.train.update(steps=12, log_every=2, eval_every=4, checkpoint_every=6, eval_batches=2)
+  config.sample.update(prompt="def ", length=8, temperature=0.0)
+  config.analysis.batch_size = 2
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    config[group][field] = value
+  return config
+
+
+def records(workdir, splits=("train", "eval")):
+  return [r for r in training.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl") if r["split"] in splits]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  return workdir, training.train_and_evaluate(shrunk_config(), workdir)
+
+
+def test_training_lowers_the_loss_and_the_validation_bits_per_byte(uninterrupted):
+  workdir, summary = uninterrupted
+  train = records(workdir, ("train",))
+  assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
+  assert train[-1]["loss"] < train[0]["loss"] - 0.5
+  # Untrained byte predictions cost about log2(256) = 8 bits; twelve steps must save at least one.
+  assert 7 < summary["untrained_validation_bits_per_byte"] < 9
+  assert summary["validation_bits_per_byte"] < summary["untrained_validation_bits_per_byte"] - 1
+  assert summary["steps"] == 12 and summary["resumed_from_step"] == 0
+  saved = json.loads((workdir / "summary.json").read_text())
+  assert saved["validation_bits_per_byte"] == summary["validation_bits_per_byte"]
+  assert saved["corpus"] == json.loads((workdir / "data.json").read_text())
+  assert saved["corpus"]["source"] == "python-stdlib" and saved["corpus"]["files"] > 100
+  assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 12
+  perf = records(workdir, ("perf",))
+  assert perf[0]["compile_seconds"] > 0 and all(r["tokens_per_second"] > 0 for r in perf[1:])
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_run(uninterrupted, tmp_path):
+  workdir, summary = uninterrupted
+  original = text.TextData.train_batch
+
+  def killed_at_step_7(self, step):
+    if step == 6:  # the batch of step 7, after the step-6 checkpoint and its records were written
+      raise KeyboardInterrupt
+    return original(self, step)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(text.TextData, "train_batch", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+      training.train_and_evaluate(shrunk_config(), tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]
+  resumed = training.train_and_evaluate(shrunk_config(), tmp_path)
+  assert resumed["resumed_from_step"] == 6
+
+  got, want = records(tmp_path), records(workdir)
+  assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+  for g, w in zip(got, want):
+    for key in COMPARED:
+      if key in w:
+        np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=1e-7, err_msg=f"{key} at step {w['step']}")
+  assert resumed["validation_bits_per_byte"] == pytest.approx(summary["validation_bits_per_byte"], rel=1e-6)
+  _, a = training.restore(shrunk_config(), workdir)
+  _, b = training.restore(shrunk_config(), tmp_path)
+  chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  original = steps.train_step
+
+  def poisoned(state, windows, key, **kw):  # from the 8th update on, the parameters and loss become NaN
+    new, metrics = original(state, windows, key, **kw)
+    bad = state.step >= 7
+    new = new.replace(params=jax.tree.map(lambda p: jax.numpy.where(bad, jax.numpy.nan, p), new.params))
+    return new, {**metrics, "loss": jax.numpy.where(bad, jax.numpy.nan, metrics["loss"])}
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(steps, "train_step", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match=r"the loss is nan at step 8; the last good checkpoint "
+                                                          r"\(step 6\) in .*checkpoints is kept"):
+      training.train_and_evaluate(shrunk_config(), tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]
+  assert max(r["step"] for r in records(tmp_path)) == 6  # nothing from the bad interval was recorded
+  _, state = training.restore(shrunk_config(), tmp_path)
+  assert int(state.step) == 6 and all(np.isfinite(a).all() for a in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize("metric", da.metrics.available())
+def test_every_metric_trains_a_step_without_nan_and_moves_lambda(metric):
+  config = shrunk_config(**{"model.metric": metric, "model.depth": 1, "model.width": 16, "data.seq_len": 8,
+                            "data.batch_size": 2, "optim.warmup_steps": 0,
+                            "model.learnable_p": metric == "lp", "model.p": 3.0})
+  _, state = training.build(config)
+  windows = np.random.default_rng(0).integers(0, 256, (2, 9)).astype(np.int32)
+  new, metrics = jax.jit(steps.train_step)(state, windows, steps.dropout_key(0))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(new.params))
+  before, after = (p["trunk"]["block_0"]["attention"] for p in (state.params, new.params))
+  # Adam's first step moves each parameter by about its learning rate whatever the gradient's size: lam moved
+  # by exp(+-0.05) per head, so it had a nonzero gradient, and from its own group's rate.
+  np.testing.assert_allclose(np.abs(after["log_lambda"] - before["log_lambda"]), 5e-2, rtol=1e-3)
+  if metric == "lp":
+    np.testing.assert_allclose(abs(float(after["log_p"] - before["log_p"])), 5e-2, rtol=1e-3)
+
+
+def test_lambda_moves_over_the_run_and_is_recorded(uninterrupted):
+  workdir, summary = uninterrupted
+  initial = da.metrics.default_lambda("l1", 16)
+  history = [r["block_0/attention/lambda"] for r in records(workdir, ("train",))]
+  assert len({tuple(h) for h in history}) == len(history)  # it changes between every pair of records
+  assert not np.allclose(summary["lambda"]["block_0/attention/lambda"], initial, rtol=1e-3)
+  np.testing.assert_allclose(summary["lambda"]["block_0/attention/lambda"], history[-1], rtol=1e-6)
+
+
+def test_sampling_and_analysis_read_the_runs_newest_checkpoint(uninterrupted):
+  workdir, summary = uninterrupted
+  config = shrunk_config()
+  sample, step = training.sample_text(config, workdir)
+  assert step == 12 and 0 < len(sample) <= 8
+  assert training.sample_text(config, workdir)[0] == sample  # greedy and seeded: reproducible
+  out = training.analyze_run(config, workdir)
+  report = json.loads((out / "attention.json").read_text())
+  assert report["step"] == 12 and len(report["layers"]) == 2
+  np.testing.assert_allclose(report["layers"][0]["lambda"], summary["lambda"]["block_0/attention/lambda"],
+                             rtol=1e-6)
+  assert {p.name for p in out.iterdir()} == {"attention.json", "statistics.png", "attention_maps.png",
+                                             "lambda.png"}
+
+
+def run_main(script, *args):
+  return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_the_train_and_generate_mains_print_bits_per_byte_and_a_sample(tmp_path):
+  config = ["--config=configs/lm.py:metric=l1,size=tiny,steps=2", "--config.train.log_every=1",
+            "--config.train.eval_batches=1", "--config.sample.length=10", f"--workdir={tmp_path}"]
+  trained = run_main("train.py", *config)
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  before, after = map(float, re.search(r"validation bits per byte: ([\d.]+) untrained -> ([\d.]+) after 2 steps",
+                                      trained.stdout).groups())
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert (before, after) == (round(summary["untrained_validation_bits_per_byte"], 4),
+                             round(summary["validation_bits_per_byte"], 4))
+  assert "step 1/2" in trained.stderr and "tokens/s" in trained.stderr  # periodic log lines without a terminal
+  sampled = run_main("generate.py", *config)
+  assert sampled.returncode == 0, sampled.stderr[-2000:]
+  assert sampled.stdout.startswith("sample (step 2, temperature 0.8, top_k 0, seed 0):\ndef ")
+
+
+def test_a_bad_config_flag_stops_the_main_before_training(tmp_path):
+  result = run_main("train.py", "--config=configs/lm.py:metric=l1,size=tiny", "--config.train.steps=-1",
+                    f"--workdir={tmp_path / 'run'}")
+  assert result.returncode != 0
+  assert "config.train.steps=-1 is invalid: must be >= 0" in result.stderr
+  assert not (tmp_path / "run").exists()
