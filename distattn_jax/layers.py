@@ -16,6 +16,22 @@ from distattn_jax import attention, metrics
 Array = jax.Array
 
 
+def apply_rotary(x: Array, positions: Array, base: float) -> Array:
+  """Rotary position embedding of ``x [batch..., length, heads, head_dim]`` at integer ``positions [length]``.
+
+  Feature pairs ``(x_i, x_{i + D/2})`` turn by the angle ``position * base^(-2i/D)`` (GPT-NeoX's half-split
+  layout), computed in float32. Rotations preserve norms, so for the rotation-invariant metrics (dot, l2,
+  sqeuclidean, cosine) the logit between positions ``m`` and ``n`` depends only on ``m - n``; l1, chebyshev and
+  lp see rotated coordinates and so get a position-dependent, not purely relative, signal.
+  """
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = jnp.asarray(positions).astype(jnp.float32)[:, None] * freqs  # [length, half]
+  cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
 def _check_config(module: "DistanceBasedAttention", qkv_features: int) -> tuple[str, int]:
   """Trace-time checks of the module's fields; returns (metric name, kv heads)."""
   name = type(module).__name__
@@ -38,6 +54,12 @@ def _check_config(module: "DistanceBasedAttention", qkv_features: int) -> tuple[
     raise ValueError(f"{name}: lambda_init must be None or a positive finite number; got {module.lambda_init!r}")
   if not 0.0 <= module.dropout_rate < 1.0:
     raise ValueError(f"{name}: dropout_rate must be in [0, 1); got {module.dropout_rate!r}")
+  if module.rotary_base is not None:
+    if not module.rotary_base > 1:
+      raise ValueError(f"{name}: rotary_base must be None or > 1; got {module.rotary_base!r}")
+    if (qkv_features // module.num_heads) % 2:
+      raise ValueError(f"{name}: rotary positions need an even head dimension; got "
+                       f"{qkv_features // module.num_heads}")
   return metric, num_kv_heads
 
 
@@ -81,6 +103,9 @@ class DistanceBasedAttention(nn.Module):
     learnable_p: learn ``p`` (metric "lp" only), stored as ``params['log_p']`` so it stays positive.
     num_kv_heads: key/value heads for grouped-query attention (default: ``num_heads``).
     implementation: kernel name passed to ``distance_attention`` (None = automatic).
+    rotary_base: rotate queries and keys by their positions (:func:`apply_rotary`) with this base; None = off.
+      Positions are ``arange(length)`` (offset by the cache index while decoding) unless the call passes
+      ``positions``.
 
   ``decode=True`` keeps a KV cache in the ``cache`` collection exactly as Flax does, generalised to chunks: a
   call with ``L`` new positions writes them at the cache index and lets position ``i`` of the chunk attend to
@@ -95,6 +120,7 @@ class DistanceBasedAttention(nn.Module):
   learnable_p: bool = False
   num_kv_heads: int | None = None
   implementation: str | None = None
+  rotary_base: float | None = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
   qkv_features: int | None = None
@@ -131,9 +157,11 @@ class DistanceBasedAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
                inputs_kv: Array | None = None, mask: Array | None = None, deterministic: bool | None = None,
-               dropout_rng: Array | None = None, sow_weights: bool = False, is_causal: bool = False) -> Array:
+               dropout_rng: Array | None = None, sow_weights: bool = False, is_causal: bool = False,
+               positions: Array | None = None) -> Array:
     """Like ``nn.MultiHeadDotProductAttention.__call__``; ``is_causal`` adds a causal mask that kernels can use
-    to skip blocks (ignored while decoding, where the cache index already masks the future)."""
+    to skip blocks (ignored while decoding, where the cache index already masks the future); ``positions``
+    ``[length]`` are the query/key positions for ``rotary_base`` (self-attention only)."""
     if inputs_kv is not None:
       if inputs_k is not None or inputs_v is not None:
         raise ValueError("DistanceBasedAttention: pass inputs_kv or inputs_k/inputs_v, not both")
@@ -157,6 +185,13 @@ class DistanceBasedAttention(nn.Module):
     if self.normalize_qk:
       query = nn.LayerNorm(name="query_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(query)
       key = nn.LayerNorm(name="key_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(key)
+
+    if self.rotary_base is not None:
+      if positions is None:
+        offset = self.get_variable("cache", "cache_index", 0) if self.decode else 0
+        positions = offset + jnp.arange(query.shape[-3])
+      query = apply_rotary(query, positions, self.rotary_base)
+      key = apply_rotary(key, positions, self.rotary_base)
 
     if self.decode:
       key, value, mask, decoding = self._update_cache(query, key, value, mask)

@@ -191,6 +191,47 @@ def test_grouped_query_module_has_fewer_kv_parameters():
   assert params["value"]["kernel"].shape == (FEATURES, 1, 4)
 
 
+def test_rotate_turns_feature_pairs_like_complex_multiplication():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
+  positions = np.array([0, 1, 4, 9, 100])
+  base = 10000.0
+  # Oracle: pair (x_i, x_{i+4}) is the complex number x_i + 1j x_{i+4}, multiplied by exp(1j pos base^(-i/4)).
+  z = x[..., :4] + 1j * x[..., 4:]
+  theta = positions[:, None] * base ** (-np.arange(4) / 4)
+  z = z * np.exp(1j * theta)[None, :, None, :]
+  want = np.concatenate([z.real, z.imag], axis=-1)
+  np.testing.assert_allclose(da.layers.apply_rotary(jnp.asarray(x), jnp.asarray(positions), base), want, rtol=1e-4, atol=1e-4)
+
+
+def test_rotary_dot_scores_depend_only_on_the_relative_position():
+  rng = np.random.default_rng(3)
+  q, k = (jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32) for _ in range(2))
+
+  def score(m, n):
+    return float(jnp.sum(da.layers.apply_rotary(q, jnp.array([m]), 100.0) * da.layers.apply_rotary(k, jnp.array([n]), 100.0)))
+
+  reference = score(7, 3)
+  for shift in (1, 10, 50):
+    np.testing.assert_allclose(score(7 + shift, 3 + shift), reference, rtol=1e-4)
+  assert abs(score(7, 4) - reference) > 1e-3
+
+
+def test_rotary_decoding_rotates_each_chunk_at_its_cache_position():
+  x = tokens(15, length=6)
+  kw = dict(num_heads=HEADS, metric="l2", rotary_base=100.0)
+  params = da.DistanceBasedAttention(**kw).init(jax.random.key(0), x)["params"]
+  want = da.DistanceBasedAttention(**kw).apply({"params": params}, x, is_causal=True)
+  decoder = da.DistanceBasedAttention(decode=True, **kw)
+  cache = decoder.init(jax.random.key(0), x)["cache"]
+  outputs = []
+  for start, stop in ((0, 2), (2, 3), (3, 6)):
+    out, state = decoder.apply({"params": params, "cache": cache}, x[:, start:stop], mutable=["cache"])
+    cache = state["cache"]
+    outputs.append(out)
+  chex.assert_trees_all_close(jnp.concatenate(outputs, axis=1), want, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("fields,message", [
     (dict(num_heads=3), r"qkv_features \(16\) must be divisible by num_heads \(3\)"),
     (dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a positive divisor of num_heads \(4\); got 3"),
@@ -199,6 +240,8 @@ def test_grouped_query_module_has_fewer_kv_parameters():
     (dict(num_heads=4, dropout_rate=1.5), r"dropout_rate must be in \[0, 1\); got 1.5"),
     (dict(num_heads=4, metric="euclid"), r"metric='euclid' is not a registered metric"),
     (dict(num_heads=4, metric="lp", p=0.0), r"p must be > 0"),
+    (dict(num_heads=4, rotary_base=1.0), r"rotary_base must be None or > 1; got 1.0"),
+    (dict(num_heads=16, rotary_base=100.0), r"rotary positions need an even head dimension; got 1"),
 ])
 def test_module_configuration_errors(fields, message):
   with pytest.raises(ValueError, match=message):

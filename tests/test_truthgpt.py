@@ -1,4 +1,4 @@
-"""TruthGPT and its classifier: tied output, causality, rotary positions against a complex-number oracle, the KV
+"""TruthGPT and its classifier: tied output, causality, rotary positions against hand-built attention, the KV
 cache against the full forward pass, sampling, padding, compute dtype and configuration errors."""
 
 import chex
@@ -9,7 +9,8 @@ import pytest
 
 import distattn_jax as da
 from distattn_jax.models import TruthGPT, TruthGPTClassifier, TruthGPTConfig, generate, sample_logits
-from distattn_jax.models.truthgpt import Trunk, rotate
+from distattn_jax.layers import apply_rotary as rotate
+from distattn_jax.models.truthgpt import Trunk
 
 SMALL = dict(width=32, depth=2, num_heads=4, mlp_dim=64, max_len=24)
 
@@ -42,32 +43,6 @@ def test_logits_do_not_depend_on_later_tokens(positions):
   a, b = model.apply({"params": params}, x), model.apply({"params": params}, changed)
   chex.assert_trees_all_close(a[:, :6], b[:, :6], rtol=1e-6, atol=1e-6)
   assert not np.allclose(a[:, 6:], b[:, 6:])
-
-
-def test_rotate_turns_feature_pairs_like_complex_multiplication():
-  rng = np.random.default_rng(2)
-  x = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
-  positions = np.array([0, 1, 4, 9, 100])
-  base = 10000.0
-  # Oracle: pair (x_i, x_{i+4}) is the complex number x_i + 1j x_{i+4}, multiplied by exp(1j pos base^(-i/4)).
-  z = x[..., :4] + 1j * x[..., 4:]
-  theta = positions[:, None] * base ** (-np.arange(4) / 4)
-  z = z * np.exp(1j * theta)[None, :, None, :]
-  want = np.concatenate([z.real, z.imag], axis=-1)
-  np.testing.assert_allclose(rotate(jnp.asarray(x), jnp.asarray(positions), base), want, rtol=1e-4, atol=1e-4)
-
-
-def test_rotary_dot_scores_depend_only_on_the_relative_position():
-  rng = np.random.default_rng(3)
-  q, k = (jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32) for _ in range(2))
-
-  def score(m, n):
-    return float(jnp.sum(rotate(q, jnp.array([m]), 100.0) * rotate(k, jnp.array([n]), 100.0)))
-
-  reference = score(7, 3)
-  for shift in (1, 10, 50):
-    np.testing.assert_allclose(score(7 + shift, 3 + shift), reference, rtol=1e-4)
-  assert abs(score(7, 4) - reference) > 1e-3
 
 
 def test_rotary_attention_equals_hand_built_attention_on_rotated_projections():
@@ -170,7 +145,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():
     (dict(width=36, num_heads=4, positions="rotary"), r"'rotary' needs an even head dimension; width/num_heads = 9"),
     (dict(depth=0), r"model.depth=0 is invalid: must be a positive int"),
     (dict(learnable_p=True), r"model.learnable_p=True is invalid: needs model.metric='lp'"),
-    (dict(implementation="fast"), r"model.implementation='fast' is invalid: must be one of auto, reference"),
+    (dict(implementation="fast"), r"model.implementation='fast' is invalid: must be one of auto, blockwise, reference"),
     (dict(dtype="float16"), r"model.dtype='float16' is invalid: must be one of float32, bfloat16"),
     (dict(p=0.0), r"model.p must be > 0"),
 ])

@@ -102,41 +102,6 @@ class TruthGPTConfig:
     return jnp.dtype(self.dtype)
 
 
-def rotate(x: Array, positions: Array, base: float) -> Array:
-  """Rotary position embedding of ``x [batch, length, heads, head_dim]`` at ``positions [length]``.
-
-  Feature pairs ``(x_i, x_{i + D/2})`` turn by the angle ``position * base^(-2i/D)`` (the half-split layout of
-  GPT-NeoX). Rotations preserve norms, so for the rotation-invariant metrics (dot, l2, sqeuclidean, cosine) the
-  logit between positions ``m`` and ``n`` depends only on ``m - n``; l1, chebyshev and lp see the rotated
-  coordinates and so get a position-dependent, not purely relative, signal.
-  """
-  half = x.shape[-1] // 2
-  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions.astype(jnp.float32)[:, None] * freqs  # [length, half]
-  cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def _rotary_interceptor(positions: Array, base: float):
-  """Rotates the outputs of the ``query`` and ``key`` projections of a ``DistanceBasedAttention``.
-
-  The layer owns its projections, so rotary positions are applied by intercepting those two ``DenseGeneral``
-  calls (``nn.intercept_methods``) rather than by re-implementing the layer; the projections' names are part of
-  the layer's Flax-compatible contract.
-  """
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if (context.method_name == "__call__" and module.name in ("query", "key")
-        and isinstance(module.parent, da.DistanceBasedAttention)):
-      out = rotate(out, positions, base)
-    return out
-
-  return interceptor
-
-
 class Mlp(nn.Module):
   config: TruthGPTConfig
 
@@ -162,13 +127,11 @@ class Block(nn.Module):
     attention = da.DistanceBasedAttention(
         num_heads=c.num_heads, metric=c.metric, lambda_init=c.lambda_init, learnable_lambda=c.learnable_lambda,
         p=c.p, learnable_p=c.learnable_p, num_kv_heads=c.num_kv_heads, implementation=c.implementation,
-        dtype=c.compute_dtype, dropout_rate=c.attention_dropout_rate, decode=self.decode, name="attention")
+        rotary_base=c.rotary_base if c.positions == "rotary" else None, dtype=c.compute_dtype,
+        dropout_rate=c.attention_dropout_rate, decode=self.decode, name="attention")
     y = nn.LayerNorm(dtype=c.compute_dtype, name="ln_attention")(x)
-    if c.positions == "rotary":
-      with nn.intercept_methods(_rotary_interceptor(positions, c.rotary_base)):
-        y = attention(y, mask=mask, deterministic=deterministic, sow_weights=sow_weights, is_causal=self.causal)
-    else:
-      y = attention(y, mask=mask, deterministic=deterministic, sow_weights=sow_weights, is_causal=self.causal)
+    y = attention(y, mask=mask, deterministic=deterministic, sow_weights=sow_weights, is_causal=self.causal,
+                  positions=positions)
     x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
     return x + Mlp(c, name="mlp")(nn.LayerNorm(dtype=c.compute_dtype, name="ln_mlp")(x), deterministic)
 
