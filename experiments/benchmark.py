@@ -1,15 +1,21 @@
-r"""Speed and memory of distance attention, side by side with jax.nn.dot_product_attention in one process.
+r"""Speed and memory of distance attention, measured beside a dot-product baseline in the same process.
 
-For every metric x implementation x sequence length it measures forward and forward+backward wall time (median
-of repeats after a warm-up call, each ending in block_until_ready) and the compiled temporary memory of both
-(``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``), and the same for
-``jax.nn.dot_product_attention`` at the same shape. It writes JSON, a markdown table of ratios, and with
-``--plot`` a PNG of time and memory against N.
+``--mode=attention`` (default): for every metric x implementation x sequence length, forward and forward+backward
+wall time (median of repeats after a warm-up call, each ending in block_until_ready) and the compiled temporary
+memory of both (``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``), each beside
+``jax.nn.dot_product_attention`` at the same shape. Writes JSON, a markdown table of ratios, and with ``--plot``
+a PNG of time and memory against N. A cell whose compiled temporaries exceed ``--max_temp_gib`` is compiled (so
+its memory is reported) but not run.
 
-  python experiments/benchmark.py --lengths=512,1024,2048 --out=runs/bench/attention.json
+  python experiments/benchmark.py --lengths=512,1024,2048 --out=runs/benchmark/attention.json
   python experiments/benchmark.py --metrics=l1,dot --implementations=blockwise --lengths=16384 --repeats=1
 
-A cell whose compiled temporaries exceed ``--max_temp_gib`` is compiled (so its memory is reported) but not run.
+``--mode=train``: training tokens/s of ``--config``'s TruthGPT for each metric beside ``metric=dot``
+(``distattn_jax.training.throughput``: compilation and warm-up excluded, timed to block_until_ready). Each of
+``--repeats`` rounds times every metric once, so drifts of a shared machine hit all alike; the median round is
+the headline and the best round is printed beside it.
+
+  python experiments/benchmark.py --mode=train --config=configs/lm.py:size=tiny --out=runs/benchmark/train.json
 """
 
 from __future__ import annotations
@@ -27,11 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 import distattn_jax as da
+from distattn_jax import training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "attention", ["attention"], "What to benchmark.")
+flags.DEFINE_enum("mode", "attention", ["attention", "train"], "Attention kernels, or training throughput.")
+config_flags.DEFINE_config_file("config", "configs/lm.py:size=tiny", "--mode=train: the model and batch to time.",
+                                lock_config=True)
+flags.DEFINE_integer("train_steps", 20, "--mode=train: timed steps per measurement.")
+flags.DEFINE_integer("warmup_steps", 3, "--mode=train: untimed steps before each measurement.")
 flags.DEFINE_list("metrics", list(da.metrics.available()), "Metrics to measure.")
 flags.DEFINE_list("implementations", ["reference", "blockwise"], "Kernel names to measure.")
 flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096"], "Sequence lengths N (queries = keys = N).")
@@ -41,10 +53,11 @@ flags.DEFINE_integer("head_dim", 64, "Features per head.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
 flags.DEFINE_float("p", 3.0, "The order of metric lp.")
 flags.DEFINE_bool("causal", False, "Causal masking.")
-flags.DEFINE_integer("repeats", 5, "Timed calls per cell (median reported).")
+flags.DEFINE_integer("repeats", 5, "Timed calls per cell (median reported); --mode=train: rounds.")
 flags.DEFINE_float("max_seconds_per_cell", 60.0, "Stop repeating a cell once its timed calls took this long.")
 flags.DEFINE_float("max_temp_gib", 8.0, "Do not run a cell whose compiled temporaries exceed this (GiB).")
-flags.DEFINE_string("out", "runs/benchmark/attention.json", "JSON output path; the markdown table goes beside it.")
+flags.DEFINE_string("out", None, "JSON output path (default runs/benchmark/<mode>.json); the markdown table goes "
+                    "beside it.")
 flags.DEFINE_bool("plot", False, "Also write a PNG of time and memory against N beside the JSON.")
 
 BASELINE = "jax.nn.dot_product_attention"
@@ -203,17 +216,53 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
   fig.savefig(path, dpi=110)
 
 
+def run_train() -> dict[str, Any]:
+  """``{"rows": [{"metric", "tokens_per_second" (median), "ratio_to_dot" (of medians), "best_...", "runs"}]}``."""
+  config = FLAGS.config
+  metrics = list(dict.fromkeys([da.metrics.canonical_name(m) for m in FLAGS.metrics] + ["dot"]))
+  runs: dict[str, list[float]] = {m: [] for m in metrics}
+  for _ in range(FLAGS.repeats):
+    for metric in metrics:
+      variant = config.copy_and_resolve_references()
+      variant.model.metric = metric
+      runs[metric].append(training.throughput(variant, FLAGS.train_steps, FLAGS.warmup_steps))
+  dot_median, dot_best = statistics.median(runs["dot"]), max(runs["dot"])
+  rows = [{"metric": m, "tokens_per_second": statistics.median(r), "ratio_to_dot": statistics.median(r) / dot_median,
+           "best_tokens_per_second": max(r), "best_ratio_to_dot": max(r) / dot_best, "runs": r}
+          for m, r in runs.items()]
+  m = config.model
+  return {"machine": machine(), "mode": "train",
+          "settings": {"width": m.width, "depth": m.depth, "heads": m.num_heads, "batch": config.data.batch_size,
+                       "seq_len": config.data.seq_len, "implementation": m.implementation,
+                       "rounds": FLAGS.repeats, "steps": FLAGS.train_steps},
+          "config": json.loads(config.to_json_best_effort()), "rows": rows}
+
+
+def train_markdown(report: dict[str, Any]) -> str:
+  m, s = report["machine"], report["settings"]
+  lines = [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['backend']} ({m['device']}), jax {m['jax']}. "
+           f"TruthGPT width {s['width']}, depth {s['depth']}, {s['heads']} heads, batch {s['batch']} x "
+           f"{s['seq_len']} tokens, implementation {s['implementation']}; median (best) of {s['rounds']} rounds x "
+           f"{s['steps']} steps.", "",
+           "| metric | training tokens/s | of dot | best round | best of dot |", "|---|---|---|---|---|"]
+  for row in report["rows"]:
+    lines.append(f"| {row['metric']} | {row['tokens_per_second']:,.0f} | {row['ratio_to_dot']:.1%} | "
+                 f"{row['best_tokens_per_second']:,.0f} | {row['best_ratio_to_dot']:.1%} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv) -> None:
-  del argv
-  report = run_attention()
-  out = pathlib.Path(FLAGS.out)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  report = run_train() if FLAGS.mode == "train" else run_attention()
+  out = pathlib.Path(FLAGS.out or f"runs/benchmark/{FLAGS.mode}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1))
-  table = markdown(report)
+  table = train_markdown(report) if FLAGS.mode == "train" else markdown(report)
   out.with_suffix(".md").write_text(table)
   print("\n" + table)
   print(f"wrote {out} and {out.with_suffix('.md')}")
-  if FLAGS.plot:
+  if FLAGS.plot and FLAGS.mode == "attention":
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.png')}")
 

@@ -62,3 +62,18 @@ def test_benchmark_writes_ratios_measured_against_the_baseline(tmp_path):
         assert abs(cell["time_ratio"] - cell["seconds"] / base["seconds"]) < 1e-12
   table = out.with_suffix(".md").read_text()
   assert "| 128 | l1 | blockwise |" in table and "jax.nn.dot_product_attention" in table
+
+
+def test_benchmark_train_mode_reports_tokens_per_second_beside_dot(tmp_path):
+  out = tmp_path / "train.json"
+  proc = run("benchmark.py", "--mode=train", "--config=configs/lm.py:size=tiny", "--config.model.depth=1",
+             "--config.data.batch_size=4", "--metrics=l1", "--repeats=2", "--train_steps=2", "--warmup_steps=1",
+             f"--out={out}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  report = json.loads(out.read_text())
+  rows = {row["metric"]: row for row in report["rows"]}
+  assert set(rows) == {"l1", "dot"} and report["settings"]["depth"] == 1
+  for row in rows.values():
+    assert len(row["runs"]) == 2 and row["tokens_per_second"] == statistics.median(row["runs"]) > 0
+    assert abs(row["ratio_to_dot"] - row["tokens_per_second"] / rows["dot"]["tokens_per_second"]) < 1e-12
+  assert "| l1 |" in out.with_suffix(".md").read_text()
