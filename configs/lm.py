@@ -32,11 +32,13 @@ def get_config(arg=None):
   config.model.positions = arg["positions"]
   for field in ("width", "depth", "num_heads", "mlp_dim"):
     config.model[field] = size[field]
-  config.model.max_len = max(size["seq_len"], 256)
+  config.model.max_len = size["seq_len"]
   config.data.seq_len = size["seq_len"]
   config.data.batch_size = size["batch_size"]
   config.optim.learning_rate = size["learning_rate"]
   config.train.steps = arg["steps"] or size["steps"]
+  # A sample fills the trained context: learned positions beyond data.seq_len were never trained.
+  config.sample.length = size["seq_len"] - len(config.sample.prompt.encode())
   # Four evaluations and checkpoints per run, on multiples of the logging interval.
   quarter = max(config.train.steps // 4 // config.train.log_every, 1) * config.train.log_every
   config.train.eval_every = config.train.checkpoint_every = quarter

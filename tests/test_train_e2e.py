@@ -119,7 +119,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
 def test_every_metric_trains_a_step_without_nan_and_moves_lambda(metric):
   config = shrunk_config(**{"model.metric": metric, "model.depth": 1, "model.width": 16, "data.seq_len": 8,
                             "data.batch_size": 2, "optim.warmup_steps": 0,
-                            "model.learnable_p": metric == "lp", "model.p": 3.0})
+                            "model.learnable_p": metric == "lp", "model.p": 3.0, "sample.length": 4})
   _, state = training.build(config)
   windows = np.random.default_rng(0).integers(0, 256, (2, 9)).astype(np.int32)
   new, metrics = jax.jit(steps.train_step)(state, windows, steps.dropout_key(0))

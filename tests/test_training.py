@@ -65,6 +65,8 @@ def test_parse_arg_types_values_by_their_defaults_and_rejects_unknown_keys():
     (lambda c: setattr(c.data, "seq_len", 64), r"config.data.seq_len=64 is invalid: must be <= model.max_len=32"),
     (lambda c: setattr(c.optim, "b2", 1.0), r"config.optim.b2=1.0 is invalid: must be in \[0, 1\)"),
     (lambda c: setattr(c.sample, "top_k", 300), r"config.sample.top_k=300 is invalid: must be in \[0, 256\]"),
+    (lambda c: setattr(c.sample, "length", 20),
+     r"config.sample.length=20 is invalid: prompt bytes \+ length must be <= data.seq_len=16"),
 ])
 def test_bad_configs_fail_before_anything_is_built(tmp_path, mutate, message):
   config = small_config()

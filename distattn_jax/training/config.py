@@ -41,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500, keep_checkpoints=3))
 
-  c.sample = ml_collections.ConfigDict(dict(prompt="def ", length=200, temperature=0.8, top_k=0, seed=0))
+  # prompt + length stay within data.seq_len: learned positions past the training context are untrained.
+  c.sample = ml_collections.ConfigDict(dict(prompt="def ", length=124, temperature=0.8, top_k=0, seed=0))
   c.analysis = ml_collections.ConfigDict(dict(batch_size=4))  # validation sequences analysed by analyze.py
   return c
 
@@ -151,7 +152,9 @@ def validate(config: ml_collections.ConfigDict) -> TruthGPTConfig:
   require(s.length >= 1, "sample.length", "must be >= 1")
   require(s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
   require(0 <= s.top_k <= model.vocab_size, "sample.top_k", f"must be in [0, {model.vocab_size}] (0 = all)")
-  require(len(s.prompt.encode()) + s.length <= model.max_len or model.positions == "rotary", "sample.length",
-          f"prompt bytes + length must be <= model.max_len={model.max_len} with learned positions")
+  # Learned positions past the training context were never trained: samples that reach them turn to noise.
+  require(len(s.prompt.encode()) + s.length <= d.seq_len or model.positions == "rotary", "sample.length",
+          f"prompt bytes + length must be <= data.seq_len={d.seq_len}, the context the learned positions were "
+          "trained on")
   require(config.analysis.batch_size >= 1, "analysis.batch_size", "must be >= 1")
   return model
