@@ -25,8 +25,9 @@ run: $(STAMP)
 tour: $(STAMP)
 	$(PY) experiments/examples.py
 
+# Tests are compile-bound and XLA compiles on one thread, so one pytest worker per core (pytest-xdist).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

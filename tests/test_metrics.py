@@ -232,3 +232,20 @@ def test_default_lambda_equalises_the_logit_spread_on_fresh_samples():
     lam = da.metrics.default_lambda(name, 64, 3.0)
     spread = da.metrics.logit_spread(name, 64, p=3.0, lam=lam, seed=123)  # a seed the default never saw
     assert abs(spread / dot_spread - 1) < 0.03, (name, spread, dot_spread)
+
+
+@pytest.mark.parametrize("name,p", [("l1", None), ("chebyshev", None), ("lp", 3.0), ("lp", 2.5), ("lp", "traced")])
+def test_gradient_memory_is_linear_not_n_m_d(name, p):
+  # jax.grad of a loss on the distance matrix: the temporaries must stay a few [N, M] arrays, far below the
+  # [N, M, D] difference tensor plain autodiff would keep (here 1024 x 1024 x 64 x 4 bytes = 256 MiB).
+  n, d = 1024, 64
+  spec = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  if p == "traced":
+    loss = lambda x, y, q: jnp.sum(da.metrics.lp(x, y, p=q))
+    args = (spec, spec, jax.ShapeDtypeStruct((), jnp.float32))
+  else:
+    loss = lambda x, y: jnp.sum(da.metrics.get(name)(x, y, **({"p": p} if p else {})))
+    args = (spec, spec)
+  compiled = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp <= 8 * n * n * 4, (name, p, temp / 2**20)
