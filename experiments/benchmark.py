@@ -194,9 +194,13 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
   for row in report["rows"]:
     fb = row["forward_backward"]
     series.setdefault((row["metric"], row["implementation"]), []).append((row["n"], fb["seconds"], fb["temp_bytes"]))
+  colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(da.metrics.available())}
   for (metric, impl), points in series.items():
     label = metric if impl == "-" else f"{metric} ({impl})"
-    style = dict(linewidth=3, color="black") if impl == "-" else dict(linestyle="-" if impl == "blockwise" else ":")
+    if impl == "-":
+      style = dict(linewidth=3, color="black")
+    else:  # one colour per metric; solid for the blockwise kernel, dotted for the others
+      style = dict(color=colors.get(metric), linestyle="-" if impl == "blockwise" else ":")
     timed = [(n, t) for n, t, _ in points if t is not None]
     if timed:
       ax_time.plot(*zip(*timed), marker="o", label=label, **style)
