@@ -339,36 +339,23 @@ def _chebyshev_fwd(x, y):
 
 
 def _chebyshev_bwd(res, g):
-  """Ties share equally: each of the ``c`` coordinates with ``|t_k| == d`` gets ``g / c``.
-
-  The query loop counts the ties of each pair while it accumulates ``dy`` (in a ``[D, M]`` layout, so the count
-  is a reduction over the outer axis, which XLA vectorises); the key loop then uses those counts for ``dx``.
-  """
+  """Ties share equally: each of the ``c`` coordinates with ``|t_k| == d`` gets ``g / c``. One loop over the
+  features counts the ties of every pair (``d`` rides in the loop's carry, which XLA's CPU backend runs faster
+  than reading it from outside the loop); the key and query loops then spread the shares."""
   x, y, d = res
-  batch = np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
-  y_t = jnp.swapaxes(y, -1, -2)  # [..., D, M]
+  features = x.shape[-1]
+  # The narrowest integer that holds a count up to D: less memory traffic per step (measured ~1.5x faster).
+  count_dtype = jnp.uint8 if features < 2**8 else jnp.uint16 if features < 2**16 else jnp.int32
 
-  def over_queries(dy_t, sliced):
-    x_n, d_n, g_n = sliced  # [..., D], [..., M], [..., M]
-    t = x_n[..., :, None] - y_t
-    at_max = jnp.abs(t) == d_n[..., None, :]
-    ties = jnp.sum(at_max, axis=-2).astype(t.dtype)
-    share = g_n / jnp.maximum(ties, 1.0)
-    return dy_t - jnp.where(at_max, share[..., None, :], 0.0) * jnp.sign(t), ties
+  def count(carry, t):
+    ties, d = carry
+    return ties + (jnp.abs(t) == d).astype(count_dtype), d
 
-  init = jnp.zeros(batch + y_t.shape[-2:], jnp.result_type(x, y))
-  query_slices = (jnp.moveaxis(x, -2, 0), jnp.moveaxis(d, -2, 0), jnp.moveaxis(g, -2, 0))
-  dy_t, ties = jax.lax.scan(over_queries, init, query_slices)
-  share = g / jnp.maximum(jnp.moveaxis(ties, 0, -2), 1.0)
-
-  def over_keys(dx, sliced):
-    y_m, d_m, share_m = sliced  # [..., D], [..., N], [..., N]
-    t = x - y_m[..., None, :]
-    return dx + jnp.where(jnp.abs(t) == d_m[..., :, None], share_m[..., :, None], 0.0) * jnp.sign(t), None
-
-  key_slices = (jnp.moveaxis(y, -2, 0), jnp.moveaxis(d, -1, 0), jnp.moveaxis(share, -1, 0))
-  dx, _ = jax.lax.scan(over_keys, jnp.zeros(batch + x.shape[-2:], init.dtype), key_slices)
-  return _sum_to_shape(dx, x.shape), _sum_to_shape(jnp.swapaxes(dy_t, -1, -2), y.shape)
+  ties, _ = _reduce_over_features(count, (_pair_zeros(x, y).astype(count_dtype), d), x, y)
+  share = g / jnp.maximum(ties.astype(g.dtype), 1.0)
+  dx, dy, _ = _pair_cotangents(lambda t, d, share: jnp.where(jnp.abs(t) == d, share, 0.0) * jnp.sign(t), x, y,
+                               (d, share))
+  return dx, dy
 
 
 _chebyshev_core.defvjp(_chebyshev_fwd, _chebyshev_bwd)

@@ -9,6 +9,7 @@ its memory is reported) but not run.
 
   python experiments/benchmark.py --lengths=512,1024,2048 --out=runs/benchmark/attention.json
   python experiments/benchmark.py --metrics=l1,dot --implementations=blockwise --lengths=16384 --repeats=1
+  python experiments/benchmark.py --metrics=l1 --implementations=blockwise:256x256,blockwise:512x256 --lengths=2048
 
 ``--mode=train``: training tokens/s of ``--config``'s TruthGPT for each metric beside ``metric=dot``
 (``distattn_jax.training.throughput``: compilation and warm-up excluded, timed to block_until_ready). Each of
@@ -45,7 +46,8 @@ config_flags.DEFINE_config_file("config", "configs/lm.py:size=tiny", "--mode=tra
 flags.DEFINE_integer("train_steps", 20, "--mode=train: timed steps per measurement.")
 flags.DEFINE_integer("warmup_steps", 3, "--mode=train: untimed steps before each measurement.")
 flags.DEFINE_list("metrics", list(da.metrics.available()), "Metrics to measure.")
-flags.DEFINE_list("implementations", ["reference", "blockwise"], "Kernel names to measure.")
+flags.DEFINE_list("implementations", ["reference", "blockwise"],
+                  "Kernel names to measure; blockwise:BQxBK fixes the blockwise kernel's tiles, e.g. blockwise:512x256.")
 flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096"], "Sequence lengths N (queries = keys = N).")
 flags.DEFINE_integer("batch", 1, "Batch size.")
 flags.DEFINE_integer("heads", 8, "Attention heads.")
@@ -119,7 +121,7 @@ def run_attention() -> dict[str, Any]:
     for metric in FLAGS.metrics:
       for impl in FLAGS.implementations:
         cases.append((metric, impl, functools_partial(da.distance_attention, metric=metric, p=FLAGS.p,
-                                                      is_causal=FLAGS.causal, implementation=impl)))
+                                                      is_causal=FLAGS.causal, implementation=kernel_for(impl))))
     baseline: dict[str, Any] = {}
     for metric, impl, attend in cases:
       fwd, fwdbwd = forward_and_backward(attend)
@@ -145,6 +147,20 @@ def run_attention() -> dict[str, Any]:
           "settings": {"batch": FLAGS.batch, "heads": FLAGS.heads, "head_dim": FLAGS.head_dim,
                        "dtype": FLAGS.dtype, "p": FLAGS.p, "causal": FLAGS.causal, "repeats": FLAGS.repeats},
           "rows": rows}
+
+
+def kernel_for(spec: str):
+  """A registered name, or ``blockwise:BQxBK`` for the blockwise kernel with fixed tile sizes."""
+  name, _, tiles = spec.partition(":")
+  if not tiles:
+    return spec
+  if name != "blockwise":
+    raise app.UsageError(f"--implementations={spec}: only blockwise takes tile sizes (blockwise:BQxBK)")
+  try:
+    block_q, block_k = (int(n) for n in tiles.split("x"))
+  except ValueError:
+    raise app.UsageError(f"--implementations={spec}: tiles must be BQxBK, e.g. blockwise:512x256") from None
+  return da.kernels.Blockwise(block_q, block_k)
 
 
 def functools_partial(fn, **kwargs):
@@ -200,7 +216,7 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
     if impl == "-":
       style = dict(linewidth=3, color="black")
     else:  # one colour per metric; solid for the blockwise kernel, dotted for the others
-      style = dict(color=colors.get(metric), linestyle="-" if impl == "blockwise" else ":")
+      style = dict(color=colors.get(metric), linestyle="-" if impl.startswith("blockwise") else ":")
     timed = [(n, t) for n, t, _ in points if t is not None]
     if timed:
       ax_time.plot(*zip(*timed), marker="o", label=label, **style)

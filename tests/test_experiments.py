@@ -46,7 +46,7 @@ def test_selfcheck_fails_on_a_wrong_kernel(tmp_path):
 
 def test_benchmark_writes_ratios_measured_against_the_baseline(tmp_path):
   out = tmp_path / "bench.json"
-  proc = run("benchmark.py", "--metrics=l1,dot", "--implementations=reference,blockwise", "--lengths=64,128",
+  proc = run("benchmark.py", "--metrics=l1,dot", "--implementations=reference,blockwise:32x64", "--lengths=64,128",
              "--heads=2", "--head_dim=8", "--repeats=2", f"--out={out}")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   report = json.loads(out.read_text())
@@ -61,7 +61,7 @@ def test_benchmark_writes_ratios_measured_against_the_baseline(tmp_path):
         base = next(r for r in rows if r["n"] == row["n"] and r["implementation"] == "-")[phase]
         assert abs(cell["time_ratio"] - cell["seconds"] / base["seconds"]) < 1e-12
   table = out.with_suffix(".md").read_text()
-  assert "| 128 | l1 | blockwise |" in table and "jax.nn.dot_product_attention" in table
+  assert "| 128 | l1 | blockwise:32x64 |" in table and "jax.nn.dot_product_attention" in table
 
 
 def test_benchmark_train_mode_reports_tokens_per_second_beside_dot(tmp_path):

@@ -33,11 +33,11 @@ from distattn_jax.kernels import common, registry
 
 Array = jax.Array
 
-# Default tile sizes (query positions x key positions), measured on a 2-core CPU by experiments/benchmark.py:
-# matmul metrics amortise loop overhead best with large tiles; elementwise metrics evaluate D differences per
-# pair and prefer tiles whose [block_q * group, block_k] slab stays in cache.
+# Default tile sizes (query positions x key positions), the fastest forward+backward at N = 2048 on the 2-core
+# development CPU among 64..2048 x 128..512 (experiments/benchmark.py --implementations=blockwise:BQxBK,...):
+# 512 x 512 for the matmul metrics, 512 x 256 for the elementwise ones.
 MATMUL_BLOCKS = (512, 512)
-ELEMENTWISE_BLOCKS = (128, 256)
+ELEMENTWISE_BLOCKS = (512, 256)
 MATMUL_METRICS = frozenset({"dot", "sqeuclidean", "l2", "cosine"})
 
 
