@@ -84,7 +84,7 @@ def _check_lam(lam: Any, num_heads: int, dtype) -> Array:
     _fail("lam", f"must be a positive float or a [heads] array of them; got {lam!r}", TypeError)
   if arr.shape not in ((), (num_heads,)):
     _fail("lam", f"must be a scalar or have shape ({num_heads},) (one per query head); got shape {arr.shape}")
-  value = metrics._concrete(lam)
+  value = metrics.concrete_value(lam)
   if value is not None and not (np.all(np.isfinite(value)) and np.all(value > 0)):
     _fail("lam", f"must be > 0 and finite; got {value.tolist()}")
   return jnp.broadcast_to(arr.astype(metrics.accumulation_dtype(dtype)), (num_heads,))
@@ -132,7 +132,7 @@ def _check_mask(mask: Any) -> Any:
 
 def _check_dropout(dropout_rate: Any, deterministic: Any, dropout_rng: Any) -> bool:
   """Validates the dropout arguments; returns whether dropout is active."""
-  rate = metrics._concrete(dropout_rate)
+  rate = metrics.concrete_value(dropout_rate)
   if rate is None or rate.ndim != 0 or not np.issubdtype(rate.dtype, np.number) or rate.dtype == bool:
     _fail("dropout_rate", f"must be a Python number in [0, 1); got {dropout_rate!r}", TypeError)
   if not 0.0 <= float(rate) < 1.0:

@@ -87,15 +87,10 @@ def get(metric: str | DistanceType) -> Callable[..., Array]:
   return _REGISTRY[canonical_name(metric)]
 
 
-def is_similarity(metric: str | DistanceType) -> bool:
-  """True for ``dot``, whose logits grow with the score; False for the distances, whose logits are negated."""
-  return canonical_name(metric) == DistanceType.DOT.value
-
-
 def check_p(p: Any, argname: str = "p") -> float | Array:
   """Validates the lp order: a concrete ``p`` must be a positive number (``inf`` allowed); NaN or ``p <= 0`` is
   a ValueError. A traced ``p`` (learned) is returned as a float32-or-wider scalar array and is not checked."""
-  value = _concrete(p)
+  value = concrete_value(p)
   if value is None:
     p = jnp.asarray(p)
     if p.ndim != 0:
@@ -117,7 +112,7 @@ def check_p(p: Any, argname: str = "p") -> float | Array:
 # Argument checks and dtype rules.
 
 
-def _concrete(x: Any) -> np.ndarray | None:
+def concrete_value(x: Any) -> np.ndarray | None:
   """``x`` as a numpy array when its value is known at trace time, else None."""
   if isinstance(x, jax.core.Tracer):
     return None
@@ -151,8 +146,8 @@ def _check_pair(x: Any, y: Any, fn: str) -> tuple[Array, Array]:
   return x, y
 
 
-def _sum_to_shape(t: Array, shape: tuple[int, ...]) -> Array:
-  """Reduces a broadcast cotangent back to the shape of the primal it came from."""
+def sum_to_shape(t: Array, shape: tuple[int, ...]) -> Array:
+  """Sums a broadcast cotangent back to the shape of the primal it came from (leading or size-1 axes)."""
   if t.shape == shape:
     return t
   lead = t.ndim - len(shape)
@@ -294,7 +289,7 @@ def _pair_cotangents(weight: Callable, x: Array, y: Array, pair_values: tuple[Ar
 
   query_slices = (jnp.moveaxis(x, -2, 0), tuple(jnp.moveaxis(v, -2, 0) for v in pair_values))
   dy, _ = jax.lax.scan(over_queries, jnp.zeros(batch + y.shape[-2:], dtype), query_slices)
-  return _sum_to_shape(dx, x.shape), _sum_to_shape(dy, y.shape), extra if key_extra is not None else None
+  return sum_to_shape(dx, x.shape), sum_to_shape(dy, y.shape), extra if key_extra is not None else None
 
 
 def _power(u: Array, e: float | Array) -> Array:
@@ -495,7 +490,7 @@ _jitted = {name: jax.jit(fn, static_argnames=("precision",)) for name, fn in _AC
 _lp_static_p_jit = jax.jit(_lp_acc, static_argnames=("p", "precision"))
 
 
-def _public(name: str) -> Callable[..., Array]:
+def _public(name: str, doc: str) -> Callable[..., Array]:
   acc_fn = _jitted[name]
 
   def fn(x: Array, y: Array, *, precision: Any = None) -> Array:
@@ -503,21 +498,16 @@ def _public(name: str) -> Callable[..., Array]:
     return acc_fn(x, y, precision=precision).astype(jnp.result_type(x, y))
 
   fn.__name__ = fn.__qualname__ = name
+  fn.__doc__ = doc
   return fn
 
 
-l1 = _public("l1")
-l1.__doc__ = "Manhattan distance ``sum_d |x_d - y_d|`` (scipy's ``cityblock``)."
-l2 = _public("l2")
-l2.__doc__ = "Euclidean distance ``sqrt(sum_d (x_d - y_d)^2)``, from the matmul form."
-sqeuclidean = _public("sqeuclidean")
-sqeuclidean.__doc__ = "Squared Euclidean distance ``|x|^2 + |y|^2 - 2 x.y``, clamped at 0."
-cosine = _public("cosine")
-cosine.__doc__ = "Cosine distance ``1 - x.y / (|x| |y|)``; a zero vector is at distance 1 from everything."
-chebyshev = _public("chebyshev")
-chebyshev.__doc__ = "Chebyshev (L-infinity) distance ``max_d |x_d - y_d|``."
-dot = _public("dot")
-dot.__doc__ = "The dot-product similarity ``x . y`` (the standard-attention baseline; not a distance)."
+l1 = _public("l1", "Manhattan distance ``sum_d |x_d - y_d|`` (scipy's ``cityblock``).")
+l2 = _public("l2", "Euclidean distance ``sqrt(sum_d (x_d - y_d)^2)``, from the matmul form.")
+sqeuclidean = _public("sqeuclidean", "Squared Euclidean distance ``|x|^2 + |y|^2 - 2 x.y``, clamped at 0.")
+cosine = _public("cosine", "Cosine distance ``1 - x.y / (|x| |y|)``; a zero vector is at distance 1 from everything.")
+chebyshev = _public("chebyshev", "Chebyshev (L-infinity) distance ``max_d |x_d - y_d|``.")
+dot = _public("dot", "The dot-product similarity ``x . y`` (the standard-attention baseline; not a distance).")
 
 
 def lp(x: Array, y: Array, p: float | Array = 2.0, *, precision: Any = None) -> Array:

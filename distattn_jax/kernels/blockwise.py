@@ -237,11 +237,6 @@ def _forward(cfg: _Config, q, k, v, lam5, bias5, mask5, p, rng):
   return out, lse
 
 
-def _sum_to(x: Array, shape: tuple[int, ...]) -> Array:
-  axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
-  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
 def _backward(cfg: _Config, res, cotangents):
   q, k, v, lam5, bias5, mask5, p, rng, out, lse = res
   d_out, d_lse = cotangents
@@ -283,7 +278,7 @@ def _backward(cfg: _Config, res, cotangents):
       d_logits = probs * (d_probs - jax.lax.dynamic_slice_in_dim(delta, q_start, cfg.block_q, 2)[..., None])
       dlam = dlam + jnp.sum(d_logits * scores, axis=(0, 2, 4), keepdims=True) * scale
       if dbias_k is not None:
-        d_bias_tile = _sum_to(d_logits, _slice(bias_k, 2, q_start, cfg.block_q).shape)
+        d_bias_tile = metrics.sum_to_shape(d_logits, _slice(bias_k, 2, q_start, cfg.block_q).shape)
         if dbias_k.shape[2] == 1:
           dbias_k = dbias_k + d_bias_tile
         else:
