@@ -34,8 +34,9 @@ from distattn_jax.kernels import common, registry
 Array = jax.Array
 
 # Default tile sizes (query positions x key positions), the fastest forward+backward at N = 2048 on the 2-core
-# development CPU among 64..2048 x 128..512 (experiments/benchmark.py --implementations=blockwise:BQxBK,...):
-# 512 x 512 for the matmul metrics, 512 x 256 for the elementwise ones.
+# development CPU among 64..2048 x 128..512 (experiments/benchmark.py --implementations=blockwise:BQxBK,...;
+# docs/benchmark_tiles_cpu.md): 512 x 512 for the matmul metrics (tied with 512 x 256, which saves memory
+# but not time), 512 x 256 for the elementwise ones.
 MATMUL_BLOCKS = (512, 512)
 ELEMENTWISE_BLOCKS = (512, 256)
 MATMUL_METRICS = frozenset({"dot", "sqeuclidean", "l2", "cosine"})
