@@ -149,7 +149,7 @@ def _check_dropout(dropout_rate: Any, deterministic: Any, dropout_rng: Any) -> b
 # "auto" picks the blockwise kernel once the reference would materialise a float32 logits array of more than
 # this many bytes (batch * heads * q_len * kv_len * 4). Beyond it the reference's memory grows quadratically,
 # and on a 2-core CPU (README, "Implementations") the blockwise forward+backward was already as fast or faster
-# for six of seven metrics at 8 heads x 512 x 512 (8 MiB; cosine 3% slower).
+# for six of seven metrics at 8 heads x 512 x 512 (8 MiB; cosine 10% slower).
 AUTO_REFERENCE_MAX_BYTES = 4 * 2**20
 
 
