@@ -21,8 +21,8 @@ the headline and the best round is printed beside it.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import pathlib
 import platform
@@ -32,12 +32,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import distattn_jax as da
-from distattn_jax import training
+from distattn_jax import monitoring, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "attention", ["attention", "train"], "Attention kernels, or training throughput.")
@@ -92,12 +91,9 @@ def forward_and_backward(attend: Callable) -> tuple[Callable, Callable]:
 
 def measure(fn: Callable, args: tuple, repeats: int) -> dict[str, Any]:
   """Compiles ``fn``, reports its temporary memory, and times it unless that memory is over the limit."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  analysis = compiled.memory_analysis()
-  temp = int(analysis.temp_size_in_bytes) if analysis is not None else None
-  row: dict[str, Any] = {"compile_s": compile_s, "temp_bytes": temp, "seconds": None, "times": []}
+  compiled, stats = monitoring.compile_with_stats(jax.jit(fn), *args)
+  temp = int(stats["temp_bytes"]) if "temp_bytes" in stats else None
+  row: dict[str, Any] = {"compile_s": stats["compile_seconds"], "temp_bytes": temp, "seconds": None, "times": []}
   if temp is not None and temp > FLAGS.max_temp_gib * 2**30:
     row["skipped"] = f"temporaries {temp / 2**30:.1f} GiB > --max_temp_gib={FLAGS.max_temp_gib}"
     return row
@@ -117,10 +113,10 @@ def run_attention() -> dict[str, Any]:
   rows = []
   for n in map(int, FLAGS.lengths):
     args = inputs(n, dtype)
-    cases = [(BASELINE, "-", functools_partial(jax.nn.dot_product_attention, is_causal=FLAGS.causal))]
+    cases = [(BASELINE, "-", functools.partial(jax.nn.dot_product_attention, is_causal=FLAGS.causal))]
     for metric in FLAGS.metrics:
       for impl in FLAGS.implementations:
-        cases.append((metric, impl, functools_partial(da.distance_attention, metric=metric, p=FLAGS.p,
+        cases.append((metric, impl, functools.partial(da.distance_attention, metric=metric, p=FLAGS.p,
                                                       is_causal=FLAGS.causal, implementation=kernel_for(impl))))
     baseline: dict[str, Any] = {}
     for metric, impl, attend in cases:
@@ -161,12 +157,6 @@ def kernel_for(spec: str):
   except ValueError:
     raise app.UsageError(f"--implementations={spec}: tiles must be BQxBK, e.g. blockwise:512x256") from None
   return da.kernels.Blockwise(block_q, block_k)
-
-
-def functools_partial(fn, **kwargs):
-  def attend(q, k, v):
-    return fn(q, k, v, **kwargs)
-  return attend
 
 
 def _fmt_s(seconds) -> str:
