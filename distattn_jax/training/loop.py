@@ -29,7 +29,7 @@ from distattn_jax.data import text
 from distattn_jax.models import TruthGPT, count_params
 from distattn_jax.training import checkpoint, optim, steps
 from distattn_jax.training.config import validate
-from distattn_jax.training.writers import MetricWriter
+from distattn_jax.training.writers import MetricWriter, write_text_atomically
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,10 +46,8 @@ def hide_orbax_info_logs() -> None:
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
-  """Writes ``value`` as JSON through a temporary file and a rename, so a reader never sees half a file."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  """Writes ``value`` as JSON, atomically (:func:`writers.write_text_atomically`)."""
+  write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def build(config: ml_collections.ConfigDict) -> tuple[TruthGPT, steps.TrainState]:

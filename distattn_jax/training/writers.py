@@ -17,6 +17,13 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 
+def write_text_atomically(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` through a temporary file and a rename, so a reader never sees half a file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
   path = pathlib.Path(path)
   if not path.exists():
@@ -39,9 +46,7 @@ class MetricWriter:
     workdir = pathlib.Path(workdir)
     self.path = workdir / "metrics.jsonl"
     kept = [r for r in read_jsonl(self.path) if r["step"] <= start_step]
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, self.path)
+    write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     self._file = open(self.path, "a")
     # A file of its own per start (event file names otherwise differ only by the second they were opened in).
     self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None,
