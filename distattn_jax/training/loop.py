@@ -144,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   compile_stats = {"eval_compile_seconds": eval_stats["compile_seconds"]}
   timer = monitoring.Throughput(tokens_per_step, start)
   progress = Progress(total, start)
+  final_bpb = None  # the evaluation at step == total; a run resumed at its last step evaluates after the loop
   try:
     if start < total:
       train_fn, stats = compile_train_step(config, state, data.train_batch(start), dropout_key)
@@ -168,7 +169,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         writer.write(step, "perf", monitoring.get_performance_stats(perf, {}))
         progress.report(step, loss, perf)
       if step % train_cfg.eval_every == 0 or step == total:
-        writer.write(step, "eval", {"bits_per_byte": evaluate(eval_fn, state, eval_batches)})
+        bpb = evaluate(eval_fn, state, eval_batches)
+        writer.write(step, "eval", {"bits_per_byte": bpb})
+        if step == total:
+          final_bpb = bpb
         timer.restart(step)  # evaluation and checkpointing are not training time
       if step % train_cfg.checkpoint_every == 0 or step == total:
         checkpoints.save(state)
@@ -178,7 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     writer.close()
     checkpoints.close()
 
-  final_bpb = evaluate(eval_fn, state, eval_batches)
+  if final_bpb is None:
+    final_bpb = evaluate(eval_fn, state, eval_batches)
   summary = {
       "steps": int(state.step), "untrained_validation_bits_per_byte": untrained_bpb,
       "validation_bits_per_byte": final_bpb, "parameters": count_params(state.params),
