@@ -136,6 +136,15 @@ def _slice(x: Array | None, axis: int, start, size: int) -> Array | None:
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
+def _add_slice(x: Array, tile: Array, axis: int, start) -> Array:
+  """``x`` with ``tile`` added at ``start`` along ``axis``, or added whole where that axis is broadcast (size
+  1): the accumulating inverse of :func:`_slice`."""
+  if x.shape[axis] == 1:
+    return x + tile
+  current = jax.lax.dynamic_slice_in_dim(x, start, tile.shape[axis], axis)
+  return jax.lax.dynamic_update_slice_in_dim(x, current + tile, start, axis)
+
+
 def _tile_scores(cfg: _Config, q_blk, k_blk, p, with_vjp: bool = False):
   """Scores ``[B, K, bq, G, bk]`` (accumulation dtype), and with ``with_vjp`` the VJP of the score function
   with respect to the query rows ``[B, K, bq * G, D]``, the keys and (when traced) ``p``."""
@@ -250,7 +259,7 @@ def _backward(cfg: _Config, res, cotangents):
   delta = jnp.sum(d_out * out.astype(acc), axis=-1) - d_lse.astype(acc)
   lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
 
-  def kv_block(j, carry):
+  def kv_block(carry, j):
     dq, dlam, dbias, dp = carry
     k_start = j * cfg.block_k
     k_blk = jax.lax.dynamic_slice_in_dim(k, k_start, cfg.block_k, 2)
@@ -279,20 +288,13 @@ def _backward(cfg: _Config, res, cotangents):
       d_logits = probs * (d_probs - jax.lax.dynamic_slice_in_dim(delta, q_start, cfg.block_q, 2)[..., None])
       dlam = dlam + jnp.sum(d_logits * scores, axis=(0, 2, 4), keepdims=True) * scale
       if dbias_k is not None:
-        d_bias_tile = metrics.sum_to_shape(d_logits, _slice(bias_k, 2, q_start, cfg.block_q).shape)
-        if dbias_k.shape[2] == 1:
-          dbias_k = dbias_k + d_bias_tile
-        else:
-          dbias_k = jax.lax.dynamic_update_slice_in_dim(
-              dbias_k, jax.lax.dynamic_slice_in_dim(dbias_k, q_start, cfg.block_q, 2) + d_bias_tile, q_start, 2)
+        dbias_k = _add_slice(dbias_k, metrics.sum_to_shape(d_logits, bias_blk.shape), 2, q_start)
       d_scores = (d_logits * (lam5 * scale)).reshape(batch, num_kv, cfg.block_q * cfg.group, cfg.block_k)
       grads = score_vjp(d_scores)
       dq_rows, dk_tile = grads[0], grads[1]
       if p is not None:
         dp = dp + grads[2]
-      dq_tile = dq_rows.reshape(q_blk.shape).astype(acc)
-      dq = jax.lax.dynamic_update_slice_in_dim(
-          dq, jax.lax.dynamic_slice_in_dim(dq, q_start, cfg.block_q, 2) + dq_tile, q_start, 2)
+      dq = _add_slice(dq, dq_rows.reshape(q_blk.shape).astype(acc), 2, q_start)
       return dq, dk_blk + dk_tile.astype(acc), dv_blk, dlam, dbias_k, dp
 
     dbias_k = None if dbias is None else jnp.zeros(_slice(dbias, 4, k_start, cfg.block_k).shape, acc)
@@ -301,20 +303,13 @@ def _backward(cfg: _Config, res, cotangents):
     dq, dk_blk, dv_blk, dlam, dbias_k, dp = jax.lax.fori_loop(
         _first_q_block(cfg, j), num_q_blocks, q_step, (dq, zeros_k, zeros_v, dlam, dbias_k, dp))
     if dbias is not None:
-      if dbias.shape[4] == 1:
-        dbias = dbias + dbias_k
-      else:
-        dbias = jax.lax.dynamic_update_slice_in_dim(dbias, dbias_k, k_start, 4)
+      dbias = _add_slice(dbias, dbias_k, 4, k_start)
     return (dq, dlam, dbias, dp), (dk_blk, dv_blk)
 
   init = (jnp.zeros(q.shape, acc), jnp.zeros(lam5.shape, acc),
           None if bias5 is None else jnp.zeros(bias5.shape, acc),
           None if p is None else jnp.zeros((), acc))
-
-  def scan_body(carry, j):
-    return kv_block(j, carry)
-
-  (dq, dlam, dbias, dp), (dks, dvs) = jax.lax.scan(scan_body, init, jnp.arange(num_k_blocks))
+  (dq, dlam, dbias, dp), (dks, dvs) = jax.lax.scan(kv_block, init, jnp.arange(num_k_blocks))
   dk = jnp.moveaxis(dks, 0, 2).reshape(k.shape)
   dv = jnp.moveaxis(dvs, 0, 2).reshape(v.shape)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dlam.astype(lam5.dtype),
