@@ -174,7 +174,7 @@ def _select_kernel(implementation: Any, need_weights: bool, logits_elements: int
       _fail("implementation", f"must be a registered name or a hashable kernel object; got {implementation!r}",
             TypeError)
     return implementation
-  kernels.get(implementation)  # a non-string, non-callable value: the registry's error lists the names
+  return kernels.get(implementation)  # a non-string, non-callable value: the registry's error lists the names
 
 
 def _sow_weights(module: Any, weights: Array) -> None:

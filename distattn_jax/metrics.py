@@ -386,7 +386,10 @@ def _lp_weight(p: float | Array) -> Callable:
   """``g * (|t| / d)^(p-1) sign(t)``; ``|t| / d`` is in [0, 1], so the power cannot overflow. For an integer
   ``p >= 2`` it is ``g * s |s|^(p-2)`` with ``s = t / d`` (fewer operations, the same value)."""
   if isinstance(p, float) and p.is_integer() and p >= 2:
-    return lambda t, g, inv_d: (lambda s: g * s * _power(jnp.abs(s), p - 2.0) if p > 2 else g * s)(t * inv_d)
+    def integer_weight(t, g, inv_d):
+      s = t * inv_d
+      return g * s if p == 2 else g * s * _power(jnp.abs(s), p - 2.0)
+    return integer_weight
   return lambda t, g, inv_d: g * _power(jnp.abs(t) * inv_d, p - 1.0) * jnp.sign(t)
 
 
