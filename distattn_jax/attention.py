@@ -1,7 +1,8 @@
 """``distance_attention``: the one entry point every layer, model and user calls.
 
 It checks every argument at trace time, brings the Flax layout ``[batch..., length, heads, head_dim]`` to the
-kernels' canonical shapes (see :mod:`distattn_jax.kernels.common`), picks a kernel by name from the registry and
+kernels' canonical shapes (see :mod:`distattn_jax.kernels.common`), describes the call as a
+:class:`distattn_jax.kernels.Request`, picks a kernel that accepts it (:mod:`distattn_jax.kernels.base`) and
 returns the result in the caller's layout.
 """
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distattn_jax import kernels, metrics
-from distattn_jax.kernels import common
+from distattn_jax.kernels import base, common
 
 Array = jax.Array
 
@@ -39,13 +40,18 @@ def _check_flax_kwargs(flax_kwargs: dict[str, Any]) -> Any:
             f"arguments it accepts are {', '.join(_FLAX_KWARGS)}", TypeError)
     if name in _UNSUPPORTED_FLAX_KWARGS and value is not None:
       _fail(name, f"must be None: distance metrics do not reduce to a swappable einsum (got {value!r})")
-  # force_fp32_for_softmax is always honoured: softmax statistics are float32 or wider for every dtype.
+  force = flax_kwargs.get("force_fp32_for_softmax")
+  if force is not None and not isinstance(force, (bool, np.bool_)):
+    _fail("force_fp32_for_softmax", f"must be a Python bool or None; got {force!r}", TypeError)
   return flax_kwargs.get("module")
 
 
 def _check_arrays(query, key, value, dtype) -> tuple[Array, Array, Array]:
   arrays = {"query": jnp.asarray(query), "key": jnp.asarray(key), "value": jnp.asarray(value)}
   for name, a in arrays.items():
+    if jnp.issubdtype(a.dtype, jnp.complexfloating):
+      _fail(name, f"must be a real floating-point array; got dtype {a.dtype} (complex inputs are not "
+            "supported: a distance between complex vectors is not defined here)", TypeError)
     if not jnp.issubdtype(a.dtype, jnp.floating):
       _fail(name, f"must be a floating-point array; got dtype {a.dtype} (cast integer inputs explicitly)",
             TypeError)
@@ -130,6 +136,69 @@ def _check_mask(mask: Any) -> Any:
   return mask
 
 
+def _check_int_array(argname: str, a: Any, shape: tuple[int, ...], what: str) -> Array:
+  """``a`` as int32 of exactly ``shape``; TypeError for a non-integer dtype, ValueError for another shape."""
+  arr = jnp.asarray(a)
+  if arr.dtype == bool or not jnp.issubdtype(arr.dtype, jnp.integer):
+    _fail(argname, f"must be an integer array {what}; got dtype {arr.dtype}", TypeError)
+  if arr.shape != shape:
+    _fail(argname, f"must have shape {what} = {shape}; got shape {arr.shape}")
+  return arr.astype(jnp.int32)
+
+
+def _check_segments(q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_seq_lengths,
+                    batch_shape: tuple[int, ...], q_len: int, kv_len: int) -> common.Segments | None:
+  """The kernels' :class:`common.Segments` (batch dims folded into one), or None when none is given."""
+  if q_segment_ids is None and kv_segment_ids is None and query_seq_lengths is None and (
+      key_value_seq_lengths is None):
+    return None
+  batch = math.prod(batch_shape)
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    given, missing = (("q_segment_ids", "kv_segment_ids") if kv_segment_ids is None
+                      else ("kv_segment_ids", "q_segment_ids"))
+    if q_len != kv_len:
+      _fail(missing, f"is required when {given} is given and q_len ({q_len}) != kv_len ({kv_len}); "
+            f"got None")
+    # Self-attention over one packed sequence: the same ids on both sides.
+    q_segment_ids = kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+  q_ids = kv_ids = q_lengths = kv_lengths = None
+  if q_segment_ids is not None:
+    q_ids = _check_int_array("q_segment_ids", q_segment_ids, batch_shape + (q_len,), "[batch..., q_len]")
+    kv_ids = _check_int_array("kv_segment_ids", kv_segment_ids, batch_shape + (kv_len,), "[batch..., kv_len]")
+    q_ids, kv_ids = q_ids.reshape(batch, q_len), kv_ids.reshape(batch, kv_len)
+  lengths = []
+  for name, value in (("query_seq_lengths", query_seq_lengths), ("key_value_seq_lengths", key_value_seq_lengths)):
+    if value is not None:
+      value = _check_int_array(name, value, batch_shape, "[batch...]")
+      concrete = metrics.concrete_value(value)
+      if concrete is not None and np.any(concrete < 0):
+        _fail(name, f"must be >= 0; got {concrete.tolist()}")
+      value = value.reshape(batch)
+    lengths.append(value)
+  q_lengths, kv_lengths = lengths
+  return common.Segments(q_ids, kv_ids, q_lengths, kv_lengths)
+
+
+def _check_window(local_window_size: Any) -> tuple[int, int] | None:
+  """``(left, right)`` from an int or a pair of non-negative ints (as ``jax.nn.dot_product_attention``)."""
+  if local_window_size is None:
+    return None
+  pair = local_window_size
+  if isinstance(pair, (int, np.integer)) and not isinstance(pair, (bool, np.bool_)):
+    pair = (pair, pair)
+  if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+      isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_)) for w in pair)):
+    _fail("local_window_size", f"must be None, an int or a (left, right) pair of ints; got "
+          f"{local_window_size!r}", TypeError)
+  if pair[0] < 0 or pair[1] < 0:
+    _fail("local_window_size", f"must be non-negative (query i sees keys i - left <= j <= i + right); got "
+          f"{local_window_size!r}")
+  return int(pair[0]), int(pair[1])
+
+
+FULLY_MASKED_ROWS = ("zero", "mean")
+
+
 def _check_dropout(dropout_rate: Any, deterministic: Any, dropout_rng: Any) -> bool:
   """Validates the dropout arguments; returns whether dropout is active."""
   rate = metrics.concrete_value(dropout_rate)
@@ -153,18 +222,8 @@ def _check_dropout(dropout_rate: Any, deterministic: Any, dropout_rng: Any) -> b
 AUTO_REFERENCE_MAX_BYTES = 4 * 2**20
 
 
-def _select_kernel(implementation: Any, need_weights: bool, logits_elements: int, dropout_rng: Any) -> Callable:
-  """The kernel to run. Explicit names and kernel objects are honoured; "auto" chooses as documented above,
-  keeping the reference whenever weights are requested or a dropout key cannot be drawn tile by tile."""
-  if implementation is None or implementation == "auto":
-    if need_weights or logits_elements * 4 <= AUTO_REFERENCE_MAX_BYTES:
-      return kernels.get("reference")
-    if dropout_rng is not None:
-      try:
-        kernels.blockwise.check_dropout_rng(dropout_rng)
-      except ValueError:
-        return kernels.get("reference")
-    return kernels.get("blockwise")
+def _resolve_kernel(implementation: Any) -> Any:
+  """A registered name or a hashable kernel object, as the kernel itself (not "auto")."""
   if isinstance(implementation, str):
     return kernels.get(implementation)  # raises ValueError listing the registered names
   if callable(implementation):
@@ -175,6 +234,30 @@ def _select_kernel(implementation: Any, need_weights: bool, logits_elements: int
             TypeError)
     return implementation
   return kernels.get(implementation)  # a non-string, non-callable value: the registry's error lists the names
+
+
+def _unsupported(kernel: Any, request: base.Request) -> str | None:
+  # A plain callable without the protocol's ``unsupported`` is trusted to handle what it is given.
+  ask = getattr(kernel, "unsupported", None)
+  return None if ask is None else ask(request)
+
+
+def _select_kernel(implementation: Any, request: base.Request) -> Any:
+  """The kernel to run. Explicit names and kernel objects are honoured (or raise the kernel's reason when it
+  declines the request); "auto" chooses as documented above, keeping the reference whenever weights are
+  requested or the blockwise kernel declines (e.g. a dropout key it cannot draw tile by tile)."""
+  if implementation is None or implementation == "auto":
+    reference = kernels.get("reference")
+    logits_bytes = request.batch * request.num_heads * request.q_len * request.kv_len * 4
+    if request.return_weights or logits_bytes <= AUTO_REFERENCE_MAX_BYTES:
+      return reference
+    blockwise = kernels.get("blockwise")
+    return blockwise if _unsupported(blockwise, request) is None else reference
+  kernel = _resolve_kernel(implementation)
+  reason = _unsupported(kernel, request)
+  if reason is not None:
+    _fail("implementation", f"{implementation!r} {reason}")
+  return kernel
 
 
 def _sow_weights(module: Any, weights: Array) -> None:
@@ -189,20 +272,56 @@ def _sow_weights(module: Any, weights: Array) -> None:
     _fail("module", f"must be a flax.linen or flax.nnx Module; got {type(module).__name__}", TypeError)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "metric", "p_static", "is_causal", "dropout_rate",
-                                             "broadcast_dropout", "precision", "return_weights"))
-def _attend(q, k, v, lam, bias, mask, p_traced, dropout_rng, *, kernel, metric, p_static, is_causal,
-            dropout_rate, broadcast_dropout, precision, return_weights) -> common.AttentionResult:
+def _fully_masked_fallback(kernel, q, k, v, lam, segments, dropout, precision, acc) -> Array:
+  """What Flax and ``jax.nn`` give a query row that sees no key: their large finite negative logits make its
+  softmax uniform over all ``S`` keys, so the row is the mean of the values (dropout applied to the uniform
+  weights). ``jax.nn`` then zeroes rows past ``query_seq_lengths``; so does this."""
+  batch, q_len, num_heads, _ = q.shape
+  kv_len, num_kv = v.shape[1], v.shape[2]
+  if dropout is None:
+    mean = jnp.mean(v.astype(acc), axis=1).astype(v.dtype)  # [B, K, Dv]
+    fallback = jnp.repeat(mean, num_heads // num_kv, axis=1)[:, None]  # [B, 1, H, Dv]
+  else:
+    # Zero queries under metric "dot" give logits 0 everywhere: the same kernel's uniform weights, with its
+    # dropout draw for every (row, key).
+    fallback = kernel(jnp.zeros_like(q), k, v, lam=jnp.ones_like(lam), bias=None, mask=None, segments=None,
+                      local_window=None, metric="dot", p=2.0, is_causal=False, dropout=dropout,
+                      precision=precision, return_weights=False).out
+  if segments is not None and segments.q_lengths is not None:
+    real = jnp.arange(q_len).reshape(1, q_len, 1, 1) < segments.q_lengths.reshape(batch, 1, 1, 1)
+    fallback = jnp.where(real, fallback, jnp.zeros((), fallback.dtype))
+  return fallback
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "metric", "p_static", "is_causal", "local_window",
+                                             "dropout_rate", "broadcast_dropout", "precision", "return_weights",
+                                             "fully_masked_rows"))
+def _attend(q, k, v, lam, bias, mask, segments, p_traced, dropout_rng, *, kernel, metric, p_static, is_causal,
+            local_window, dropout_rate, broadcast_dropout, precision, return_weights,
+            fully_masked_rows) -> common.AttentionResult:
   dropout = None if dropout_rng is None else common.Dropout(dropout_rate, dropout_rng, broadcast_dropout)
-  return kernel(
-      q, k, v, lam=lam, bias=bias, mask=mask, metric=metric, p=p_static if p_traced is None else p_traced,
-      is_causal=is_causal, dropout=dropout, precision=precision, return_weights=return_weights)
+  result = kernel(
+      q, k, v, lam=lam, bias=bias, mask=mask, segments=segments, local_window=local_window, metric=metric,
+      p=p_static if p_traced is None else p_traced, is_causal=is_causal, dropout=dropout, precision=precision,
+      return_weights=return_weights)
+  if fully_masked_rows == "zero":
+    return result
+  acc = metrics.accumulation_dtype(q.dtype)
+  empty = jnp.isneginf(result.lse)  # [B, H, T]
+  fallback = _fully_masked_fallback(kernel, q, k, v, lam, segments, dropout, precision, acc)
+  out = jnp.where(empty.transpose(0, 2, 1)[..., None], fallback, result.out)
+  weights = result.weights
+  if weights is not None:
+    uniform = jnp.asarray(1.0 / k.shape[1], weights.dtype)
+    weights = jnp.where(empty[..., None], uniform, weights)
+  return common.AttentionResult(out, result.lse, weights)
 
 
 def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", lam=1.0, p=2.0,
-                       is_causal=False, broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
-                       deterministic=False, dtype=None, precision=None, implementation=None,
-                       return_weights=False, **flax_kwargs):
+                       is_causal=False, q_segment_ids=None, kv_segment_ids=None, query_seq_lengths=None,
+                       key_value_seq_lengths=None, local_window_size=None, fully_masked_rows="zero",
+                       broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
+                       precision=None, implementation=None, return_weights=False, **flax_kwargs):
   """Attention whose logits are negative distances between queries and keys.
 
   ``logits[..., h, i, j] = -lam[h] * distance(query[..., i, h, :], key[..., j, h', :]) / sqrt(head_dim)``
@@ -216,26 +335,41 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
     value: ``[batch..., kv_len, kv_heads, v_dim]``.
     bias: added to the logits; broadcastable to ``[batch..., heads, q_len, kv_len]``.
     mask: True = attend; broadcastable like ``bias``. Numeric masks (Flax's ``make_attention_mask`` returns
-      float32) mean nonzero = attend. A query row with nothing to attend to yields output 0 and zero gradients.
+      float32) mean nonzero = attend. A query row with nothing to attend to yields output 0 and zero gradients
+      (see ``fully_masked_rows``). The per-position arguments below mask without a ``[T, S]`` array.
     metric: one of ``metrics.available()`` or a ``DistanceType``.
     lam: positive scale, a scalar or one per query head (``[heads]``); may be traced (learned).
     p: the order of ``metric="lp"`` (any ``p > 0``, ``inf`` allowed); may be traced (learned).
     is_causal: mask keys after the query position (``j > i``, aligned at position 0 as in
       ``jax.nn.dot_product_attention``); kernels may skip the masked blocks.
+    q_segment_ids, kv_segment_ids: integer ``[batch..., q_len]`` / ``[batch..., kv_len]``; query ``i`` sees key
+      ``j`` only if their ids are equal (packed sequences; id 0 may mark padding, as in Flax and MaxText). One
+      of them alone means the same ids on both sides (needs ``q_len == kv_len``).
+    query_seq_lengths, key_value_seq_lengths: integer ``[batch...]``; positions at or past the length are
+      padding (queries see nothing, keys are seen by nothing), as in ``jax.nn.dot_product_attention``.
+    local_window_size: ``None``, an int ``w`` (= ``(w, w)``) or ``(left, right)``: query ``i`` sees keys
+      ``i - left <= j <= i + right``; kernels may skip the blocks outside. All of ``mask``, ``is_causal``, the
+      ids, the lengths and the window combine by AND.
+    fully_masked_rows: ``"zero"`` (default): a query row that sees no key outputs 0 with zero gradients.
+      ``"mean"``: such a row outputs the mean of the values (uniform weights over all keys, dropout applied),
+      which is what Flax and ``jax.nn`` compute (they mask with a large finite negative), except rows past
+      ``query_seq_lengths``, which are 0 as in ``jax.nn``. ``make_attention_fn`` uses ``"mean"``.
     broadcast_dropout, dropout_rng, dropout_rate, deterministic: attention dropout with Flax's semantics and
       Flax's random draw, applied to the weights after the softmax.
     dtype: the computation dtype (default: the promoted dtype of query, key and value). Reductions and softmax
-      statistics accumulate in float32 (float64 for float64 inputs).
+      statistics accumulate in float32 (float64 for float64 inputs); the output is in ``dtype``.
     precision: passed to every matmul.
     implementation: ``None``/``"auto"``, a registered kernel name (``kernels.available()``), or a kernel object
       such as ``kernels.Blockwise(block_q=128, block_k=256)``. ``"auto"`` uses ``"reference"`` while its logits
       would take at most ``AUTO_REFERENCE_MAX_BYTES`` (and whenever weights are requested), else
       ``"blockwise"``, whose memory is linear in sequence length.
     return_weights: also return the softmax weights ``[batch..., heads, q_len, kv_len]`` (before dropout,
-      accumulation dtype). Asking for weights materialises them.
+      accumulation dtype unless ``force_fp32_for_softmax`` is given). Asking for weights materialises them.
     **flax_kwargs: what Flax's attention modules pass: ``module`` (sow the weights into its intermediates, as
-      Flax does), ``force_fp32_for_softmax`` (always the case here), ``promote_dtype`` (ignored: promotion
-      follows ``dtype``); einsum overrides must be None.
+      Flax does), ``force_fp32_for_softmax`` (given, Flax's dtype rules apply: False returns and sows the
+      weights in ``dtype``; True with a ``dtype`` narrower than float32 gives float32 weights and a float32
+      output, the values mixed in float32; the softmax statistics are float32 or wider either way),
+      ``promote_dtype`` (ignored: promotion follows ``dtype``); einsum overrides must be None.
 
   Returns:
     ``[batch..., q_len, heads, v_dim]`` in ``dtype``; with ``return_weights``, ``(out, weights)``.
@@ -247,6 +381,9 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
     _fail("is_causal", f"must be a Python bool; got {is_causal!r}", TypeError)
   if not isinstance(return_weights, (bool, np.bool_)):
     _fail("return_weights", f"must be a Python bool; got {return_weights!r}", TypeError)
+  if fully_masked_rows not in FULLY_MASKED_ROWS:
+    _fail("fully_masked_rows", f"must be one of {', '.join(map(repr, FULLY_MASKED_ROWS))}; got "
+          f"{fully_masked_rows!r}")
   query, key, value = _check_arrays(query, key, value, dtype)
   batch_shape = query.shape[:-3]
   q_len, num_heads, _ = query.shape[-3:]
@@ -255,36 +392,56 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
   tail = (num_heads, q_len, kv_len)
   bias = _as_kernel_operand("bias", _check_bias(bias), batch_shape, tail)
   mask = _as_kernel_operand("mask", _check_mask(mask), batch_shape, tail)
+  segments = _check_segments(q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_seq_lengths,
+                             batch_shape, q_len, kv_len)
+  local_window = _check_window(local_window_size)
   dropout_active = _check_dropout(dropout_rate, deterministic, dropout_rng)
   need_weights = bool(return_weights) or module is not None
+  # Flax's rule: force_fp32_for_softmax with a narrower dtype keeps the weights, so the output, in float32.
+  force_fp32 = flax_kwargs.get("force_fp32_for_softmax")
+  weights_dtype = None if force_fp32 is None else query.dtype
+  if force_fp32 and jnp.finfo(query.dtype).bits < 32:
+    value, weights_dtype = value.astype(jnp.float32), jnp.float32
   batch = math.prod(batch_shape)
-  kernel = _select_kernel(implementation, need_weights, batch * num_heads * q_len * kv_len,
-                          dropout_rng if dropout_active else None)
+  request = base.Request(
+      batch=batch, q_len=q_len, kv_len=kv_len, num_heads=num_heads, num_kv_heads=num_kv_heads, metric=metric,
+      is_causal=bool(is_causal), return_weights=need_weights,
+      dropout=common.Dropout(float(dropout_rate), dropout_rng, bool(broadcast_dropout)) if dropout_active else None,
+      has_bias=bias is not None, has_mask=mask is not None, has_segments=segments is not None,
+      local_window=local_window, traced_p=not isinstance(p, float))
+  kernel = _select_kernel(implementation, request)
 
   result = _attend(
       query.reshape((batch,) + query.shape[-3:]), key.reshape((batch,) + key.shape[-3:]),
-      value.reshape((batch,) + value.shape[-3:]), lam, bias, mask,
+      value.reshape((batch,) + value.shape[-3:]), lam, bias, mask, segments,
       None if isinstance(p, float) else p, dropout_rng if dropout_active else None,
       kernel=kernel, metric=metric, p_static=p if isinstance(p, float) else None,
-      is_causal=bool(is_causal), dropout_rate=float(dropout_rate), broadcast_dropout=bool(broadcast_dropout),
-      precision=precision, return_weights=need_weights)
+      is_causal=bool(is_causal), local_window=local_window, dropout_rate=float(dropout_rate),
+      broadcast_dropout=bool(broadcast_dropout), precision=precision, return_weights=need_weights,
+      fully_masked_rows=fully_masked_rows)
   out = result.out.reshape(batch_shape + (q_len, num_heads, v_dim))
   if not need_weights:
     return out
   weights = result.weights.reshape(batch_shape + tail)
+  if weights_dtype is not None:
+    weights = weights.astype(weights_dtype)
   if module is not None:
     _sow_weights(module, weights)
   return (out, weights) if return_weights else out
 
 
-_FIXABLE = ("lam", "p", "implementation", "is_causal")
+_FIXABLE = ("lam", "p", "implementation", "is_causal", "fully_masked_rows", "local_window_size")
 
 
 def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -> Callable[..., Array]:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and ``flax.nnx.MultiHeadAttention``.
 
-  ``fixed`` may set ``lam``, ``p``, ``implementation`` and ``is_causal`` (ORed with the caller's). The returned
-  function takes every keyword argument those modules pass (``module`` included, so ``sow_weights`` works).
+  ``fixed`` may set ``lam``, ``p``, ``implementation``, ``is_causal`` (ORed with the caller's),
+  ``local_window_size`` and ``fully_masked_rows``. The returned function takes every keyword argument those
+  modules pass (``module`` included, so ``sow_weights`` works) and follows Flax's rules where the formula leaves
+  a choice, so that swapping it into a Flax model changes nothing for ``metric="dot"``: a query row that sees no
+  key gives the mean of the values (``fully_masked_rows="mean"`` unless fixed otherwise), and
+  ``force_fp32_for_softmax`` sets the weights' and output's dtypes as Flax's ``dot_product_attention`` does.
   """
   metric = metrics.canonical_name(metric)
   unknown = sorted(set(fixed) - set(_FIXABLE))
@@ -293,18 +450,21 @@ def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -
                     f"{', '.join(_FIXABLE)}")
   if "p" in fixed:
     metrics.check_p(fixed["p"])
-  if "implementation" in fixed:
-    _select_kernel(fixed["implementation"], False, 0, None)
+  if "implementation" in fixed and fixed["implementation"] not in (None, "auto"):
+    _resolve_kernel(fixed["implementation"])
+  if "local_window_size" in fixed:
+    _check_window(fixed["local_window_size"])
+  fixed.setdefault("fully_masked_rows", "mean")
   fixed_causal = fixed.pop("is_causal", False)
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                    dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
                    is_causal=False, force_fp32_for_softmax=False):
-    del force_fp32_for_softmax  # softmax statistics are always float32 or wider
     return distance_attention(query, key, value, bias, mask, metric=metric, is_causal=bool(is_causal or fixed_causal),
                               broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
                               dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
-                              precision=precision, module=module, **fixed)
+                              precision=precision, module=module,
+                              force_fp32_for_softmax=bool(force_fp32_for_softmax), **fixed)
 
   attention_fn.__name__ = f"{metric}_attention"
   return attention_fn

@@ -9,12 +9,14 @@ temporaries are ``[batch, heads, block_q, block_k]`` tiles.
 
 The score tile and its gradient come from :func:`distattn_jax.metrics.score` and its VJP, so the metric code
 (matmul forms, elementwise reductions with memory-lean custom VJPs, gradient conventions) is shared with the
-reference kernel. With ``is_causal`` the loops skip key blocks entirely above the diagonal.
+reference kernel. With ``is_causal`` the loops skip key blocks entirely above the diagonal, and with a
+``local_window`` those entirely outside the window. Segment ids and sequence lengths are evaluated per tile
+from ``[B, T]``/``[B, S]``/``[B]`` arrays, never as a ``[T, S]`` mask.
 
-Dropout draws each weight's keep bit from the same counter-based Threefry stream that
-``jax.random.bernoulli`` uses for the whole ``[T, S]`` (or ``[B, H, T, S]``) array, one tile at a time, so the
-result equals the reference kernel's (and Flax's) bit for bit under JAX's default ``threefry_partitionable``
-keys; other key implementations raise, and ``implementation="auto"`` sends such calls to the reference.
+Dropout draws each weight's keep bit tile by tile from the stream ``jax.random.bernoulli`` uses for the whole
+array (:mod:`distattn_jax.kernels.dropout`), so the result equals the reference kernel's (and Flax's) bit for
+bit; keys (or ``jax_enable_x64``) that draw cannot reproduce are declined, and ``implementation="auto"`` sends
+such calls to the reference.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distattn_jax import metrics
-from distattn_jax.kernels import common, registry
+from distattn_jax.kernels import base, common, registry
+from distattn_jax.kernels import dropout as dropout_lib
 
 Array = jax.Array
 
@@ -64,65 +67,15 @@ class _Config(NamedTuple):
   dropout_rate: float
   broadcast_dropout: bool
   precision: Any
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Dropout bits, tile by tile, identical to jax.random.bernoulli over the whole array.
-
-
-def _mul_u32(a: Array, b: int) -> tuple[Array, Array]:
-  """``a * b`` for uint32 ``a`` and a Python int ``b < 2**32``, as (high, low) uint32 words."""
-  b_hi, b_lo = np.uint32(b >> 16), np.uint32(b & 0xFFFF)
-  a_hi, a_lo = a >> 16, a & 0xFFFF
-  lo_lo = a_lo * b_lo
-  cross = a_hi * b_lo + ((lo_lo >> 16) & 0xFFFF)  # < 2**32: (2**16-1)^2 + 2**16 - 1
-  cross2 = a_lo * b_hi + (cross & 0xFFFF)
-  low = (cross2 << 16) | (lo_lo & 0xFFFF)
-  high = a_hi * b_hi + (cross >> 16) + (cross2 >> 16)
-  return high, low
-
-
-def _keep_mask(rng: Array, keep_prob: float, rows: Array, cols: Array, row_stride: int) -> Array:
-  """Keep bits of the elements at linear index ``rows * row_stride + cols`` of the array
-  ``jax.random.bernoulli(rng, keep_prob, shape)`` would draw (``rows``, ``cols`` broadcast; uint32)."""
-  high, low = _mul_u32(rows, row_stride)
-  low2 = low + cols
-  high = high + (low2 < low).astype(jnp.uint32)  # carry
-  high, low = jnp.broadcast_arrays(high, low2)
-  k1, k2 = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-  n = high.size
-  out = jax.extend.random.threefry_2x32((k1, k2), jnp.concatenate([high.ravel(), low.ravel()]))
-  bits = (out[:n] ^ out[n:]).reshape(high.shape)
-  # jax.random.uniform's float32 construction: 23 random mantissa bits in [1, 2), minus 1.
-  floats = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
-  return floats < jnp.float32(keep_prob)
-
-
-def check_dropout_rng(rng: Array) -> None:
-  """Raises ValueError unless the tile-wise draw reproduces ``jax.random.bernoulli`` for this key."""
-  impl = jax.random.key_impl(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else None
-  threefry = (impl is None and rng.shape[-1:] == (2,)) or (impl is not None and "threefry" in str(impl))
-  if not threefry or not jax.config.jax_threefry_partitionable:
-    raise ValueError(f"blockwise dropout needs a threefry dropout_rng with jax_threefry_partitionable=True "
-                     f"(got key implementation {impl}); use implementation='reference'")
+  local_window: tuple[int, int] | None = None
 
 
 def _dropout_multiplier(cfg: _Config, rng: Array, batch: int, num_kv: int, q_start, k_start) -> Array:
-  """``keep / keep_prob`` for the tile [batch, kv_heads, block_q, group, block_k] at (q_start, k_start)."""
-  keep_prob = 1.0 - cfg.dropout_rate
-  t = (jnp.asarray(q_start, jnp.uint32) + jnp.arange(cfg.block_q, dtype=jnp.uint32))[:, None, None]  # [bq,1,1]
-  s = (jnp.asarray(k_start, jnp.uint32) + jnp.arange(cfg.block_k, dtype=jnp.uint32))[None, None, :]  # [1,1,bk]
-  if cfg.broadcast_dropout:
-    rows = jnp.broadcast_to(t, (cfg.block_q, 1, 1))
-  else:
-    heads = num_kv * cfg.group
-    b = jnp.arange(batch, dtype=jnp.uint32)[:, None, None, None, None]
-    h = (jnp.arange(num_kv, dtype=jnp.uint32)[:, None] * cfg.group
-         + jnp.arange(cfg.group, dtype=jnp.uint32)[None, :])[None, :, None, :, None]
-    rows = (b * heads + h) * np.uint32(cfg.q_len) + t[None, None]
-  keep = _keep_mask(rng, keep_prob, rows, s, cfg.kv_len)
-  # Padded positions (t >= q_len or s >= kv_len) get arbitrary bits; they are masked or sliced away.
-  return keep.astype(jnp.float32) / jnp.float32(keep_prob)
+  """``keep / keep_prob`` for the tile [batch|1, kv_heads|1, block_q, group|1, block_k] at (q_start, k_start)."""
+  return dropout_lib.tile_multiplier(
+      common.Dropout(cfg.dropout_rate, rng, cfg.broadcast_dropout), batch=batch, num_kv=num_kv, group=cfg.group,
+      q_len=cfg.q_len, kv_len=cfg.kv_len, q_start=q_start, block_q=cfg.block_q, k_start=k_start,
+      block_k=cfg.block_k)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -161,14 +114,21 @@ def _tile_scores(cfg: _Config, q_blk, k_blk, p, with_vjp: bool = False):
   return scores.reshape(tile_shape), vjp
 
 
-def _tile_mask(cfg: _Config, mask_blk, q_start, k_start):
-  """Bool ``[.., bq, 1, bk]``-broadcastable mask of the tile: user mask, causal, and padded keys."""
-  t = q_start + jnp.arange(cfg.block_q)[:, None, None]
-  s = k_start + jnp.arange(cfg.block_k)[None, None, :]
-  allowed = s < cfg.kv_len
-  if cfg.is_causal:
-    allowed = allowed & (t >= s)
-  return allowed if mask_blk is None else allowed & mask_blk
+def _tile_mask(cfg: _Config, mask_blk, seg, q_start, k_start):
+  """Bool ``[B|1, 1, bq, 1, bk]`` (or the user mask's broadcast form) of the tile: user mask, causal, window,
+  segment ids, lengths and padded keys."""
+  q_pos = q_start + jnp.arange(cfg.block_q)
+  k_pos = k_start + jnp.arange(cfg.block_k)
+  q_ids, kv_ids, q_lengths, kv_lengths = seg
+  positions = common.position_mask(
+      q_pos, k_pos, is_causal=cfg.is_causal, local_window=cfg.local_window,
+      q_ids=None if q_ids is None else jax.lax.dynamic_slice_in_dim(q_ids, q_start, cfg.block_q, 1),
+      kv_ids=None if kv_ids is None else jax.lax.dynamic_slice_in_dim(kv_ids, k_start, cfg.block_k, 1),
+      q_lengths=q_lengths, kv_lengths=kv_lengths)
+  allowed = (k_pos < cfg.kv_len).reshape(1, 1, 1, 1, cfg.block_k)
+  if positions is not None:
+    allowed = jnp.logical_and(allowed, positions[:, None, :, None, :])
+  return allowed if mask_blk is None else jnp.logical_and(allowed, mask_blk)
 
 
 def _tile_logits(cfg: _Config, scores, lam5, bias_blk, allowed, scale):
@@ -178,28 +138,46 @@ def _tile_logits(cfg: _Config, scores, lam5, bias_blk, allowed, scale):
   return jnp.where(allowed, logits, -jnp.inf)
 
 
-def _kv_block_range(cfg: _Config, q_block, num_k_blocks: int):
-  """Key blocks a query block can see: all of them, or those not entirely above the causal diagonal."""
-  if not cfg.is_causal:
-    return num_k_blocks
-  last_position = (q_block + 1) * cfg.block_q - 1
-  return jnp.minimum(num_k_blocks, last_position // cfg.block_k + 1)
-
-
-def _first_q_block(cfg: _Config, k_block):
-  """First query block that sees key block ``k_block`` (0 unless causal)."""
-  if not cfg.is_causal:
+def _right_reach(cfg: _Config) -> int | None:
+  """How far right of its own position a query may see (None: unbounded)."""
+  if cfg.is_causal:
     return 0
-  return (k_block * cfg.block_k) // cfg.block_q
+  return None if cfg.local_window is None else cfg.local_window[1]
+
+
+def _kv_block_range(cfg: _Config, q_block, num_k_blocks: int):
+  """``[first, end)`` key blocks query block ``q_block`` can see: those not entirely above the causal diagonal
+  or outside the window."""
+  first, end = 0, num_k_blocks
+  right = _right_reach(cfg)
+  if right is not None:
+    last_position = (q_block + 1) * cfg.block_q - 1
+    end = jnp.minimum(num_k_blocks, (last_position + right) // cfg.block_k + 1)
+  if cfg.local_window is not None:
+    first = jnp.maximum(0, (q_block * cfg.block_q - cfg.local_window[0]) // cfg.block_k)
+  return first, end
+
+
+def _q_block_range(cfg: _Config, k_block, num_q_blocks: int):
+  """``[first, end)`` query blocks that can see key block ``k_block``: the transpose of :func:`_kv_block_range`."""
+  first, end = 0, num_q_blocks
+  right = _right_reach(cfg)
+  if right is not None:
+    first = jnp.maximum(0, (k_block * cfg.block_k - right) // cfg.block_q)
+  if cfg.local_window is not None:
+    last_key = (k_block + 1) * cfg.block_k - 1
+    end = jnp.minimum(num_q_blocks, (last_key + cfg.local_window[0]) // cfg.block_q + 1)
+  return first, end
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Forward and backward passes over the prepared layout:
 #   q [B, K, Tp, G, D], k [B, K, Sp, D], v [B, K, Sp, Dv], lam [1, K, 1, G, 1],
-#   bias/mask [B|1, K|1, Tp|1, G|1, Sp|1]; Tp, Sp multiples of the block sizes.
+#   bias/mask [B|1, K|1, Tp|1, G|1, Sp|1]; seg = (q_ids [B, Tp] | None, kv_ids [B, Sp] | None,
+#   q_lengths [B] | None, kv_lengths [B] | None); Tp, Sp multiples of the block sizes.
 
 
-def _forward(cfg: _Config, q, k, v, lam5, bias5, mask5, p, rng):
+def _forward(cfg: _Config, q, k, v, lam5, bias5, mask5, seg, p, rng):
   batch, num_kv, t_pad, _, _ = q.shape
   v_dim = v.shape[-1]
   acc = metrics.accumulation_dtype(q.dtype)
@@ -218,7 +196,7 @@ def _forward(cfg: _Config, q, k, v, lam5, bias5, mask5, p, rng):
       k_blk = jax.lax.dynamic_slice_in_dim(k, k_start, cfg.block_k, 2)
       v_blk = jax.lax.dynamic_slice_in_dim(v, k_start, cfg.block_k, 2)
       scores, _ = _tile_scores(cfg, q_blk, k_blk, p)
-      allowed = _tile_mask(cfg, _slice(mask_q, 4, k_start, cfg.block_k), q_start, k_start)
+      allowed = _tile_mask(cfg, _slice(mask_q, 4, k_start, cfg.block_k), seg, q_start, k_start)
       logits = _tile_logits(cfg, scores, lam5, _slice(bias_q, 4, k_start, cfg.block_k), allowed, scale)
       m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
       m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -234,11 +212,11 @@ def _forward(cfg: _Config, q, k, v, lam5, bias5, mask5, p, rng):
     stats_shape = (batch, num_kv, cfg.block_q, cfg.group)
     init = (jnp.full(stats_shape, -jnp.inf, acc), jnp.zeros(stats_shape, acc),
             jnp.zeros(stats_shape + (v_dim,), acc))
-    m, l, o = jax.lax.fori_loop(0, _kv_block_range(cfg, i, num_k_blocks), kv_step, init)
+    m, l, o = jax.lax.fori_loop(*_kv_block_range(cfg, i, num_k_blocks), kv_step, init)
     has_any = l > 0
     out = o / jnp.where(has_any, l, 1.0)[..., None]
     lse = jnp.where(has_any, m + jnp.log(jnp.where(has_any, l, 1.0)), -jnp.inf)
-    return out.astype(q.dtype), lse
+    return out.astype(v.dtype), lse
 
   outs, lses = jax.lax.map(q_block, jnp.arange(t_pad // cfg.block_q))
   # [nq, B, K, bq, G, ...] -> [B, K, Tp, G, ...]
@@ -248,7 +226,7 @@ def _forward(cfg: _Config, q, k, v, lam5, bias5, mask5, p, rng):
 
 
 def _backward(cfg: _Config, res, cotangents):
-  q, k, v, lam5, bias5, mask5, p, rng, out, lse = res
+  q, k, v, lam5, bias5, mask5, seg, p, rng, out, lse = res
   d_out, d_lse = cotangents
   batch, num_kv, t_pad, _, head_dim = q.shape
   acc = metrics.accumulation_dtype(q.dtype)
@@ -273,7 +251,7 @@ def _backward(cfg: _Config, res, cotangents):
       q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, cfg.block_q, 2)
       do_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, cfg.block_q, 2)
       scores, score_vjp = _tile_scores(cfg, q_blk, k_blk, p, with_vjp=True)
-      allowed = _tile_mask(cfg, _slice(mask_k, 2, q_start, cfg.block_q), q_start, k_start)
+      allowed = _tile_mask(cfg, _slice(mask_k, 2, q_start, cfg.block_q), seg, q_start, k_start)
       bias_blk = _slice(bias_k, 2, q_start, cfg.block_q)
       logits = _tile_logits(cfg, scores, lam5, bias_blk, allowed, scale)
       probs = jnp.exp(logits - jax.lax.dynamic_slice_in_dim(lse_safe, q_start, cfg.block_q, 2)[..., None])
@@ -301,7 +279,7 @@ def _backward(cfg: _Config, res, cotangents):
     zeros_k = jnp.zeros(k_blk.shape, acc)
     zeros_v = jnp.zeros(v_blk.shape, acc)
     dq, dk_blk, dv_blk, dlam, dbias_k, dp = jax.lax.fori_loop(
-        _first_q_block(cfg, j), num_q_blocks, q_step, (dq, zeros_k, zeros_v, dlam, dbias_k, dp))
+        *_q_block_range(cfg, j, num_q_blocks), q_step, (dq, zeros_k, zeros_v, dlam, dbias_k, dp))
     if dbias is not None:
       dbias = _add_slice(dbias, dbias_k, 4, k_start)
     return (dq, dlam, dbias, dp), (dk_blk, dv_blk)
@@ -313,18 +291,18 @@ def _backward(cfg: _Config, res, cotangents):
   dk = jnp.moveaxis(dks, 0, 2).reshape(k.shape)
   dv = jnp.moveaxis(dvs, 0, 2).reshape(v.shape)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dlam.astype(lam5.dtype),
-          None if bias5 is None else dbias.astype(bias5.dtype), None,
+          None if bias5 is None else dbias.astype(bias5.dtype), None, None,
           None if p is None else dp.astype(p.dtype), None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, lam5, bias5, mask5, p, rng):
-  return _forward(cfg, q, k, v, lam5, bias5, mask5, p, rng)
+def _flash(cfg, q, k, v, lam5, bias5, mask5, seg, p, rng):
+  return _forward(cfg, q, k, v, lam5, bias5, mask5, seg, p, rng)
 
 
-def _flash_fwd(cfg, q, k, v, lam5, bias5, mask5, p, rng):
-  out, lse = _forward(cfg, q, k, v, lam5, bias5, mask5, p, rng)
-  return (out, lse), (q, k, v, lam5, bias5, mask5, p, rng, out, lse)
+def _flash_fwd(cfg, q, k, v, lam5, bias5, mask5, seg, p, rng):
+  out, lse = _forward(cfg, q, k, v, lam5, bias5, mask5, seg, p, rng)
+  return (out, lse), (q, k, v, lam5, bias5, mask5, seg, p, rng, out, lse)
 
 
 _flash.defvjp(_flash_fwd, _backward)
@@ -376,7 +354,17 @@ class Blockwise:
       if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"Blockwise: {name} must be a positive int or None; got {value!r}")
 
-  def __call__(self, q, k, v, *, lam, bias=None, mask=None, metric: str, p: Any = 2.0, is_causal: bool = False,
+  capabilities = base.Capabilities(weights=False, tile_dropout=True, memory="linear")
+
+  def unsupported(self, request: base.Request) -> str | None:
+    reason = base.unsupported(self.capabilities, request)
+    if reason is None and request.dropout is not None and not request.dropout.broadcast and (
+        request.batch * request.num_heads * request.q_len >= 2**32):
+      reason = "apply dropout without broadcast_dropout when batch * heads * q_len >= 2**32"
+    return reason
+
+  def __call__(self, q, k, v, *, lam, bias=None, mask=None, segments: common.Segments | None = None,
+               local_window: tuple[int, int] | None = None, metric: str, p: Any = 2.0, is_causal: bool = False,
                dropout: common.Dropout | None = None, precision: Any = None,
                return_weights: bool = False) -> common.AttentionResult:
     if return_weights:
@@ -390,13 +378,14 @@ class Blockwise:
     block_k = min(self.block_k or default_k, _round_up(kv_len, 8))
     t_pad, s_pad = _round_up(q_len, block_q), _round_up(kv_len, block_k)
     if dropout is not None:
-      check_dropout_rng(dropout.rng)
+      dropout_lib.check_rng(dropout.rng)
       if not dropout.broadcast and batch * num_heads * q_len >= 2**32:
         raise ValueError("blockwise dropout without broadcast_dropout supports batch * heads * q_len < 2**32")
     cfg = _Config(metric=metric, p=p if isinstance(p, float) else None, is_causal=is_causal, block_q=block_q,
                   block_k=block_k, q_len=q_len, kv_len=kv_len, group=group,
                   dropout_rate=0.0 if dropout is None else float(dropout.rate),
-                  broadcast_dropout=True if dropout is None else bool(dropout.broadcast), precision=precision)
+                  broadcast_dropout=True if dropout is None else bool(dropout.broadcast), precision=precision,
+                  local_window=None if local_window is None else tuple(local_window))
     acc = metrics.accumulation_dtype(q.dtype)
     qg = _pad_axis(q, 1, t_pad).reshape(batch, t_pad, num_kv, group, head_dim).transpose(0, 2, 1, 3, 4)
     kt = _pad_axis(k, 1, s_pad).transpose(0, 2, 1, 3)
@@ -404,8 +393,13 @@ class Blockwise:
     lam5 = lam.astype(acc).reshape(1, num_kv, 1, group, 1)
     bias5 = _group_operand(None if bias is None else bias.astype(acc), num_kv, group, t_pad, s_pad, 0.0)
     mask5 = _group_operand(mask, num_kv, group, t_pad, s_pad, False)
+    segments = segments or common.Segments()
+    seg = (None if segments.q_ids is None else _pad_axis(segments.q_ids, 1, t_pad),
+           None if segments.kv_ids is None else _pad_axis(segments.kv_ids, 1, s_pad),
+           segments.q_lengths, segments.kv_lengths)
     p_array = None if isinstance(p, float) else jnp.asarray(p, acc)
-    out, lse = _flash(cfg, qg, kt, vt, lam5, bias5, mask5, p_array, None if dropout is None else dropout.rng)
+    out, lse = _flash(cfg, qg, kt, vt, lam5, bias5, mask5, seg, p_array,
+                      None if dropout is None else dropout.rng)
     out = out.transpose(0, 2, 1, 3, 4).reshape(batch, t_pad, num_heads, v.shape[-1])[:, :q_len]
     lse = lse.transpose(0, 1, 3, 2).reshape(batch, num_heads, t_pad)[:, :, :q_len]
     return common.AttentionResult(out, lse, None)

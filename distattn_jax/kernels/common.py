@@ -1,4 +1,4 @@
-"""Pieces every kernel shares: the result type, the dropout description, masks and the masked softmax.
+"""Pieces every kernel shares: the result type, the dropout and segment descriptions, masks and the masked softmax.
 
 Canonical kernel shapes (``distattn_jax.attention`` produces them from the public Flax layout):
 
@@ -6,7 +6,10 @@ Canonical kernel shapes (``distattn_jax.attention`` produces them from the publi
   reads key/value head ``h // (H // K)`` (grouped-query attention; ``K == H`` is plain multi-head);
 * ``lam [H]`` in the accumulation dtype; ``bias`` ``None`` or float ``[B|1, H|1, T|1, S|1]``; ``mask`` ``None``
   or bool of the same form, True = attend;
-* the result: ``out [B, T, H, Dv]`` in ``q``'s dtype; ``lse [B, H, T]``, the natural log of the softmax
+* ``segments`` ``None`` or :class:`Segments` (int32 ids ``[B, T]``/``[B, S]`` and lengths ``[B]``), and
+  ``local_window`` ``None`` or a static ``(left, right)`` pair of ints: per-position masks a kernel evaluates
+  tile by tile with :func:`position_mask` instead of receiving a dense ``[B, H, T, S]`` mask;
+* the result: ``out [B, T, H, Dv]`` in ``v``'s dtype; ``lse [B, H, T]``, the natural log of the softmax
   normaliser (``-inf`` on a fully masked row), so partial results over key shards can be merged; and
   ``weights [B, H, T, S]`` when asked for. ``lse`` and ``weights`` are in the accumulation dtype (float32, or
   float64 for float64 inputs).
@@ -37,16 +40,43 @@ class Dropout(NamedTuple):
   broadcast: bool = True
 
 
-def causal_mask(q_len: int, kv_len: int) -> Array:
-  """``[T, S]`` bool, True where key ``j <= i`` (aligned at the first position, as ``jax.nn.dot_product_attention``)."""
-  return jnp.arange(q_len)[:, None] >= jnp.arange(kv_len)[None, :]
+class Segments(NamedTuple):
+  """Which query may see which key, by position: query ``t`` of batch row ``b`` sees key ``s`` only if
+  ``q_ids[b, t] == kv_ids[b, s]``, ``t < q_lengths[b]`` and ``s < kv_lengths[b]``. Each field is None when
+  unused; ``q_ids`` and ``kv_ids`` are both set or both None. All int32."""
+
+  q_ids: Array | None = None       # [B, T]
+  kv_ids: Array | None = None      # [B, S]
+  q_lengths: Array | None = None   # [B]
+  kv_lengths: Array | None = None  # [B]
 
 
-def combine_masks(mask: Array | None, is_causal: bool, q_len: int, kv_len: int) -> Array | None:
+def position_mask(q_pos: Array, kv_pos: Array, *, is_causal: bool = False,
+                  local_window: tuple[int, int] | None = None, q_ids: Array | None = None,
+                  kv_ids: Array | None = None, q_lengths: Array | None = None,
+                  kv_lengths: Array | None = None) -> Array | None:
+  """Bool ``[B|1, tq, tk]``, True where query position ``q_pos [tq]`` may see key position ``kv_pos [tk]``:
+  causal (``s <= t``), inside the window (``t - left <= s <= t + right``), equal ids (``q_ids [B, tq]``,
+  ``kv_ids [B, tk]``, the ids at those positions) and inside the lengths (``[B]``). None when nothing masks."""
+  t = q_pos.reshape(1, -1, 1)
+  s = kv_pos.reshape(1, 1, -1)
+  allowed = None
+
+  def both(m):
+    return m if allowed is None else jnp.logical_and(allowed, m)
+
   if is_causal:
-    causal = causal_mask(q_len, kv_len)
-    return causal if mask is None else jnp.logical_and(mask, causal)
-  return mask
+    allowed = both(s <= t)
+  if local_window is not None:
+    left, right = local_window
+    allowed = both(jnp.logical_and(s >= t - left, s <= t + right))
+  if q_ids is not None:
+    allowed = both(q_ids[:, :, None] == kv_ids[:, None, :])
+  if q_lengths is not None:
+    allowed = both(t < q_lengths.reshape(-1, 1, 1))
+  if kv_lengths is not None:
+    allowed = both(s < kv_lengths.reshape(-1, 1, 1))
+  return allowed
 
 
 def masked_softmax(logits: Array, mask: Array | None) -> tuple[Array, Array]:
@@ -68,12 +98,3 @@ def masked_softmax(logits: Array, mask: Array | None) -> tuple[Array, Array]:
   weights = e / safe_denom
   lse = jnp.where(has_any, row_max + jnp.log(safe_denom), -jnp.inf)[..., 0]
   return weights, lse
-
-
-def dropout_multiplier(dropout: Dropout, weights_shape: tuple[int, ...], dtype) -> Array:
-  """The ``keep / (1 - rate)`` multiplier, drawn exactly as ``flax.linen.dot_product_attention`` draws it (the
-  same bits for the same rng, whatever the batch rank, since the draw depends only on the element count)."""
-  keep_prob = 1.0 - dropout.rate
-  shape = (1,) * (len(weights_shape) - 2) + tuple(weights_shape[-2:]) if dropout.broadcast else weights_shape
-  keep = jax.random.bernoulli(dropout.rng, keep_prob, shape)
-  return keep.astype(dtype) / jnp.asarray(keep_prob, dtype=dtype)
