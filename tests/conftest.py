@@ -1,8 +1,12 @@
-"""Test set-up: eight simulated CPU devices (set before JAX starts its backend) and shared helpers."""
+"""Test set-up: eight simulated CPU devices (set before JAX starts its backend), rank promotion as an error,
+and shared helpers."""
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Implicit rank broadcasting is a bug magnet in attention code (a [T, S] mask silently meeting [B, H, T, S]);
+# the library is written without it, and the suite keeps it that way.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import distattn_jax as da
 from conftest import normal
 from distattn_jax import attention as attention_module
-from distattn_jax.kernels import Blockwise, blockwise
+from distattn_jax.kernels import Blockwise, blockwise, dropout
 
 METRICS = da.metrics.available()
 
@@ -125,14 +125,14 @@ def test_tile_dropout_bits_equal_jax_random_bernoulli():
   full = np.asarray(jax.random.bernoulli(key, 0.7, (3, 5, 37, 29)))
   rows = (np.arange(3 * 5)[:, None] * 37 + np.arange(37)[None, :]).reshape(3, 5, 37, 1).astype(np.uint32)
   cols = np.arange(29, dtype=np.uint32)[None, None, None, :]
-  np.testing.assert_array_equal(blockwise._keep_mask(key, 0.7, jnp.asarray(rows), jnp.asarray(cols), 29), full)
+  np.testing.assert_array_equal(dropout.keep_mask(key, 0.7, jnp.asarray(rows), jnp.asarray(cols), 29), full)
 
 
 def test_64_bit_counter_arithmetic_matches_numpy():
   rng = np.random.default_rng(0)
   a = rng.integers(0, 2**32, 1000, dtype=np.uint64)
   for b in (1, 29, 65535, 65536, 2**31 + 7, 2**32 - 1):
-    high, low = blockwise._mul_u32(jnp.asarray(a.astype(np.uint32)), b)
+    high, low = dropout.mul_u32(jnp.asarray(a.astype(np.uint32)), b)
     np.testing.assert_array_equal((np.asarray(high, np.uint64) << np.uint64(32)) | np.asarray(low, np.uint64),
                                   a * np.uint64(b))
 
@@ -150,17 +150,22 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
   assert all(np.all(np.isfinite(g)) for g in grads)
 
 
-def test_causal_block_ranges_skip_exactly_the_blocks_above_the_diagonal():
+@pytest.mark.parametrize("is_causal,window", [(True, None), (False, (5, 3)), (True, (9, 4)), (False, (0, 17))])
+def test_block_ranges_skip_exactly_the_blocks_no_query_can_see(is_causal, window):
+  # Brute force over positions: a (query block, key block) pair is visited iff some pair of positions in it is
+  # inside the causal triangle and the window.
   for block_q, block_k, length in ((8, 8, 64), (8, 24, 70), (32, 8, 100), (5, 7, 36)):
-    cfg = blockwise._Config("dot", 2.0, True, block_q, block_k, length, length, 1, 0.0, True, None)
+    cfg = blockwise._Config("dot", 2.0, is_causal, block_q, block_k, length, length, 1, 0.0, True, None, window)
     num_q, num_k = -(-length // block_q), -(-length // block_k)
+    left, right = window or (length, length)
     for i in range(num_q):
-      visible = int(blockwise._kv_block_range(cfg, i, num_k))
+      first, end = (int(x) for x in blockwise._kv_block_range(cfg, i, num_k))
       for j in range(num_k):
-        has_unmasked = any(t >= s for t in range(i * block_q, (i + 1) * block_q)
-                           for s in range(j * block_k, (j + 1) * block_k))
-        assert (j < visible) == has_unmasked, (block_q, block_k, i, j)
-        assert (i >= int(blockwise._first_q_block(cfg, j))) == has_unmasked, (block_q, block_k, i, j)
+        first_q, end_q = (int(x) for x in blockwise._q_block_range(cfg, j, num_q))
+        visible = any((t >= s or not is_causal) and t - left <= s <= t + right
+                      for t in range(i * block_q, (i + 1) * block_q) for s in range(j * block_k, (j + 1) * block_k))
+        assert (first <= j < end) == visible, (block_q, block_k, i, j)
+        assert (first_q <= i < end_q) == visible, (block_q, block_k, i, j)
 
 
 @pytest.mark.parametrize("metric", ["dot", "l1"])
@@ -191,21 +196,43 @@ def test_no_recompilation_for_the_same_shapes():
 
 
 def test_auto_picks_reference_for_small_and_blockwise_for_large_logits():
-  select = attention_module._select_kernel
+  def select(impl, weights, logits, rng):
+    request = da.kernels.Request(batch=1, q_len=1, kv_len=logits, num_heads=1, num_kv_heads=1, metric="l1",
+                                 return_weights=weights,
+                                 dropout=None if rng is None else da.kernels.Dropout(0.1, rng, True))
+    return attention_module._select_kernel(impl, request)
+
   small = attention_module.AUTO_REFERENCE_MAX_BYTES // 4
   assert select("auto", False, small, None) is da.kernels.get("reference")
   assert select(None, False, small + 1, None) is da.kernels.get("blockwise")
   assert select("auto", True, small + 1, None) is da.kernels.get("reference")  # weights need the reference
-  # A dropout key the tile-wise draw cannot reproduce keeps "auto" on the reference.
+  # A dropout key the tile-wise draw cannot reproduce keeps "auto" on the reference ...
   rbg = jax.random.key(0, impl="rbg")
   assert select("auto", False, small + 1, rbg) is da.kernels.get("reference")
-  with pytest.raises(ValueError, match="blockwise dropout needs a threefry dropout_rng"):
-    blockwise.check_dropout_rng(rbg)
+  with pytest.raises(ValueError, match="tile-wise dropout needs a threefry dropout_rng"):
+    dropout.check_rng(rbg)
+  # ... and an explicit blockwise kernel says why it declines.
+  with pytest.raises(ValueError, match="implementation 'blockwise' cannot draw this dropout"):
+    select("blockwise", False, small + 1, rbg)
+
+
+def test_dropout_under_x64_is_the_reference_draw_or_a_clear_error(x64):
+  # jax.random.bernoulli draws float64 uniforms under x64, which no tile-wise float32 draw reproduces: the
+  # blockwise kernel declines, and "auto" (whatever the size) stays on the reference, which draws exactly as
+  # Flax does.
+  q, k, v, _, _, _ = case(90, t=24, s=24, batch=1)
+  kw = dict(metric="l1", dropout_rng=jax.random.key(5), dropout_rate=0.3)
+  with pytest.raises(ValueError, match="cannot reproduce jax.random.bernoulli under jax_enable_x64"):
+    da.distance_attention(q, k, v, implementation=Blockwise(8, 8), **kw)
+  weights = da.distance_attention(q, k, v, metric="l1", implementation="reference", return_weights=True)[1]
+  keep = jax.random.bernoulli(jax.random.key(5), 0.7, (1, 1, 24, 24))
+  want = jnp.einsum("bhts,bshd->bthd", weights * keep / 0.7, jnp.repeat(jnp.asarray(v), 2, axis=2))
+  np.testing.assert_allclose(da.distance_attention(q, k, v, **kw), want, rtol=1e-5, atol=1e-6)
 
 
 def test_blockwise_errors():
   q, k, v, _, _, _ = case(80, t=8, s=8)
-  with pytest.raises(ValueError, match="never materialises the attention weights"):
+  with pytest.raises(ValueError, match="'blockwise' cannot return attention weights"):
     da.distance_attention(q, k, v, implementation="blockwise", return_weights=True)
   with pytest.raises(ValueError, match=r"Blockwise: block_q must be a positive int or None; got 0"):
     Blockwise(block_q=0)
@@ -219,3 +246,64 @@ def test_blockwise_errors():
 
   with pytest.raises(TypeError, match="must be a registered name or a hashable kernel object"):
     da.distance_attention(q, k, v, implementation=Unhashable())
+
+
+def segment_case(seed, t, s, batch=2):
+  """Packed ids (runs of 0..3, 0 included as padding), lengths not a multiple of the tile, and the dense mask
+  they mean, written from the definition."""
+  rng = np.random.default_rng(seed)
+  q_ids = np.sort(rng.integers(0, 4, (batch, t)), axis=-1).astype(np.int32)
+  kv_ids = np.sort(rng.integers(0, 4, (batch, s)), axis=-1).astype(np.int32)
+  q_lengths = np.array([t - 3, t][:batch], np.int32)
+  kv_lengths = np.array([s, s - 11][:batch], np.int32)
+  window = (9, 4)
+  ti, si = np.arange(t)[:, None], np.arange(s)[None, :]
+  dense = ((q_ids[:, :, None] == kv_ids[:, None, :]) & (ti < q_lengths[:, None, None])[..., :1]
+           & (si < kv_lengths[:, None, None]) & (si >= ti - window[0]) & (si <= ti + window[1]))
+  kw = dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids, query_seq_lengths=q_lengths,
+            key_value_seq_lengths=kv_lengths, local_window_size=window)
+  return kw, dense[:, None]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_segments_lengths_and_window_equal_the_dense_mask(metric):
+  # Lengths 45 and 38 with 16 x 16 tiles: three query and three key tiles, neither divisible. Ids, lengths and
+  # window together with a random mask, bias, causal and GQA; the oracle is the reference kernel given the same
+  # constraints as one dense mask. Outputs and the gradients of q, k, v, lam and bias.
+  q, k, v, mask, bias, ct = case(100, t=45, s=38)
+  seg_kw, dense = segment_case(101, 45, 38)
+  kw = dict(metric=metric, p=3.0, is_causal=True)
+  want = outputs_and_grads("reference", q, k, v, mask & dense, bias, ct, **kw)
+  for impl in ("reference", Blockwise(16, 16)):
+    got = outputs_and_grads(impl, q, k, v, mask, bias, ct, **kw, **seg_kw)
+    assert_relative_close(got, want, rtol=1e-5)
+
+
+def test_window_skips_blocks_and_matches_reference_without_causal():
+  # A window without causal reaches right of the diagonal; 8 x 8 tiles of 100 positions: most key blocks are
+  # outside every query block's window (the block ranges above say which), and the result is unchanged.
+  q, k, v, mask, bias, ct = case(110, t=100, s=100, batch=1)
+  kw = dict(metric="l2", local_window_size=(6, 13))
+  want = outputs_and_grads("reference", q, k, v, mask, bias, ct, **kw)
+  got = outputs_and_grads(Blockwise(8, 8), q, k, v, mask, bias, ct, **kw)
+  assert_relative_close(got, want, rtol=1e-5)
+
+
+def test_compiled_memory_with_segment_ids_grows_linearly():
+  # Segment ids and lengths are [B, T] / [B] arrays evaluated per tile: doubling the length must not quadruple
+  # the temporaries of the forward+backward (a dense [T, S] mask would).
+  def temp_bytes(n):
+    shape = jax.ShapeDtypeStruct((1, n, 4, 32), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+    def loss(q, k, v, ids, lengths):
+      return jnp.sum(da.distance_attention(q, k, v, metric="l1", implementation=Blockwise(256, 256),
+                                           q_segment_ids=ids, kv_segment_ids=ids, key_value_seq_lengths=lengths,
+                                           local_window_size=(512, 0)))
+
+    return jax.jit(jax.grad(loss, (0, 1, 2))).lower(shape, shape, shape, ids, lengths).compile(
+        ).memory_analysis().temp_size_in_bytes
+
+  small, large = temp_bytes(2048), temp_bytes(4096)
+  assert large <= 2.5 * small, (small, large)
