@@ -26,8 +26,9 @@ def apply_rotary(x: Array, positions: Array, base: float) -> Array:
   """
   half = x.shape[-1] // 2
   freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = jnp.asarray(positions).astype(jnp.float32)[:, None] * freqs  # [length, half]
-  cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+  angles = jnp.asarray(positions).astype(jnp.float32)[:, None] * freqs[None, :]  # [length, half]
+  lead = (1,) * (x.ndim - 3)  # [batch..., length, 1 (heads), half]
+  cos, sin = jnp.cos(angles).reshape(lead + (-1, 1, half)), jnp.sin(angles).reshape(lead + (-1, 1, half))
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -158,10 +159,15 @@ class DistanceBasedAttention(nn.Module):
   def __call__(self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
                inputs_kv: Array | None = None, mask: Array | None = None, deterministic: bool | None = None,
                dropout_rng: Array | None = None, sow_weights: bool = False, is_causal: bool = False,
-               positions: Array | None = None) -> Array:
+               positions: Array | None = None, q_segment_ids: Array | None = None,
+               kv_segment_ids: Array | None = None, query_seq_lengths: Array | None = None,
+               key_value_seq_lengths: Array | None = None, local_window_size: Any = None) -> Array:
     """Like ``nn.MultiHeadDotProductAttention.__call__``; ``is_causal`` adds a causal mask that kernels can use
     to skip blocks (ignored while decoding, where the cache index already masks the future); ``positions``
-    ``[length]`` are the query/key positions for ``rotary_base`` (self-attention only)."""
+    ``[length]`` are the query/key positions for ``rotary_base`` (self-attention only). The segment ids,
+    sequence lengths and ``local_window_size`` go to ``distance_attention`` unchanged (padding and packing
+    without a dense mask); they index the call's own positions, so a decode step (which attends to the cache)
+    refuses them."""
     if inputs_kv is not None:
       if inputs_k is not None or inputs_v is not None:
         raise ValueError("DistanceBasedAttention: pass inputs_kv or inputs_k/inputs_v, not both")
@@ -193,9 +199,16 @@ class DistanceBasedAttention(nn.Module):
       query = apply_rotary(query, positions, self.rotary_base)
       key = apply_rotary(key, positions, self.rotary_base)
 
+    position_args = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                         local_window_size=local_window_size)
     if self.decode:
       key, value, mask, decoding = self._update_cache(query, key, value, mask)
       is_causal = is_causal and not decoding
+      given = sorted(name for name, value in position_args.items() if value is not None)
+      if decoding and given:
+        raise ValueError(f"DistanceBasedAttention: {', '.join(given)} index the call's own positions and "
+                         "cannot be used in a decode step (pass mask= over the cache instead)")
 
     if self.dropout_rate > 0.0:
       deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
@@ -206,7 +219,7 @@ class DistanceBasedAttention(nn.Module):
 
     lam, p = self._lam_and_p(head_dim)
     x = attention.distance_attention(
-        query, key, value, mask=mask, metric=metric, lam=lam, p=p, is_causal=is_causal,
+        query, key, value, mask=mask, metric=metric, lam=lam, p=p, is_causal=is_causal, **position_args,
         broadcast_dropout=self.broadcast_dropout, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
         deterministic=deterministic, dtype=self.dtype, precision=self.precision,
         implementation=self.implementation, module=self if sow_weights else None)

@@ -52,7 +52,7 @@ def test_sown_weights_are_the_first_layers_distance_attention_weights():
   _, state = model.apply({"params": params}, tokens, capture_intermediates=True, mutable=["intermediates"])
   y = state["intermediates"]["trunk"]["block_0"]["ln_attention"]["__call__"][0]
   p = params["trunk"]["block_0"]["attention"]
-  project = lambda w: jnp.einsum("blf,fhd->blhd", y, w["kernel"]) + w["bias"]
+  project = lambda w: jnp.einsum("blf,fhd->blhd", y, w["kernel"]) + w["bias"][None, None]
   _, want = da.distance_attention(project(p["query"]), project(p["key"]), project(p["value"]), metric="l2",
                                   lam=jnp.exp(p["log_lambda"]), is_causal=True, return_weights=True)
   chex.assert_trees_all_close(weights[0], want, rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ def tokens(seed, batch=2, length=6, features=FEATURES):
 
 def project(params, x, heads):
   """Flax's DenseGeneral projection written out: [B, L, F] x [F, H, D] + [H, D]."""
-  return jnp.einsum("blf,fhd->blhd", x, params["kernel"]) + params["bias"]
+  return jnp.einsum("blf,fhd->blhd", x, params["kernel"]) + params["bias"][None, None]
 
 
 def test_linen_attention_fn_dot_equals_flax_default_with_mask_and_dropout():
@@ -50,7 +50,7 @@ def test_linen_attention_fn_equals_distance_attention_on_the_projections(metric)
   heads, w = da.distance_attention(project(p["query"], x, HEADS), project(p["key"], x, HEADS),
                                    project(p["value"], x, HEADS), metric=metric, lam=0.7, p=3.0,
                                    return_weights=True)
-  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"][None, None]
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
   sown = state["intermediates"]["attention_weights"][0]
   chex.assert_trees_all_close(sown, w, rtol=1e-6)
@@ -62,11 +62,11 @@ def test_every_metric_inside_nnx_multi_head_attention(metric):
   mha = nnx.MultiHeadAttention(num_heads=HEADS, in_features=FEATURES, decode=False, num_kv_heads=2,
                                attention_fn=da.make_attention_fn(metric, p=3.0), rngs=nnx.Rngs(0))
   got, intermediates = nnx.capture(lambda m, x: m(x, sow_weights=True), nnx.Intermediate)(mha, x)
-  q = jnp.einsum("blf,fhd->blhd", x, mha.query.kernel[...]) + mha.query.bias[...]
-  k = jnp.einsum("blf,fhd->blhd", x, mha.key.kernel[...]) + mha.key.bias[...]
-  v = jnp.einsum("blf,fhd->blhd", x, mha.value.kernel[...]) + mha.value.bias[...]
+  q = jnp.einsum("blf,fhd->blhd", x, mha.query.kernel[...]) + mha.query.bias[...][None, None]
+  k = jnp.einsum("blf,fhd->blhd", x, mha.key.kernel[...]) + mha.key.bias[...][None, None]
+  v = jnp.einsum("blf,fhd->blhd", x, mha.value.kernel[...]) + mha.value.bias[...][None, None]
   heads, w = da.distance_attention(q, k, v, metric=metric, p=3.0, return_weights=True)
-  want = jnp.einsum("blhd,hdf->blf", heads, mha.out.kernel[...]) + mha.out.bias[...]
+  want = jnp.einsum("blhd,hdf->blf", heads, mha.out.kernel[...]) + mha.out.bias[...][None, None]
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(intermediates["attention_weights"][0], w, rtol=1e-6)
 
@@ -247,3 +247,25 @@ def test_rotary_decoding_rotates_each_chunk_at_its_cache_position():
 def test_module_configuration_errors(fields, message):
   with pytest.raises(ValueError, match=message):
     da.DistanceBasedAttention(**fields).init(jax.random.key(0), tokens(14))
+
+
+def test_segment_ids_lengths_and_window_equal_the_dense_mask_through_the_module():
+  x = tokens(40, length=9)
+  layer = da.DistanceBasedAttention(num_heads=HEADS, metric="l1")
+  params = layer.init(jax.random.key(0), x)
+  ids = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3, 3]], jnp.int32)
+  lengths = jnp.asarray([7, 9], jnp.int32)
+  t = jnp.arange(9)
+  dense = ((ids[:, :, None] == ids[:, None, :]) & (t[None, None, :] < lengths[:, None, None])
+           & (t[None, None, :] >= t[None, :, None] - 2) & (t[None, None, :] <= t[None, :, None] + 1))[:, None]
+  want = layer.apply(params, x, mask=dense)
+  got = layer.apply(params, x, q_segment_ids=ids, key_value_seq_lengths=lengths, local_window_size=(2, 1))
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_step_refuses_position_arguments():
+  layer = da.DistanceBasedAttention(num_heads=HEADS, metric="l2", decode=True)
+  x = tokens(41, length=4)
+  variables = layer.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="q_segment_ids index the call's own positions"):
+    layer.apply(variables, x[:, :1], q_segment_ids=jnp.ones((2, 1), jnp.int32), mutable=["cache"])

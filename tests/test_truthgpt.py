@@ -54,11 +54,11 @@ def test_rotary_attention_equals_hand_built_attention_on_rotated_projections():
   block = state["intermediates"]["trunk"]["block_0"]
   y = block["ln_attention"]["__call__"][0]
   p = params["trunk"]["block_0"]["attention"]
-  project = lambda w: jnp.einsum("blf,fhd->blhd", y, w["kernel"]) + w["bias"]
+  project = lambda w: jnp.einsum("blf,fhd->blhd", y, w["kernel"]) + w["bias"][None, None]
   positions = jnp.arange(7)
   heads = da.distance_attention(rotate(project(p["query"]), positions, 50.0), rotate(project(p["key"]), positions, 50.0),
                                 project(p["value"]), metric="l2", lam=jnp.exp(p["log_lambda"]), is_causal=True)
-  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"][None, None]
   chex.assert_trees_all_close(block["attention"]["__call__"][0], want, rtol=1e-5, atol=1e-5)
 
 
@@ -157,3 +157,18 @@ def test_a_sequence_longer_than_the_learned_positions_is_rejected():
   model = TruthGPT(TruthGPTConfig(**SMALL))
   with pytest.raises(ValueError, match=r"a sequence of 30 tokens exceeds model.max_len=24"):
     model.init(jax.random.key(0), tokens(10, length=30))
+
+
+def test_packed_rows_keep_documents_apart():
+  # Two documents packed into one row with segment ids: the first document's logits equal the document run
+  # alone (same positions, causal), and the second's do not depend on the first's tokens.
+  model = TruthGPT(TruthGPTConfig(**SMALL, metric="l1"))
+  first, second = tokens(20, batch=1, length=7), tokens(21, batch=1, length=5)
+  params = init(model, jnp.concatenate([first, second], axis=1))
+  ids = jnp.asarray([[1] * 7 + [2] * 5], jnp.int32)
+  apply = jax.jit(model.apply, static_argnames=())
+  packed = apply({"params": params}, jnp.concatenate([first, second], axis=1), segment_ids=ids)
+  chex.assert_trees_all_close(packed[:, :7], apply({"params": params}, first), rtol=1e-5, atol=1e-5)
+  other = apply({"params": params}, jnp.concatenate([tokens(22, batch=1, length=7), second], axis=1),
+                segment_ids=ids)
+  chex.assert_trees_all_close(other[:, 7:], packed[:, 7:], rtol=1e-5, atol=1e-5)

@@ -5,8 +5,8 @@ embedding they own:
 
 * :class:`TruthGPT`, the decoder-only language model: causal attention, logits through the tied token embedding,
   ``decode=True`` for generation with the attention layers' KV cache;
-* :class:`TruthGPTClassifier`, the encoder variant: bidirectional attention over a padding mask, mean or
-  first-token pooling and a linear head.
+* :class:`TruthGPTClassifier`, the encoder variant: bidirectional attention over the real tokens (as segment
+  ids, never a ``[T, T]`` mask), mean or first-token pooling and a linear head.
 
 Every choice a run can change (metric, lam, p, kernel, sizes, positions, dtypes) is a field of
 :class:`TruthGPTConfig`, which checks itself when built, so a bad value fails before anything is traced. The
@@ -122,7 +122,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None, positions: Array, deterministic: bool,
-               sow_weights: bool) -> Array:
+               sow_weights: bool, segments: dict[str, Array] | None = None) -> Array:
     c = self.config
     attention = da.DistanceBasedAttention(
         num_heads=c.num_heads, metric=c.metric, lambda_init=c.lambda_init, learnable_lambda=c.learnable_lambda,
@@ -131,7 +131,7 @@ class Block(nn.Module):
         dropout_rate=c.attention_dropout_rate, decode=self.decode, name="attention")
     y = nn.LayerNorm(dtype=c.compute_dtype, name="ln_attention")(x)
     y = attention(y, mask=mask, deterministic=deterministic, sow_weights=sow_weights, is_causal=self.causal,
-                  positions=positions)
+                  positions=positions, **(segments or {}))
     x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
     return x + Mlp(c, name="mlp")(nn.LayerNorm(dtype=c.compute_dtype, name="ln_mlp")(x), deterministic)
 
@@ -145,7 +145,10 @@ class Trunk(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None, deterministic: bool, sow_weights: bool) -> Array:
+  def __call__(self, x: Array, mask: Array | None, deterministic: bool, sow_weights: bool,
+               segments: dict[str, Array] | None = None) -> Array:
+    """``segments``: keyword arguments of ``DistanceBasedAttention`` (segment ids, sequence lengths) shared by
+    every block."""
     c = self.config
     length = x.shape[-2]
     positions = jnp.arange(length) + self._decode_offset(length)
@@ -154,10 +157,12 @@ class Trunk(nn.Module):
       if length > c.max_len:
         raise ValueError(f"TruthGPT: a sequence of {length} tokens exceeds model.max_len={c.max_len}")
       table = self.param("pos_embed", nn.initializers.normal(stddev=c.width ** -0.5), (c.max_len, c.width))
-      x = x + jnp.take(table, positions, axis=0).astype(c.compute_dtype)
+      learned = jnp.take(table, positions, axis=0).astype(c.compute_dtype)  # [length, width]
+      x = x + learned.reshape((1,) * (x.ndim - 2) + learned.shape)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     for i in range(c.depth):
-      x = Block(c, self.causal, self.decode, name=f"block_{i}")(x, mask, positions, deterministic, sow_weights)
+      x = Block(c, self.causal, self.decode, name=f"block_{i}")(x, mask, positions, deterministic, sow_weights,
+                                                                segments)
     return nn.LayerNorm(dtype=c.compute_dtype, name="ln_final")(x)
 
   def _decode_offset(self, length: int) -> Array:
@@ -182,16 +187,21 @@ class TruthGPT(nn.Module):
   The output layer is the token embedding, transposed (tied). With ``decode=True`` every attention layer keeps a
   KV cache (the ``cache`` collection) sized by the tokens given to ``init``; each later call appends its tokens
   (a prompt chunk, then one token at a time) and returns their logits, exactly as the full causal pass would.
+
+  ``segment_ids [batch, length]`` (int) packs several documents into one row: a token attends only to earlier
+  tokens with the same id (not while decoding). Positions stay those of the row.
   """
 
   config: TruthGPTConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens: Array, *, deterministic: bool = True, sow_weights: bool = False) -> Array:
+  def __call__(self, tokens: Array, *, deterministic: bool = True, sow_weights: bool = False,
+               segment_ids: Array | None = None) -> Array:
     embed = _embedding(self.config)
+    segments = None if segment_ids is None else dict(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     x = Trunk(self.config, causal=True, decode=self.decode, name="trunk")(embed(tokens), None, deterministic,
-                                                                          sow_weights)
+                                                                          sow_weights, segments)
     return embed.attend(x.astype(jnp.float32))
 
 
@@ -212,9 +222,11 @@ class TruthGPTClassifier(nn.Module):
     if self.pooling not in POOLINGS:
       raise ValueError(f"TruthGPTClassifier: pooling={self.pooling!r} must be one of {', '.join(POOLINGS)}")
     mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
-    x = Trunk(self.config, causal=False, name="trunk")(_embedding(self.config)(tokens),
-                                                       nn.make_attention_mask(mask, mask), deterministic,
-                                                       sow_weights)
+    # Real tokens share id 1; padded queries (0) and padded keys (-1) match nothing, so a real token sees the
+    # real tokens and a padded one sees none: nn.make_attention_mask(mask, mask) in linear memory.
+    segments = dict(q_segment_ids=mask.astype(jnp.int32), kv_segment_ids=jnp.where(mask, 1, -1))
+    x = Trunk(self.config, causal=False, name="trunk")(_embedding(self.config)(tokens), None, deterministic,
+                                                       sow_weights, segments)
     x = x.astype(jnp.float32)
     if self.pooling == "mean":
       weights = mask.astype(jnp.float32)[..., None]
