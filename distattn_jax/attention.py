@@ -169,8 +169,8 @@ def _check_segments(q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_
   lengths = []
   for name, value in (("query_seq_lengths", query_seq_lengths), ("key_value_seq_lengths", key_value_seq_lengths)):
     if value is not None:
+      concrete = metrics.concrete_value(value)  # before conversion, which jit would trace
       value = _check_int_array(name, value, batch_shape, "[batch...]")
-      concrete = metrics.concrete_value(value)
       if concrete is not None and np.any(concrete < 0):
         _fail(name, f"must be >= 0; got {concrete.tolist()}")
       value = value.reshape(batch)
