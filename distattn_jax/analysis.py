@@ -35,7 +35,7 @@ def attention_statistics(weights: Array) -> dict[str, Array]:
   entropy = -jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.where(w > 0, w, 1.0)), 0.0), axis=-1)
   query_pos = jnp.arange(q_len) + (kv_len - q_len)
   distance = jnp.abs(query_pos[:, None] - jnp.arange(kv_len)[None, :]).astype(jnp.float32)
-  mean_distance = jnp.sum(w * distance, axis=-1)
+  mean_distance = jnp.sum(w * distance.reshape((1,) * (w.ndim - 2) + distance.shape), axis=-1)
   per_row = {"entropy": entropy, "max_weight": jnp.max(w, axis=-1), "mean_distance": mean_distance}
   return {name: jnp.mean(v, axis=(0, 2)) for name, v in per_row.items()}
 
