@@ -223,14 +223,14 @@ def test_default_lambda_matches_closed_forms(dim):
   for name, value in expected.items():
     # Monte-Carlo error of the spread ratio is about 1% (512 queries, 1024 keys each); delta-method bias ~1/D.
     tol = 0.02 + (2.0 / dim if name == "l2" else 0.0)
-    assert abs(da.metrics.default_lambda(name, dim) / value - 1) < tol, (name, dim)
+    assert abs(da.initializers.default_lambda(name, dim) / value - 1) < tol, (name, dim)
 
 
 def test_default_lambda_equalises_the_logit_spread_on_fresh_samples():
-  dot_spread = da.metrics.logit_spread("dot", 64, seed=123)
+  dot_spread = da.initializers.logit_spread("dot", 64, seed=123)
   for name in da.metrics.available():
-    lam = da.metrics.default_lambda(name, 64, 3.0)
-    spread = da.metrics.logit_spread(name, 64, p=3.0, lam=lam, seed=123)  # a seed the default never saw
+    lam = da.initializers.default_lambda(name, 64, 3.0)
+    spread = da.initializers.logit_spread(name, 64, p=3.0, lam=lam, seed=123)  # a seed the default never saw
     assert abs(spread / dot_spread - 1) < 0.03, (name, spread, dot_spread)
 
 
@@ -248,4 +248,6 @@ def test_gradient_memory_is_linear_not_n_m_d(name, p):
     args = (spec, spec)
   compiled = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp <= 8 * n * n * 4, (name, p, temp / 2**20)
+  # Measured: 1 (l1) to 8 (traced p: the pair cotangent, 1/scale, their key-major copies, s) [N, M] arrays;
+  # 10 leaves margin and is still 6x below one [N, M, D] tensor.
+  assert temp <= 10 * n * n * 4, (name, p, temp / 2**20)
