@@ -264,6 +264,19 @@ def _trial(metric: Metric) -> None:
   y = jnp.asarray([[1.0, 0.25, -0.5], [0.0, 0.0, 0.0], [0.5, -1.0, 2.0]], jnp.float32)
   cases = [(None, None)] if not metric.parametric else [(2.0, 2.0), ("generic p", jnp.float32(3.0))]
   for label, p in cases:
+    form = metric.resolve(p)
+    if isinstance(form, Elementwise):
+      t = x - y[:2]
+      try:
+        shape = jax.eval_shape(lambda t, p: form.phi(t, *(() if p is None or isinstance(p, float) else (p,))),
+                               t, None if isinstance(p, float) else p).shape
+      except Exception as e:  # the user's callable can raise anything; re-raise naming the field
+        raise ValueError(f"register: metric {metric.name!r}: phi failed on a [2, 3] tile: "
+                         f"{type(e).__name__}: {e}") from e
+      if shape != t.shape:
+        raise ValueError(f"register: metric {metric.name!r}: phi must be elementwise (a [2, 3] tile in, [2, 3] "
+                         f"out); got shape {shape}")
+
     def trial(a, b, p):
       scores = evaluate.form_value(metric, a, b, p)
       return jnp.sum(scores), scores
