@@ -59,6 +59,10 @@ def evaluate(form: record.Gram, x: Array, y: Array, center: bool) -> Array:
   if center:
     x, y = centered(x, y)
   acc = record.accumulation_dtype(jnp.result_type(x, y))
+  if form.normalize:
+    x, y = x.astype(acc), y.astype(acc)
+    x = x * inverse_norm(jnp.sum(x * x, axis=-1, keepdims=True))
+    y = y * inverse_norm(jnp.sum(y * y, axis=-1, keepdims=True))
   return jnp.asarray(form.fn(*grams(form.terms, x, y))).astype(acc)
 
 
@@ -76,8 +80,9 @@ def sqeuclidean(xy: Array, xx: Array, yy: Array) -> Array:
   return jnp.maximum(xx + yy - 2.0 * xy, 0.0)
 
 
-def cosine(xy: Array, xx: Array, yy: Array) -> Array:
-  return jnp.clip(1.0 - xy * inverse_norm(xx) * inverse_norm(yy), 0.0, 2.0)
+def cosine(xy: Array) -> Array:
+  """``1 - x.y`` of normalised rows (``Gram(..., normalize=True)``), clamped to the range rounding can leave."""
+  return jnp.clip(1.0 - xy, 0.0, 2.0)
 
 
 def dot(xy: Array) -> Array:

@@ -84,7 +84,10 @@ def _check_terms(terms: Any) -> None:
 class Gram:
   """The score ``fn(*grams)`` with ``grams[i][..., n, m] = sum_d x[n, d]^a_i y[m, d]^b_i`` for
   ``(a_i, b_i) = terms[i]``: a matmul where both exponents are positive, a row sum (``[..., N, 1]`` or
-  ``[..., 1, M]``) where one is 0. The default terms give ``fn(x.y, |x|^2, |y|^2)``.
+  ``[..., 1, M]``) where one is 0. The default terms give ``fn(x.y, |x|^2, |y|^2)``. With ``normalize`` the
+  rows of ``x`` and ``y`` are divided by their norms first (a zero row stays 0, with gradient 0): cosine is
+  ``Gram(lambda xy: 1 - xy, terms=((1, 1),), normalize=True)``, which keeps no ``[N, M]`` intermediate of
+  ``xy / (|x| |y|)`` for the backward pass.
 
   The matmuls run at ``jax.lax.Precision.HIGHEST`` whatever precision the caller asks for. ``fn`` is
   differentiated by JAX's autodiff; it should clamp what rounding can push out of range (e.g. ``max(d2, 0)``).
@@ -94,11 +97,14 @@ class Gram:
 
   fn: Callable[..., Array]
   terms: tuple[tuple[int, int], ...] = ((1, 1), (2, 0), (0, 2))
+  normalize: bool = False
 
   def __post_init__(self):
     if not callable(self.fn):
       _fail("Gram", "fn", self.fn, "a callable fn(*grams) -> array", TypeError)
     _check_terms(self.terms)
+    if not isinstance(self.normalize, bool):
+      _fail("Gram", "normalize", self.normalize, "a bool", TypeError)
 
 
 Form = Union[Elementwise, Gram]

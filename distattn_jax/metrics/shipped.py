@@ -68,7 +68,7 @@ lp = record.add_shipped(Metric(
     "partial derivative is infinite); for a traced p, d lp / dp = lp/p * sum_k u_k^p log u_k with "
     "u = |x - y| / lp, and 0 at zero distance"))
 cosine = record.add_shipped(Metric(
-    "cosine", Gram(gram.cosine),
+    "cosine", Gram(gram.cosine, terms=((1, 1),), normalize=True),
     gradient="1 - x.y / (|x| |y|); a zero vector has similarity 0 with everything (distance 1) and receives "
     "gradient 0"))
 chebyshev = record.add_shipped(Metric(
