@@ -35,9 +35,9 @@ def score(x: Array, y: Array, metric: str | record.DistanceType | record.Metric,
   already be checked. ``precision`` is accepted for the kernels' convenience and ignored: gram forms always
   run at ``Precision.HIGHEST``."""
   del precision
-  record_ = record.get(metric)
-  s = form_value(record_, x, y, p)
-  return s if record_.similarity else -s
+  entry = record.get(metric)
+  s = form_value(entry, x, y, p)
+  return s if entry.similarity else -s
 
 
 def _unsigned(x: Array, y: Array, p_array: Array | None, *, metric: record.Metric, p_static: float | None) -> Array:
