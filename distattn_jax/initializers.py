@@ -36,8 +36,10 @@ def logit_spread(metric: str | metrics.DistanceType, head_dim: int, p: float = 2
   for _ in range(max(1, num_queries // 16)):  # fresh keys for every 16 queries, so key noise averages out
     qs.append(rng.standard_normal((16, head_dim)))
     ks.append(rng.standard_normal((num_keys, head_dim)))
-  scores = _scores(jnp.asarray(np.stack(qs), jnp.float32), jnp.asarray(np.stack(ks), jnp.float32), metric=name,
-                   p=p)
+  # A measurement on constants: evaluated now even when called while a model's init is being traced.
+  with jax.ensure_compile_time_eval():
+    scores = _scores(jnp.asarray(np.stack(qs), jnp.float32), jnp.asarray(np.stack(ks), jnp.float32),
+                     metric=name, p=p)
   variances = np.var(np.asarray(scores, np.float64), axis=-1)
   return float(lam * np.sqrt(np.mean(variances)) / math.sqrt(head_dim))
 
