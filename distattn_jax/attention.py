@@ -337,9 +337,10 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
     mask: True = attend; broadcastable like ``bias``. Numeric masks (Flax's ``make_attention_mask`` returns
       float32) mean nonzero = attend. A query row with nothing to attend to yields output 0 and zero gradients
       (see ``fully_masked_rows``). The per-position arguments below mask without a ``[T, S]`` array.
-    metric: one of ``metrics.available()`` or a ``DistanceType``.
+    metric: a name in ``metrics.available()`` (shipped or added with ``metrics.register``) or a ``DistanceType``.
     lam: positive scale, a scalar or one per query head (``[heads]``); may be traced (learned).
-    p: the order of ``metric="lp"`` (any ``p > 0``, ``inf`` allowed); may be traced (learned).
+    p: the order of a parametric metric such as ``"lp"`` (any ``p > 0``, ``inf`` allowed); may be traced
+      (learned). Other metrics ignore it.
     is_causal: mask keys after the query position (``j > i``, aligned at position 0 as in
       ``jax.nn.dot_product_attention``); kernels may skip the masked blocks.
     q_segment_ids, kv_segment_ids: integer ``[batch..., q_len]`` / ``[batch..., kv_len]``; query ``i`` sees key
@@ -358,7 +359,7 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       Flax's random draw, applied to the weights after the softmax.
     dtype: the computation dtype (default: the promoted dtype of query, key and value). Reductions and softmax
       statistics accumulate in float32 (float64 for float64 inputs); the output is in ``dtype``.
-    precision: passed to every matmul.
+    precision: the precision of ``weights @ value``. Distance matmuls always run at ``Precision.HIGHEST``.
     implementation: ``None``/``"auto"``, a registered kernel name (``kernels.available()``), or a kernel object
       such as ``kernels.Blockwise(block_q=128, block_k=256)``. ``"auto"`` uses ``"reference"`` while its logits
       would take at most ``AUTO_REFERENCE_MAX_BYTES`` (and whenever weights are requested), else

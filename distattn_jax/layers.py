@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import DenseGeneral, default_kernel_init
 
-from distattn_jax import attention, metrics
+from distattn_jax import attention, initializers, metrics
 
 Array = jax.Array
 
@@ -75,8 +75,8 @@ class DistanceBasedAttention(nn.Module):
   (a ``DistanceType`` or its name) and ``lambda_init``.)
 
   Attributes beyond Flax's:
-    metric: a name in ``metrics.available()`` or a ``DistanceType``.
-    lambda_init: the initial lam of every head. None picks ``metrics.default_lambda(metric, head_dim, p)``, the
+    metric: a name in ``metrics.available()`` (shipped or registered) or a ``DistanceType``.
+    lambda_init: the initial lam of every head. None picks ``initializers.default_lambda(metric, head_dim, p)``, the
       lam at which, for unit-variance queries and keys, the logits spread across keys as much as dot-product
       attention's logits do (std over keys ~= 1), so swapping the metric keeps the softmax's initial sharpness.
       Derivation, for ``q, k ~ N(0, I_D)`` and a fixed query: the dot logit ``q.k / sqrt(D)`` has variance
@@ -86,8 +86,8 @@ class DistanceBasedAttention(nn.Module):
       (``q^.k^`` has variance ``1/D`` over the sphere); l2 ``~= 2 sqrt(D/3)`` (delta method on the sqrt of the
       sqeuclidean); l1 ``1/sqrt(2 - E_q m(q)^2) = 1.332`` with ``m(q) = E_k |q - k| = q(2 Phi(q) - 1) +
       2 phi(q)``. Chebyshev and general lp have none, so every value is measured the same way, on fixed
-      samples by ``metrics.logit_spread`` (``metrics.default_lambda_table()`` prints this table; the tests check
-      it against the closed forms):
+      samples by ``initializers.logit_spread`` (``initializers.default_lambda_table()`` prints this table; the
+      tests check it against the closed forms):
 
       ====  =====  =====  ===========  =======  ======  =========  ===
       D     l1     l2     sqeuclidean  lp, p=3  cosine  chebyshev  dot
@@ -143,7 +143,7 @@ class DistanceBasedAttention(nn.Module):
     metric = metrics.canonical_name(self.metric)
     lam_init = self.lambda_init
     if lam_init is None:
-      lam_init = metrics.default_lambda(metric, head_dim, float(self.p))
+      lam_init = initializers.default_lambda(metric, head_dim, float(self.p))
     if self.learnable_lambda:
       log_lam = self.param("log_lambda", nn.initializers.constant(math.log(lam_init)), (self.num_heads,),
                            self.param_dtype)

@@ -29,7 +29,8 @@ def tour_metrics() -> None:
   section("1. Every metric on one input: distance(x_0, y_j) for 4 keys, 8 features")
   x = jax.random.normal(jax.random.key(0), (1, 8))
   y = jax.random.normal(jax.random.key(1), (4, 8))
-  for name in da.metrics.available():
+  for name in da.metrics.DistanceType:
+    name = name.value
     kwargs = {"p": 3.0} if name == "lp" else {}
     values = np.asarray(da.metrics.get(name)(x, y, **kwargs))[0]
     label = f"{name} (p=3)" if name == "lp" else name + (" (similarity)" if name == "dot" else "")
@@ -39,8 +40,8 @@ def tour_metrics() -> None:
   q = x.reshape(1, 1, 1, 8)
   k = y.reshape(1, 4, 1, 8)
   v = jnp.eye(4).reshape(1, 4, 1, 4)  # identity values: the output row is the attention distribution
-  for name in da.metrics.available():
-    lam = da.metrics.default_lambda(name, 8, 3.0)
+  for name in map(str, da.metrics.DistanceType):
+    lam = da.initializers.default_lambda(name, 8, 3.0)
     out = da.distance_attention(q, k, v, metric=name, lam=lam, p=3.0)
     print(f"  {name:<12} lam={lam:7.3f}  weights " + "  ".join(f"{w:.3f}" for w in np.asarray(out).ravel()))
 
@@ -92,13 +93,51 @@ def tour_module() -> None:
   print(f"  loss: {float(loss0):.5f} -> {float(loss1):.5f}")
 
 
+def huber(t):
+  """Huber loss of one coordinate difference (delta = 1): quadratic near 0, linear beyond."""
+  a = jnp.abs(t)
+  return jnp.where(a <= 1.0, 0.5 * t * t, a - 0.5)
+
+
+def tour_registration() -> None:
+  section("5. Registering a distance (Huber) and training the tiny model with it")
+  if "huber" not in da.metrics.available():  # the tour may run twice in one process
+    da.metrics.register(da.metrics.Metric(
+        "huber", da.metrics.Elementwise(phi=huber), translation_invariant=True,
+        gradient="sum over keys of clip(x_d - y_d, -1, 1)"))
+  x = jnp.asarray([[0.0, 0.0], [3.0, 0.5]])
+  print(f"  huber(x_0, x_j) = {fmt(da.metrics.get('huber')(x[:1], x))} (0.5 * 0.5^2 + 3 - 0.5 = 2.625)")
+  tokens = jax.random.randint(jax.random.key(4), (4, 16), 0, 32)
+  model = TinyLM(metric="huber")
+  params = model.init(jax.random.key(5), tokens)["params"]
+  optimizer = optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, opt_state):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, tokens)
+      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = optimizer.init(params)
+  losses = []
+  for _ in range(20):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  lam = np.exp(np.asarray(params["attention"]["log_lambda"]))
+  print(f"  20 Adam steps with metric='huber': loss {losses[0]:.4f} -> {losses[-1]:.4f}; lam {fmt(lam)}")
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # keep the tour's output to what it computes
   print(f"distattn_jax {da.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)); "
-        f"metrics: {', '.join(da.metrics.available())}; kernels: {', '.join(da.kernels.available())}")
+        f"metrics: {', '.join(map(str, da.metrics.DistanceType))}; kernels: {', '.join(da.kernels.available())}")
   tour_metrics()
   tour_module()
+  tour_registration()
 
 
 if __name__ == "__main__":

@@ -15,3 +15,7 @@ def test_tour_prints_every_metric_and_a_lambda_step_that_lowers_the_loss(capsys)
   assert len(rows) == 7 and all(abs(sum(map(float, r.split())) - 1) < 3e-3 for r in rows)
   before, after = map(float, re.search(r"loss: ([\d.]+) -> ([\d.]+)", out).groups())
   assert after < before
+  # Section 5 registers Huber: its value on a hand-computed pair, then training with it lowers the loss.
+  assert "huber(x_0, x_j) = [0.0000, 2.6250]" in out
+  before, after = map(float, re.search(r"metric='huber': loss ([\d.]+) -> ([\d.]+)", out).groups())
+  assert after < before - 0.1

@@ -138,7 +138,7 @@ def test_decoding_rejects_a_chunk_of_the_wrong_shape():
 def test_default_lambda_is_the_spread_matching_value(metric):
   module = da.DistanceBasedAttention(num_heads=2, qkv_features=32, metric=metric, p=3.0)
   log_lam = module.init(jax.random.key(0), tokens(10))["params"]["log_lambda"]
-  np.testing.assert_allclose(np.exp(log_lam), da.metrics.default_lambda(metric, 16, 3.0), rtol=1e-6)
+  np.testing.assert_allclose(np.exp(log_lam), da.initializers.default_lambda(metric, 16, 3.0), rtol=1e-6)
 
 
 def test_lambda_table_in_the_docstring_is_what_the_code_measures():
@@ -146,7 +146,7 @@ def test_lambda_table_in_the_docstring_is_what_the_code_measures():
   for d in (16, 32, 64, 128):
     row = next(line.split() for line in doc.splitlines() if line.strip().startswith(f"{d} "))
     for name, text in zip(METRICS, row[1:]):
-      value = da.metrics.default_lambda(name, d, 3.0)
+      value = da.initializers.default_lambda(name, d, 3.0)
       assert abs(float(text) / value - 1) < 2e-3, (d, name, text, value)
 
 

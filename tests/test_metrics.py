@@ -52,9 +52,7 @@ def test_lp_matches_scipy_minkowski(p, dtype):
   x, y = normal(2, (6, 16), dtype), normal(3, (5, 16), dtype)
   got = da.metrics.lp(x, y, p=p)
   assert got.dtype == dtype
-  # Even p uses the binomial expansion whose terms reach C(p, p/2) |x|^p: allow 10x the base tolerance there.
-  rtol = RTOL[dtype] * (10 if p in (4.0, 6.0) else 1)
-  np.testing.assert_allclose(np.asarray(got, np.float64), oracle("lp", x, y, p), rtol=rtol)
+  np.testing.assert_allclose(np.asarray(got, np.float64), oracle("lp", x, y, p), rtol=RTOL[dtype])
 
 
 @pytest.mark.usefixtures("x64")
@@ -124,11 +122,8 @@ def test_gradient_at_zero_distance_is_the_symmetric_difference(name, p):
   # exactly the documented convention (sign(0) = 0, gradient 0 at zero distance). Rows 0 and 2 are equal.
   x = normal(12, (3, 4))
   y = np.stack([x[0], normal(13, (4,)), x[2]])
-  # The matmul forms round d^p at the kink to ~1e-15, so eps^p must stay well above that: eps = 1e-4 for p <= 2;
-  # the p = 4 expansion needs eps = 3e-3 (eps^4 ~ 1e-10), whose O(eps^2) truncation error on the smooth entries
-  # (measured 4e-4 relative) sets tol = 2e-3.
-  eps, tol = (3e-3, 2e-3) if p == 4.0 else (1e-4, 1e-6)
-  check_grads(_loss(name, p if p else 2.0), (x, y), order=1, modes=("rev",), eps=eps, atol=tol, rtol=tol)
+  # Every metric here is elementwise or (sqeuclidean) smooth at the kink, so eps = 1e-4 resolves it in float64.
+  check_grads(_loss(name, p if p else 2.0), (x, y), order=1, modes=("rev",), eps=1e-4, atol=1e-6, rtol=1e-6)
   gx, gy = jax.grad(lambda a, b: da.metrics.get(name)(a, b, **({"p": p} if p else {}))[0, 0], (0, 1))(x, y)
   assert np.all(np.asarray(gx) == 0) and np.all(np.asarray(gy) == 0), (gx, gy)
 
@@ -186,6 +181,7 @@ def test_bfloat16_large_magnitudes_stay_finite():
 
 def test_registry_names_and_enum():
   assert da.metrics.available() == ("l1", "l2", "sqeuclidean", "lp", "cosine", "chebyshev", "dot")
+  assert all(da.metrics.get(name) is getattr(da.metrics, name) for name in da.metrics.available())
   assert [m.value for m in da.DistanceType] == list(da.metrics.available())
   x, y = normal(19, (3, 4), np.float32), normal(20, (2, 4), np.float32)
   np.testing.assert_array_equal(da.metrics.get(da.DistanceType.L1)(x, y), da.metrics.l1(x, y))
@@ -223,14 +219,14 @@ def test_default_lambda_matches_closed_forms(dim):
   for name, value in expected.items():
     # Monte-Carlo error of the spread ratio is about 1% (512 queries, 1024 keys each); delta-method bias ~1/D.
     tol = 0.02 + (2.0 / dim if name == "l2" else 0.0)
-    assert abs(da.metrics.default_lambda(name, dim) / value - 1) < tol, (name, dim)
+    assert abs(da.initializers.default_lambda(name, dim) / value - 1) < tol, (name, dim)
 
 
 def test_default_lambda_equalises_the_logit_spread_on_fresh_samples():
-  dot_spread = da.metrics.logit_spread("dot", 64, seed=123)
+  dot_spread = da.initializers.logit_spread("dot", 64, seed=123)
   for name in da.metrics.available():
-    lam = da.metrics.default_lambda(name, 64, 3.0)
-    spread = da.metrics.logit_spread(name, 64, p=3.0, lam=lam, seed=123)  # a seed the default never saw
+    lam = da.initializers.default_lambda(name, 64, 3.0)
+    spread = da.initializers.logit_spread(name, 64, p=3.0, lam=lam, seed=123)  # a seed the default never saw
     assert abs(spread / dot_spread - 1) < 0.03, (name, spread, dot_spread)
 
 
@@ -248,4 +244,6 @@ def test_gradient_memory_is_linear_not_n_m_d(name, p):
     args = (spec, spec)
   compiled = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp <= 8 * n * n * 4, (name, p, temp / 2**20)
+  # Measured: 1 (l1) to 8 (traced p: the pair cotangent, 1/scale, their key-major copies, s) [N, M] arrays;
+  # 10 leaves margin and is still 6x below one [N, M, D] tensor.
+  assert temp <= 10 * n * n * 4, (name, p, temp / 2**20)

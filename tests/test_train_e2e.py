@@ -135,7 +135,7 @@ def test_every_metric_trains_a_step_without_nan_and_moves_lambda(metric):
 
 def test_lambda_moves_over_the_run_and_is_recorded(uninterrupted):
   workdir, summary = uninterrupted
-  initial = da.metrics.default_lambda("l1", 16)
+  initial = da.initializers.default_lambda("l1", 16)
   history = [r["block_0/attention/lambda"] for r in records(workdir, ("train",))]
   assert len({tuple(h) for h in history}) == len(history)  # it changes between every pair of records
   assert not np.allclose(summary["lambda"]["block_0/attention/lambda"], initial, rtol=1e-3)

@@ -36,21 +36,10 @@ from distattn_jax.kernels import dropout as dropout_lib
 
 Array = jax.Array
 
-# Default tile sizes (query positions x key positions), the fastest forward+backward at N = 2048 on the 2-core
-# development CPU among 64..2048 x 128..512 (experiments/benchmark.py --implementations=blockwise:BQxBK,...;
-# docs/benchmark_tiles_cpu.md): 512 x 512 for the matmul metrics (tied with 512 x 256, which saves memory
-# but not time), 512 x 256 for the elementwise ones.
-MATMUL_BLOCKS = (512, 512)
-ELEMENTWISE_BLOCKS = (512, 256)
-MATMUL_METRICS = frozenset({"dot", "sqeuclidean", "l2", "cosine"})
-
-
 def default_blocks(metric: str, p: Any = 2.0) -> tuple[int, int]:
-  """Tile sizes for ``metric``: lp with p = 2 or an even p <= 8 runs as matmuls, like the matmul metrics."""
-  matmul = metric in MATMUL_METRICS or (
-      metric == "lp" and isinstance(p, float) and p.is_integer() and p % 2 == 0
-      and p <= metrics.MAX_EVEN_P_FOR_MATMUL)
-  return MATMUL_BLOCKS if matmul else ELEMENTWISE_BLOCKS
+  """Tile sizes for ``metric`` at order ``p``: the record's own, else the default of its form (gram or
+  elementwise; ``metrics.GRAM_BLOCKS``, ``metrics.ELEMENTWISE_BLOCKS``)."""
+  return metrics.get(metric).blocks(p)
 
 
 class _Config(NamedTuple):

@@ -37,7 +37,7 @@ class TruthGPTConfig:
   """The model's hyperparameters; ``TruthGPTConfig(**config.model)`` builds it from an ml_collections config.
 
   ``num_kv_heads=None`` means one kv head per query head; ``lambda_init=None`` starts every head at
-  ``da.metrics.default_lambda`` (the lam whose initial softmax is as sharp as dot-product attention's).
+  ``da.initializers.default_lambda`` (the lam whose initial softmax is as sharp as dot-product attention's).
   ``dtype`` is the compute dtype; parameters (and so the optimizer's master copy) are always float32.
   """
 

@@ -24,7 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=256, width=128, depth=2, num_heads=4, num_kv_heads=config_dict.placeholder(int), mlp_dim=512,
       max_len=256, positions="learned", rotary_base=10000.0, metric="l1",
-      lambda_init=config_dict.placeholder(float),  # None: da.metrics.default_lambda for the metric
+      lambda_init=config_dict.placeholder(float),  # None: da.initializers.default_lambda for the metric
       learnable_lambda=True, p=2.0, learnable_p=False, implementation="auto", dropout_rate=0.0,
       attention_dropout_rate=0.0, dtype="float32"))  # dtype: compute dtype; parameters stay float32
 

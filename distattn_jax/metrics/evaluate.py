@@ -1,0 +1,62 @@
+"""Evaluating a record: :func:`score` for the kernels, and the validated call behind ``metric(x, y)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from distattn_jax.metrics import elementwise, gram, record
+
+Array = jax.Array
+
+
+def _same_rank(x: Array, y: Array) -> tuple[Array, Array]:
+  """Leading size-1 axes so that ``x`` and ``y`` have the same rank (their batch dims broadcast)."""
+  rank = max(x.ndim, y.ndim)
+  return x.reshape((1,) * (rank - x.ndim) + x.shape), y.reshape((1,) * (rank - y.ndim) + y.shape)
+
+
+def form_value(metric: record.Metric, x: Array, y: Array, p: Any = None) -> Array:
+  """The value of ``metric``'s form at order ``p`` (not negated), ``[..., N, M]`` in the accumulation dtype."""
+  form = metric.resolve(p)
+  x, y = _same_rank(x, y)
+  if isinstance(form, record.Gram):
+    return gram.evaluate(form, x, y, center=metric.translation_invariant)
+  params = () if not metric.parametric or isinstance(p, float) else (p,)
+  return elementwise.evaluate(form, x, y, params)
+
+
+def score(x: Array, y: Array, metric: str | record.DistanceType | record.Metric, *, p: float | Array = 2.0,
+          precision: Any = None) -> Array:
+  """The attention score before scaling: ``-distance(x, y)``, or ``+similarity`` for a similarity (``dot``), in
+  the accumulation dtype (float32 for 16-bit inputs). ``p`` is used by a parametric metric only and must
+  already be checked. ``precision`` is accepted for the kernels' convenience and ignored: gram forms always
+  run at ``Precision.HIGHEST``."""
+  del precision
+  entry = record.get(metric)
+  s = form_value(entry, x, y, p)
+  return s if entry.similarity else -s
+
+
+def _unsigned(x: Array, y: Array, p_array: Array | None, *, metric: record.Metric, p_static: float | None) -> Array:
+  return form_value(metric, x, y, p_static if p_array is None else p_array).astype(jnp.result_type(x, y))
+
+
+# Jitted so that XLA fuses the elementwise reductions even when called eagerly.
+_jitted = jax.jit(_unsigned, static_argnames=("metric", "p_static"))
+
+
+def public_call(metric: record.Metric, x: Any, y: Any, p: Any, precision: Any) -> Array:
+  """``metric(x, y[, p])``: validated, in the inputs' dtype."""
+  del precision  # the gram forms always run at Precision.HIGHEST
+  x, y = record.check_pair(x, y, metric.name)
+  if not metric.parametric:
+    if p is not None:
+      raise TypeError(f"{metric.name}: takes no order p (got p={p!r}); only parametric metrics such as lp do")
+    return _jitted(x, y, None, metric=metric, p_static=None)
+  p = record.check_p(2.0 if p is None else p)
+  if isinstance(p, float):
+    return _jitted(x, y, None, metric=metric, p_static=p)
+  return _jitted(x, y, p, metric=metric, p_static=None)
