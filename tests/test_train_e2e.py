@@ -95,24 +95,48 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_ru
   chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def _poison_the_loss(patch):  # from the 8th update on, the parameters and the loss become NaN
   original = steps.train_step
 
-  def poisoned(state, windows, key, **kw):  # from the 8th update on, the parameters and loss become NaN
+  def poisoned(state, windows, key, **kw):
     new, metrics = original(state, windows, key, **kw)
     bad = state.step >= 7
     new = new.replace(params=jax.tree.map(lambda p: jax.numpy.where(bad, jax.numpy.nan, p), new.params))
     return new, {**metrics, "loss": jax.numpy.where(bad, jax.numpy.nan, metrics["loss"])}
 
+  patch.setattr(steps, "train_step", poisoned)
+
+
+def _poison_the_gradients(patch):  # from the 8th update on, one gradient is NaN while the loss stays finite
+  original = steps.loss_and_grads
+
+  def poisoned(state, windows, rng, grad_accum=1):
+    loss, grads = original(state, windows, rng, grad_accum)
+    bad = state.step >= 7
+    grads["embed"]["embedding"] = grads["embed"]["embedding"].at[0, 0].set(
+        jax.numpy.where(bad, jax.numpy.nan, grads["embed"]["embedding"][0, 0]))
+    return loss, grads
+
+  patch.setattr(steps, "loss_and_grads", poisoned)
+
+
+@pytest.mark.parametrize("poison,message", [
+    (_poison_the_loss, r"the loss is nan at step 8"),
+    (_poison_the_gradients, r"the gradient norm is nan \(the loss, \d\.\d+, is finite\) at step 8"),
+])
+def test_a_non_finite_value_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, poison,
+                                                                                             message):
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(steps, "train_step", poisoned)
-    with pytest.raises(training.NonFiniteLossError, match=r"the loss is nan at step 8; the last good checkpoint "
-                                                          r"\(step 6\) in .*checkpoints is kept"):
+    poison(patch)
+    with pytest.raises(training.NonFiniteError, match=message + r"; the last good checkpoint \(step 6\) in "
+                       r".*checkpoints is kept") as raised:
       training.train_and_evaluate(shrunk_config(), tmp_path)
+  assert raised.value.step == 8
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]
   assert max(r["step"] for r in records(tmp_path)) == 6  # nothing from the bad interval was recorded
   _, state = training.restore(shrunk_config(), tmp_path)
   assert int(state.step) == 6 and all(np.isfinite(a).all() for a in jax.tree.leaves(state.params))
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(state.opt_state))
 
 
 @pytest.mark.parametrize("metric", da.metrics.available())

@@ -210,6 +210,29 @@ def test_train_step_loss_is_the_mean_next_token_cross_entropy_and_eval_sums_it()
   np.testing.assert_allclose(steps.bits_per_byte(totals["nll_sum"], totals["tokens"]), want / math.log(2), rtol=1e-5)
 
 
+def test_train_step_reports_the_gradient_norm_and_flags_parameters_its_loss_cannot_show(tmp_path):
+  state = _state(small_config())
+  batch, key = windows(4), steps.dropout_key(0)
+  loss, grads = jax.jit(steps.loss_and_grads)(state, batch, jax.random.fold_in(key, 0))
+  want_norm = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in jax.tree.leaves(grads)))
+  _, healthy = jax.jit(steps.train_step)(state, batch, key)
+  np.testing.assert_allclose(healthy["grad_norm"], want_norm, rtol=1e-5)
+  assert bool(healthy["params_finite"])
+  # SGD at an infinite learning rate sends every parameter with a nonzero gradient to +-inf: the loss and the
+  # gradient (of the old parameters) stay finite, only the flag can tell.
+  exploding = steps.TrainState.create(apply_fn=state.apply_fn, params=state.params, tx=optax.sgd(math.inf))
+  _, metrics = jax.jit(steps.train_step)(exploding, batch, key)
+  assert math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["params_finite"])
+  ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
+  ckpts.save(state.replace(step=jnp.asarray(5)))
+  records = [(s, {k: float(v) for k, v in m.items()}) for s, m in ((5, healthy), (6, metrics))]
+  with pytest.raises(training.NonFiniteError, match=r"the updated parameters are not all finite \(the loss, "
+                     r"[\d.]+, and the gradient norm, [\d.]+, are\) at step 6; the last good checkpoint \(step 5\)"):
+    loop._check_finite(records, ckpts)
+  ckpts.close()
+
+
 def test_bfloat16_compute_keeps_float32_master_weights_and_optimizer_state():
   state = _state(small_config(**{"model.dtype": "bfloat16"}))
   new, metrics = jax.jit(steps.train_step)(state, windows(3), steps.dropout_key(0))

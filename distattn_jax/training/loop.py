@@ -32,8 +32,15 @@ from distattn_jax.training.config import validate
 from distattn_jax.training.writers import MetricWriter, write_text_atomically
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss, gradient norm or parameter; ``step`` and ``quantity`` say where."""
+
+  def __init__(self, message: str, step: int, quantity: str):
+    super().__init__(message)
+    self.step, self.quantity = step, quantity
+
+
+NonFiniteLossError = NonFiniteError  # the name before gradients and parameters were checked too
 
 
 def hide_orbax_info_logs() -> None:
@@ -106,12 +113,23 @@ class Progress:
 
 
 def _check_finite(records: list[tuple[int, dict[str, float]]], checkpoints: checkpoint.Checkpoints) -> None:
+  """Raises :class:`NonFiniteError` at the first step whose loss, gradient norm or updated parameters are not
+  finite, in that order (a NaN gradient makes NaN parameters too; the earliest cause is the one named)."""
   for step, values in records:
-    if not math.isfinite(values["loss"]):
-      kept = checkpoints.steps()
-      raise NonFiniteLossError(
-          f"training stopped: the loss is {values['loss']} at step {step}; the last good checkpoint "
-          f"({'step ' + str(kept[-1]) if kept else 'none yet'}) in {checkpoints.directory} is kept")
+    loss, grad_norm = values["loss"], values["grad_norm"]
+    if not math.isfinite(loss):
+      quantity, what = "loss", f"the loss is {loss}"
+    elif not math.isfinite(grad_norm):
+      quantity, what = "grad_norm", f"the gradient norm is {grad_norm} (the loss, {loss:.4g}, is finite)"
+    elif not values["params_finite"]:
+      quantity, what = "params", (f"the updated parameters are not all finite (the loss, {loss:.4g}, and the "
+                                  f"gradient norm, {grad_norm:.4g}, are)")
+    else:
+      continue
+    kept = checkpoints.steps()
+    raise NonFiniteError(
+        f"training stopped: {what} at step {step}; the last good checkpoint "
+        f"({'step ' + str(kept[-1]) if kept else 'none yet'}) in {checkpoints.directory} is kept", step, quantity)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -151,14 +169,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       compile_stats.update(stats)
       writer.write(start, "perf", monitoring.get_performance_stats({}, compile_stats))
       timer.restart(start)
-    pending = []
+    unchecked, checked = [], []
     for step in range(start + 1, total + 1):
       state, metrics = train_fn(state, data.train_batch(step - 1), dropout_key)
-      pending.append((step, metrics))
-      if step % train_cfg.log_every == 0 or step == total:
-        records = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
-        pending = []
-        _check_finite(records, checkpoints)
+      unchecked.append((step, metrics))
+      log = step % train_cfg.log_every == 0 or step == total
+      run_eval = step % train_cfg.eval_every == 0 or step == total
+      save = step % train_cfg.checkpoint_every == 0 or step == total
+      if log or run_eval or save:
+        # Whatever the logging interval, no state is evaluated, recorded or saved before every step up to it
+        # has been checked (the flags are computed inside the step; reading them is a few scalars).
+        new = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(unchecked)]
+        unchecked = []
+        _check_finite(new, checkpoints)
+        checked += new
+      if log:
+        records, checked = checked, []
         perf = timer.mark(step)
         loss = float(np.mean([r["loss"] for _, r in records]))
         values = {"loss": loss, "bits_per_byte": loss / math.log(2),
@@ -168,13 +194,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         writer.write(step, "train", values)
         writer.write(step, "perf", monitoring.get_performance_stats(perf, {}))
         progress.report(step, loss, perf)
-      if step % train_cfg.eval_every == 0 or step == total:
+      if run_eval:
         bpb = evaluate(eval_fn, state, eval_batches)
         writer.write(step, "eval", {"bits_per_byte": bpb})
         if step == total:
           final_bpb = bpb
         timer.restart(step)  # evaluation and checkpointing are not training time
-      if step % train_cfg.checkpoint_every == 0 or step == total:
+      if save:
         checkpoints.save(state)
         timer.restart(step)
   finally:
