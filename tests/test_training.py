@@ -295,15 +295,58 @@ def _truncate_largest_file(directory: pathlib.Path) -> None:
     f.truncate(largest.stat().st_size // 2)
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+@pytest.mark.parametrize("damage", [_truncate_largest_file, lambda step: (step / "default" / "_METADATA").unlink()],
+                         ids=["truncated", "metadata_missing"])
+def test_a_damaged_latest_checkpoint_is_set_aside_for_the_previous_one(tmp_path, caplog, damage):
   fresh, states = _checkpointed(tmp_path)
-  _truncate_largest_file(tmp_path / "ckpt" / "6")
+  damage(tmp_path / "ckpt" / "6")
   ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
   restored = ckpts.restore_latest(fresh)
   assert int(restored.step) == 3
   chex.assert_trees_all_equal(restored.params, states[3].params)
   assert ckpts.steps() == [3] and (tmp_path / "ckpt.corrupt" / "6").is_dir()  # set aside, not deleted
   assert "checkpoint" in caplog.text and "could not be restored" in caplog.text
+
+
+def _wrapped_storage_error(status):
+  try:
+    raise ValueError(f"{status}: Error reading \"a/0\" in OCDBT database at local file \"/x/6/default/\"")
+  except ValueError as e:  # orbax re-raises tensorstore's errors as a bare Exception
+    try:
+      raise Exception("Encountered error while reading array index") from e
+    except Exception as wrapped:
+      return wrapped
+
+
+@pytest.mark.parametrize("method,error", [
+    ("restore", PermissionError(13, "Permission denied", "/x/6/default/d/0")),
+    ("restore", MemoryError()),
+    ("restore", KeyboardInterrupt()),
+    ("restore", _wrapped_storage_error("PERMISSION_DENIED")),
+    ("item_metadata", OSError(5, "Input/output error")),
+])
+def test_a_read_failure_that_is_not_corruption_propagates_and_moves_nothing(tmp_path, monkeypatch, method, error):
+  fresh, _ = _checkpointed(tmp_path)
+
+  def fail(self, *args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(ocp.CheckpointManager, method, fail)
+  with pytest.raises(type(error)) as raised:
+    checkpoint.Checkpoints(tmp_path / "ckpt", keep=3).restore_latest(fresh)
+  assert raised.value is error  # unchanged, not wrapped
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3", "6"]
+  assert not (tmp_path / "ckpt.corrupt").exists()
+
+
+def test_only_errors_about_the_files_count_as_an_unreadable_checkpoint():
+  assert checkpoint.is_unreadable(_wrapped_storage_error("OUT_OF_RANGE"))
+  assert checkpoint.is_unreadable(_wrapped_storage_error("DATA_LOSS"))
+  assert checkpoint.is_unreadable(FileNotFoundError(2, "Metadata file (named _METADATA) does not exist"))
+  assert checkpoint.is_unreadable(ValueError("Expecting value: line 1 column 1 (char 0)"))  # json's
+  assert not checkpoint.is_unreadable(_wrapped_storage_error("RESOURCE_EXHAUSTED"))
+  assert not checkpoint.is_unreadable(RuntimeError("something else"))
+  assert not checkpoint.is_unreadable(Exception("no cause"))
 
 
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
