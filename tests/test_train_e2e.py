@@ -5,6 +5,7 @@ and the experiment mains run."""
 import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -137,6 +138,36 @@ def test_a_non_finite_value_stops_the_run_naming_the_step_and_keeps_the_last_goo
   _, state = training.restore(shrunk_config(), tmp_path)
   assert int(state.step) == 6 and all(np.isfinite(a).all() for a in jax.tree.leaves(state.params))
   assert all(np.isfinite(a).all() for a in jax.tree.leaves(state.opt_state))
+
+
+def test_a_longer_step_budget_is_refused_without_its_option_and_then_extends_the_schedule(uninterrupted, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(uninterrupted[0], run)
+  recorded = (run / "config.json").read_text()
+  longer = shrunk_config(**{"train.steps": 16})
+  with pytest.raises(training.ConfigChangedError, match=r"checkpoints/12 was trained with train.steps=12, .* this "
+                     r"run asks for train.steps=16. Resume with train.allow_steps_change=True"):
+    training.train_and_evaluate(longer, run)
+  assert (run / "config.json").read_text() == recorded  # a refused resume leaves the run's record alone
+  _, at_12 = training.restore(shrunk_config(), run)
+  summary = training.train_and_evaluate(shrunk_config(**{"train.steps": 16, "train.allow_steps_change": True}), run)
+  assert summary["resumed_from_step"] == 12 and summary["steps"] == 16
+  # Oracle: four steps from the step-12 state with the optimizer of a 16-step schedule, by hand. The 12-step
+  # schedule would have stayed at its end value, so the two differ.
+  config = shrunk_config(**{"train.steps": 16})
+  data = training.load_data(config)
+  finals = {}
+  for total in (16, 12):
+    tx = training.make_optimizer(config.optim, total)
+    state = steps.TrainState(step=at_12.step, apply_fn=at_12.apply_fn, params=at_12.params, tx=tx,
+                             opt_state=at_12.opt_state)
+    step_fn = jax.jit(steps.train_step)
+    for s in range(12, 16):
+      state, _ = step_fn(state, data.train_batch(s), steps.dropout_key(config.seed))
+    finals[total] = state.params
+  _, resumed = training.restore(config, run)
+  chex.assert_trees_all_close(resumed.params, finals[16], rtol=1e-6, atol=1e-7)
+  assert not np.allclose(finals[16]["embed"]["embedding"], finals[12]["embed"]["embedding"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("metric", da.metrics.available())

@@ -357,6 +357,68 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
     checkpoint.Checkpoints(tmp_path / "ckpt", keep=3).restore_latest(fresh)
 
 
+def _saved_with_fingerprint(tmp_path, config):
+  state = _state(config)
+  ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
+  ckpts.save(state.replace(step=jnp.asarray(5)), {"config": training.fingerprint(config)})
+  ckpts.close()
+  return state
+
+
+def _resume(tmp_path, state, config):
+  ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
+  try:
+    return ckpts.restore_latest(state, loop.resume_check(config, ckpts.directory))
+  finally:
+    ckpts.close()
+
+
+def test_the_fingerprint_holds_the_computation_fields_and_not_the_cadence_or_sampling_ones():
+  fields = training.fingerprint(small_config())["fields"]
+  assert {"seed", "model.metric", "optim.learning_rate", "data.batch_size", "train.steps"} <= set(fields)
+  assert not {"train.log_every", "train.checkpoint_every", "train.allow_config_change", "sample.length"} & set(fields)
+  assert fields["data.seq_len"] == 16 and fields["model.num_kv_heads"] is None
+  a = training.fingerprint(small_config())
+  b = training.fingerprint(small_config(**{"train.log_every": 1, "sample.length": 3, "train.eval_batches": 7}))
+  assert a == b
+  assert training.fingerprint(small_config(**{"model.p": 3.0}))["sha256"] != a["sha256"]
+
+
+def test_resuming_with_other_computation_fields_is_an_error_listing_them_unless_allowed(tmp_path):
+  state = _saved_with_fingerprint(tmp_path, small_config())
+  # Cadence and sampling fields are not part of the fingerprint: resuming with new ones is fine.
+  same = small_config(**{"train.log_every": 1, "train.checkpoint_every": 1, "sample.length": 3})
+  assert int(_resume(tmp_path, state, same).step) == 5
+  changed = {"model.metric": "l2", "optim.learning_rate": 1e-3}
+  with pytest.raises(training.ConfigChangedError,
+                     match=r"ckpt/5 was trained with a different config \(model.metric: 'l1' -> 'l2'; "
+                           r"optim.learning_rate: 0.003 -> 0.001\); resume with train.allow_config_change=True"):
+    _resume(tmp_path, state, small_config(**changed))
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["5"]
+  allowed = small_config(**changed, **{"train.allow_config_change": True})
+  assert int(_resume(tmp_path, state, allowed).step) == 5
+
+
+def test_resuming_with_another_step_budget_needs_its_own_option(tmp_path):
+  state = _saved_with_fingerprint(tmp_path, small_config())
+  message = (r"ckpt/5 was trained with train.steps=10, which sets the length of the learning-rate schedule; "
+             r"this run asks for train.steps=20. Resume with train.allow_steps_change=True")
+  with pytest.raises(training.ConfigChangedError, match=message):
+    _resume(tmp_path, state, small_config(**{"train.steps": 20}))
+  with pytest.raises(training.ConfigChangedError, match=message):  # the general override does not cover it
+    _resume(tmp_path, state, small_config(**{"train.steps": 20, "train.allow_config_change": True}))
+  extended = small_config(**{"train.steps": 20, "train.allow_steps_change": True})
+  assert int(_resume(tmp_path, state, extended).step) == 5
+
+
+def test_a_checkpoint_without_a_fingerprint_is_resumed_only_when_allowed(tmp_path):
+  fresh, states = _checkpointed(tmp_path)  # saved without metadata
+  with pytest.raises(training.ConfigChangedError, match=r"ckpt/6 has no config fingerprint"):
+    _resume(tmp_path, fresh, small_config())
+  restored = _resume(tmp_path, fresh, small_config(**{"train.allow_config_change": True}))
+  chex.assert_trees_all_equal(restored.params, states[6].params)
+
+
 # --- writers and monitoring ---------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from distattn_jax import monitoring
 from distattn_jax.data import text
 from distattn_jax.models import TruthGPT, count_params
 from distattn_jax.training import checkpoint, optim, steps
-from distattn_jax.training.config import validate
+from distattn_jax.training.config import check_resume, fingerprint, validate
 from distattn_jax.training.writers import MetricWriter, write_text_atomically
 
 
@@ -132,24 +132,43 @@ def _check_finite(records: list[tuple[int, dict[str, float]]], checkpoints: chec
         f"({'step ' + str(kept[-1]) if kept else 'none yet'}) in {checkpoints.directory} is kept", step, quantity)
 
 
+def resume_check(config: ml_collections.ConfigDict, directory: pathlib.Path, prefixes: tuple[str, ...] = ("",)):
+  """The ``check`` for :meth:`Checkpoints.restore_latest` of ``directory``: the checkpoint's saved fingerprint
+  must match ``config``'s over the fields under ``prefixes`` (:func:`config.check_resume`); accepted changes
+  are logged."""
+
+  def check(step: int, metadata: dict[str, Any]) -> None:
+    where = f"{directory}/{step}"
+    for name, old, new in check_resume(metadata.get("config"), config, where, prefixes):
+      logging.warning("resuming %s with %s changed: %r -> %r", where, name, old, new)
+
+  return check
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the summary it saves."""
   wall_start = time.perf_counter()
-  _, state = build(config)  # validates the config before anything is read or compiled
+  _, fresh = build(config)  # validates the config before anything is read or compiled
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  train_cfg = config.train
+  total = train_cfg.steps
+  checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", train_cfg.keep_checkpoints)
+  try:
+    state = checkpoints.restore_latest(fresh, resume_check(config, checkpoints.directory)) or fresh
+  except BaseException:
+    checkpoints.close()
+    raise
+  start = int(state.step)
+  # Written once the checkpoint accepted this config: a refused resume leaves the run's record as it was.
   write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   data = load_data(config)
   write_json(workdir / "data.json", data.corpus.info)
-  train_cfg = config.train
-  total = train_cfg.steps
 
   eval_batches = data.eval_batches(train_cfg.eval_batches)
-  eval_fn, eval_stats = monitoring.compile_with_stats(jax.jit(steps.eval_step), state, eval_batches[0])
-  untrained_bpb = evaluate(eval_fn, state, eval_batches)  # the fresh state, also when the run resumes below
-  checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", train_cfg.keep_checkpoints)
-  state = checkpoints.restore_latest(state) or state
-  start = int(state.step)
+  eval_fn, eval_stats = monitoring.compile_with_stats(jax.jit(steps.eval_step), fresh, eval_batches[0])
+  untrained_bpb = evaluate(eval_fn, fresh, eval_batches)  # also when the run resumes
+  del fresh
   logging.info("%s at step %d of %d in %s; %d parameters", "resuming" if start else "starting", start, total,
                workdir, count_params(state.params))
   writer = MetricWriter(workdir, start)
@@ -201,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           final_bpb = bpb
         timer.restart(step)  # evaluation and checkpointing are not training time
       if save:
-        checkpoints.save(state)
+        checkpoints.save(state, {"config": fingerprint(config)})
         timer.restart(step)
   finally:
     progress.close()
