@@ -4,7 +4,20 @@ Files in ``workdir``: ``config.json`` (the resolved config), ``data.json`` (the 
 split), ``checkpoints/`` (orbax), ``metrics.jsonl`` and ``tensorboard/`` (train, eval and perf records) and
 ``summary.json`` at the end. Starting again in the same ``workdir`` resumes from the newest readable
 checkpoint; batches and dropout are functions of the step, so the resumed run computes what an uninterrupted
-run computes. A non-finite loss stops the run before the next checkpoint could store it.
+run computes.
+
+Resuming is refused (:class:`config.ConfigChangedError`, before the corpus is read or ``config.json``
+rewritten) when the checkpoint's config fingerprint (:func:`config.fingerprint`: model, optimizer, data, seed
+and ``train.steps``) differs from this config's, listing each changed field with its old and new value;
+``train.allow_config_change=True`` accepts changed fields other than ``train.steps``, and
+``train.allow_steps_change=True`` a new ``train.steps`` (the schedule is rebuilt for the new length and
+followed from the checkpoint's step on). Logging, evaluation and checkpoint cadence, sampling and analysis fields may
+change freely.
+
+Every step reports its loss, gradient norm and whether its updated parameters are all finite (computed inside
+the jitted step). Before any state is evaluated, recorded or saved, the flags of every step up to it are read
+and checked, whatever ``train.log_every`` is; the first non-finite one stops the run with
+:class:`NonFiniteError` naming the quantity and the step, and the last good checkpoint stays the newest.
 """
 
 from __future__ import annotations
