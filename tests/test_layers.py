@@ -24,7 +24,7 @@ def tokens(seed, batch=2, length=6, features=FEATURES):
 
 def project(params, x, heads):
   """Flax's DenseGeneral projection written out: [B, L, F] x [F, H, D] + [H, D]."""
-  return jnp.einsum("blf,fhd->blhd", x, params["kernel"]) + params["bias"]
+  return jnp.einsum("blf,fhd->blhd", x, params["kernel"]) + params["bias"][None, None]
 
 
 def test_linen_attention_fn_dot_equals_flax_default_with_mask_and_dropout():
@@ -50,7 +50,7 @@ def test_linen_attention_fn_equals_distance_attention_on_the_projections(metric)
   heads, w = da.distance_attention(project(p["query"], x, HEADS), project(p["key"], x, HEADS),
                                    project(p["value"], x, HEADS), metric=metric, lam=0.7, p=3.0,
                                    return_weights=True)
-  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"][None, None]
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
   sown = state["intermediates"]["attention_weights"][0]
   chex.assert_trees_all_close(sown, w, rtol=1e-6)
@@ -170,7 +170,7 @@ def test_rotary_cross_attention_rotates_keys_by_their_own_positions():
     q = da.layers.apply_rotary(project(params["query"], q_in, HEADS), q_positions, 100.0)
     k = da.layers.apply_rotary(project(params["key"], kv_in, HEADS), k_positions, 100.0)
     heads = da.distance_attention(q, k, project(params["value"], kv_in, HEADS), metric="l2", lam=1.0)
-    return jnp.einsum("blhd,hdf->blf", heads, params["out"]["kernel"]) + params["out"]["bias"]
+    return jnp.einsum("blhd,hdf->blf", heads, params["out"]["kernel"]) + params["out"]["bias"][None, None]
 
   got = module.apply({"params": params}, q_in, kv_in)
   chex.assert_trees_all_close(got, by_hand(jnp.arange(5), jnp.arange(7)), rtol=1e-5, atol=1e-5)

@@ -57,11 +57,11 @@ def test_rotary_attention_equals_hand_built_attention_on_rotated_projections():
   block = state["intermediates"]["trunk"]["block_0"]
   y = block["ln_attention"]["__call__"][0]
   p = params["trunk"]["block_0"]["attention"]
-  project = lambda w: jnp.einsum("blf,fhd->blhd", y, w["kernel"]) + w["bias"]
+  project = lambda w: jnp.einsum("blf,fhd->blhd", y, w["kernel"]) + w["bias"][None, None]
   positions = jnp.arange(7)
   heads = da.distance_attention(rotate(project(p["query"]), positions, 50.0), rotate(project(p["key"]), positions, 50.0),
                                 project(p["value"]), metric="l2", lam=jnp.exp(p["log_lambda"]), is_causal=True)
-  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"][None, None]
   chex.assert_trees_all_close(block["attention"]["__call__"][0], want, rtol=1e-5, atol=1e-5)
 
 
