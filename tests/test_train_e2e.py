@@ -3,6 +3,7 @@ an uninterrupted one, a NaN stops the run and keeps the last good checkpoint, ev
 and the experiment mains run."""
 
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -213,8 +214,10 @@ def test_sampling_and_analysis_read_the_runs_newest_checkpoint(uninterrupted):
 
 
 def run_main(script, *args):
+  # A script's own folder, not the working directory, heads sys.path: point it at this checkout's package.
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_the_train_and_generate_mains_print_bits_per_byte_and_a_sample(tmp_path):
