@@ -24,11 +24,15 @@ def apply_rotary(x: Array, positions: Array, base: float) -> Array:
   sqeuclidean, cosine) the logit between positions ``m`` and ``n`` depends only on ``m - n``; l1, chebyshev and
   lp see rotated coordinates and so get a position-dependent, not purely relative, signal.
   """
+  positions = jnp.asarray(positions)
+  if x.ndim < 3 or positions.shape != (x.shape[-3],):
+    raise ValueError(f"apply_rotary: positions must have shape (length,) = ({x.shape[-3] if x.ndim >= 3 else '?'},) "
+                     f"for x of shape {x.shape} [batch..., length, heads, head_dim]; got shape {positions.shape}")
   half = x.shape[-1] // 2
   freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = jnp.asarray(positions).astype(jnp.float32)[:, None] * freqs[None, :]  # [length, half]
-  lead = (1,) * (x.ndim - 3)  # [batch..., length, 1 (heads), half]
-  cos, sin = jnp.cos(angles).reshape(lead + (-1, 1, half)), jnp.sin(angles).reshape(lead + (-1, 1, half))
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [length, half]
+  angles = angles.reshape((1,) * (x.ndim - 3) + (x.shape[-3], 1, half))
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -105,12 +109,17 @@ class DistanceBasedAttention(nn.Module):
     num_kv_heads: key/value heads for grouped-query attention (default: ``num_heads``).
     implementation: kernel name passed to ``distance_attention`` (None = automatic).
     rotary_base: rotate queries and keys by their positions (:func:`apply_rotary`) with this base; None = off.
-      Positions are ``arange(length)`` (offset by the cache index while decoding) unless the call passes
-      ``positions``.
+      Query positions are ``arange(q_length)`` (offset by the cache index while decoding) unless the call passes
+      ``positions``; key positions are the keys' own, ``arange(kv_length)`` (offset likewise), unless it passes
+      ``key_positions``. Passing ``positions`` alone applies them to the keys too, which needs
+      ``kv_length == q_length`` (self-attention); otherwise it is a ValueError asking for ``key_positions``.
 
   ``decode=True`` keeps a KV cache in the ``cache`` collection exactly as Flax does, generalised to chunks: a
   call with ``L`` new positions writes them at the cache index and lets position ``i`` of the chunk attend to
-  every cached position up to its own. ``sow_weights=True`` stores the attention weights in ``intermediates``.
+  every cached position up to its own. Writing past the cache's end is an error, never an overwrite: a
+  ValueError at trace time when the index is concrete, else (the index is traced under jit, as in a decoding
+  loop) a host callback that raises when the step runs, so the jitted call fails with a ``JaxRuntimeError``
+  carrying the same message. ``sow_weights=True`` stores the attention weights in ``intermediates``.
   """
 
   num_heads: int
@@ -159,15 +168,16 @@ class DistanceBasedAttention(nn.Module):
   def __call__(self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
                inputs_kv: Array | None = None, mask: Array | None = None, deterministic: bool | None = None,
                dropout_rng: Array | None = None, sow_weights: bool = False, is_causal: bool = False,
-               positions: Array | None = None, q_segment_ids: Array | None = None,
-               kv_segment_ids: Array | None = None, query_seq_lengths: Array | None = None,
-               key_value_seq_lengths: Array | None = None, local_window_size: Any = None) -> Array:
+               positions: Array | None = None, key_positions: Array | None = None,
+               q_segment_ids: Array | None = None, kv_segment_ids: Array | None = None,
+               query_seq_lengths: Array | None = None, key_value_seq_lengths: Array | None = None,
+               local_window_size: Any = None) -> Array:
     """Like ``nn.MultiHeadDotProductAttention.__call__``; ``is_causal`` adds a causal mask that kernels can use
     to skip blocks (ignored while decoding, where the cache index already masks the future); ``positions``
-    ``[length]`` are the query/key positions for ``rotary_base`` (self-attention only). The segment ids,
-    sequence lengths and ``local_window_size`` go to ``distance_attention`` unchanged (padding and packing
-    without a dense mask); they index the call's own positions, so a decode step (which attends to the cache)
-    refuses them."""
+    ``[q_length]`` and ``key_positions`` ``[kv_length]`` are the positions ``rotary_base`` rotates by (see the
+    class docstring for their defaults). The segment ids, sequence lengths and ``local_window_size`` go to
+    ``distance_attention`` unchanged (padding and packing without a dense mask); they index the call's own
+    positions, so a decode step (which attends to the cache) refuses them."""
     if inputs_kv is not None:
       if inputs_k is not None or inputs_v is not None:
         raise ValueError("DistanceBasedAttention: pass inputs_kv or inputs_k/inputs_v, not both")
@@ -193,11 +203,17 @@ class DistanceBasedAttention(nn.Module):
       key = nn.LayerNorm(name="key_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(key)
 
     if self.rotary_base is not None:
+      q_len, kv_len = query.shape[-3], key.shape[-3]
+      offset = self.get_variable("cache", "cache_index", 0) if self.decode else 0
+      if key_positions is None:
+        if positions is not None and kv_len != q_len:
+          raise ValueError(f"DistanceBasedAttention: positions (for {q_len} queries) cannot rotate {kv_len} keys; "
+                           "pass key_positions [kv_length] as well (or neither, for arange positions)")
+        key_positions = offset + jnp.arange(kv_len) if positions is None else positions
       if positions is None:
-        offset = self.get_variable("cache", "cache_index", 0) if self.decode else 0
-        positions = offset + jnp.arange(query.shape[-3])
+        positions = offset + jnp.arange(q_len)
       query = apply_rotary(query, positions, self.rotary_base)
-      key = apply_rotary(key, positions, self.rotary_base)
+      key = apply_rotary(key, key_positions, self.rotary_base)
 
     position_args = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                          query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
@@ -242,6 +258,10 @@ class DistanceBasedAttention(nn.Module):
       raise ValueError(f"DistanceBasedAttention: decoding expects inputs of shape {tuple(batch_dims)} + "
                        f"(chunk <= {max_length}, features); got query shape {query.shape}")
     index = cache_index.value
+    if isinstance(index, jax.core.Tracer):
+      jax.debug.callback(functools.partial(_check_cache_room, chunk=chunk, max_length=max_length), index)
+    else:
+      _check_cache_room(index, chunk, max_length)
     start = (0,) * len(batch_dims) + (index, 0, 0)
     key = jax.lax.dynamic_update_slice(cached_key.value, key, start)
     value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
@@ -251,3 +271,12 @@ class DistanceBasedAttention(nn.Module):
     visible = jnp.broadcast_to(visible, tuple(batch_dims) + (1, chunk, max_length))
     mask = visible if mask is None else jnp.logical_and(jnp.asarray(mask) != 0, visible)
     return key, value, mask, True
+
+
+def _check_cache_room(index, chunk: int, max_length: int) -> None:
+  """Raises unless ``chunk`` positions written at ``index`` fit a cache of ``max_length`` (``dynamic_update_slice``
+  would clamp the start and silently overwrite the newest entries)."""
+  index = int(index)
+  if index + chunk > max_length:
+    raise ValueError(f"DistanceBasedAttention: the KV cache holds {max_length} positions and {index} are filled; "
+                     f"{chunk} more do not fit (size the cache for every position by the length given to init)")

@@ -2,6 +2,14 @@
 
   .venv/bin/python experiments/train.py --config=configs/lm.py:metric=l1,size=tiny --workdir=runs/lm_tiny_l1
 
+Resuming with a config whose model, optimizer, data, seed or step budget differ from the checkpoint's is an
+error listing the changed fields; ``--config.train.allow_config_change=True`` accepts the changes (all but
+``train.steps``) and ``--config.train.allow_steps_change=True`` a new ``train.steps``, whose learning-rate
+schedule then applies from the checkpoint's step on, e.g. to train the run above for 2000 steps in all:
+
+  .venv/bin/python experiments/train.py --config=configs/lm.py:metric=l1,size=tiny,steps=2000 \
+      --config.train.allow_steps_change=True --workdir=runs/lm_tiny_l1
+
 All logic is in ``distattn_jax.training`` (``train_and_evaluate``); this is the absl shell around it.
 """
 

@@ -134,6 +134,56 @@ def test_decoding_rejects_a_chunk_of_the_wrong_shape():
     module.apply(variables, tokens(9, batch=3, length=1), mutable=["cache"])
 
 
+def test_writing_past_the_end_of_the_cache_is_an_error_eagerly_and_under_jit():
+  module = da.DistanceBasedAttention(num_heads=HEADS, decode=True)
+  x = tokens(16, length=5)
+  variables = module.init(jax.random.key(0), x[:, :4])  # a cache of 4 positions
+  params = variables["params"]
+  message = r"the KV cache holds 4 positions and 3 are filled; 2 more do not fit"
+
+  def run(step):
+    cache = variables["cache"]
+    for start, stop in ((0, 3), (3, 5)):
+      out, state = step(cache, x[:, start:stop])
+      cache = state["cache"]
+    return jax.block_until_ready(out)
+
+  def apply(cache, chunk):
+    return module.apply({"params": params, "cache": cache}, chunk, mutable=["cache"])
+
+  with pytest.raises(ValueError, match=message):  # the index is concrete: checked while tracing
+    run(apply)
+  with pytest.raises(jax.errors.JaxRuntimeError, match=message):  # traced: checked when the step runs
+    run(jax.jit(apply))
+  # Filling it exactly is fine, and the cache holds every position written.
+  out, state = jax.jit(apply)(variables["cache"], x[:, :4])
+  assert int(state["cache"]["cache_index"]) == 4
+
+
+def test_rotary_cross_attention_rotates_keys_by_their_own_positions():
+  q_in, kv_in = tokens(17, length=5), tokens(18, length=7)
+  module = da.DistanceBasedAttention(num_heads=HEADS, metric="l2", rotary_base=100.0, learnable_lambda=False,
+                                     lambda_init=1.0)
+  params = module.init(jax.random.key(0), q_in, kv_in)["params"]
+
+  def by_hand(q_positions, k_positions):
+    q = da.layers.apply_rotary(project(params["query"], q_in, HEADS), q_positions, 100.0)
+    k = da.layers.apply_rotary(project(params["key"], kv_in, HEADS), k_positions, 100.0)
+    heads = da.distance_attention(q, k, project(params["value"], kv_in, HEADS), metric="l2", lam=1.0)
+    return jnp.einsum("blhd,hdf->blf", heads, params["out"]["kernel"]) + params["out"]["bias"][None, None]
+
+  got = module.apply({"params": params}, q_in, kv_in)
+  chex.assert_trees_all_close(got, by_hand(jnp.arange(5), jnp.arange(7)), rtol=1e-5, atol=1e-5)
+  q_pos, k_pos = jnp.array([3, 4, 5, 6, 7]), jnp.arange(2, 9)
+  got = module.apply({"params": params}, q_in, kv_in, positions=q_pos, key_positions=k_pos)
+  chex.assert_trees_all_close(got, by_hand(q_pos, k_pos), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"positions \(for 5 queries\) cannot rotate 7 keys; pass key_positions"):
+    module.apply({"params": params}, q_in, kv_in, positions=q_pos)
+  with pytest.raises(ValueError, match=r"apply_rotary: positions must have shape \(length,\) = \(7,\) .* got "
+                                       r"shape \(5,\)"):
+    module.apply({"params": params}, q_in, kv_in, positions=q_pos, key_positions=q_pos)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_default_lambda_is_the_spread_matching_value(metric):
   module = da.DistanceBasedAttention(num_heads=2, qkv_features=32, metric=metric, p=3.0)

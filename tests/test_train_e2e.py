@@ -3,8 +3,10 @@ an uninterrupted one, a NaN stops the run and keeps the last good checkpoint, ev
 and the experiment mains run."""
 
 import json
+import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -95,24 +97,78 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_ru
   chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def _poison_the_loss(patch):  # from the 8th update on, the parameters and the loss become NaN
   original = steps.train_step
 
-  def poisoned(state, windows, key, **kw):  # from the 8th update on, the parameters and loss become NaN
+  def poisoned(state, windows, key, **kw):
     new, metrics = original(state, windows, key, **kw)
     bad = state.step >= 7
     new = new.replace(params=jax.tree.map(lambda p: jax.numpy.where(bad, jax.numpy.nan, p), new.params))
     return new, {**metrics, "loss": jax.numpy.where(bad, jax.numpy.nan, metrics["loss"])}
 
+  patch.setattr(steps, "train_step", poisoned)
+
+
+def _poison_the_gradients(patch):  # from the 8th update on, one gradient is NaN while the loss stays finite
+  original = steps.loss_and_grads
+
+  def poisoned(state, windows, rng, grad_accum=1):
+    loss, grads = original(state, windows, rng, grad_accum)
+    bad = state.step >= 7
+    grads["embed"]["embedding"] = grads["embed"]["embedding"].at[0, 0].set(
+        jax.numpy.where(bad, jax.numpy.nan, grads["embed"]["embedding"][0, 0]))
+    return loss, grads
+
+  patch.setattr(steps, "loss_and_grads", poisoned)
+
+
+@pytest.mark.parametrize("poison,message", [
+    (_poison_the_loss, r"the loss is nan at step 8"),
+    (_poison_the_gradients, r"the gradient norm is nan \(the loss, \d\.\d+, is finite\) at step 8"),
+])
+def test_a_non_finite_value_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, poison,
+                                                                                             message):
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(steps, "train_step", poisoned)
-    with pytest.raises(training.NonFiniteLossError, match=r"the loss is nan at step 8; the last good checkpoint "
-                                                          r"\(step 6\) in .*checkpoints is kept"):
+    poison(patch)
+    with pytest.raises(training.NonFiniteError, match=message + r"; the last good checkpoint \(step 6\) in "
+                       r".*checkpoints is kept") as raised:
       training.train_and_evaluate(shrunk_config(), tmp_path)
+  assert raised.value.step == 8
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]
   assert max(r["step"] for r in records(tmp_path)) == 6  # nothing from the bad interval was recorded
   _, state = training.restore(shrunk_config(), tmp_path)
   assert int(state.step) == 6 and all(np.isfinite(a).all() for a in jax.tree.leaves(state.params))
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(state.opt_state))
+
+
+def test_a_longer_step_budget_is_refused_without_its_option_and_then_extends_the_schedule(uninterrupted, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(uninterrupted[0], run)
+  recorded = (run / "config.json").read_text()
+  longer = shrunk_config(**{"train.steps": 16})
+  with pytest.raises(training.ConfigChangedError, match=r"checkpoints/12 was trained with train.steps=12, .* this "
+                     r"run asks for train.steps=16. Resume with train.allow_steps_change=True"):
+    training.train_and_evaluate(longer, run)
+  assert (run / "config.json").read_text() == recorded  # a refused resume leaves the run's record alone
+  _, at_12 = training.restore(shrunk_config(), run)
+  summary = training.train_and_evaluate(shrunk_config(**{"train.steps": 16, "train.allow_steps_change": True}), run)
+  assert summary["resumed_from_step"] == 12 and summary["steps"] == 16
+  # Oracle: four steps from the step-12 state with the optimizer of a 16-step schedule, by hand. The 12-step
+  # schedule would have stayed at its end value, so the two differ.
+  config = shrunk_config(**{"train.steps": 16})
+  data = training.load_data(config)
+  finals = {}
+  for total in (16, 12):
+    tx = training.make_optimizer(config.optim, total)
+    state = steps.TrainState(step=at_12.step, apply_fn=at_12.apply_fn, params=at_12.params, tx=tx,
+                             opt_state=at_12.opt_state)
+    step_fn = jax.jit(steps.train_step)
+    for s in range(12, 16):
+      state, _ = step_fn(state, data.train_batch(s), steps.dropout_key(config.seed))
+    finals[total] = state.params
+  _, resumed = training.restore(config, run)
+  chex.assert_trees_all_close(resumed.params, finals[16], rtol=1e-6, atol=1e-7)
+  assert not np.allclose(finals[16]["embed"]["embedding"], finals[12]["embed"]["embedding"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("metric", da.metrics.available())
@@ -158,8 +214,10 @@ def test_sampling_and_analysis_read_the_runs_newest_checkpoint(uninterrupted):
 
 
 def run_main(script, *args):
+  # A script's own folder, not the working directory, heads sys.path: point it at this checkout's package.
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_the_train_and_generate_mains_print_bits_per_byte_and_a_sample(tmp_path):

@@ -18,6 +18,7 @@ from tensorboardX.proto import event_pb2
 
 from distattn_jax import monitoring, training
 from distattn_jax.models import TruthGPT
+from distattn_jax.kernels import blockwise
 from distattn_jax.training import checkpoint, loop, optim, steps
 
 
@@ -53,7 +54,7 @@ def test_parse_arg_types_values_by_their_defaults_and_rejects_unknown_keys():
 
 @pytest.mark.parametrize("mutate,message", [
     (lambda c: c.train.unlock().update(stepz=3), r"unknown config key 'train.stepz'; valid keys in train: "
-                                                 r"checkpoint_every, eval_batches, eval_every, keep_checkpoints"),
+                                                 r"allow_config_change, allow_steps_change, checkpoint_every"),
     (lambda c: c.unlock().update(extra=1), r"unknown config key 'extra'; valid keys: analysis, data, model"),
     (lambda c: setattr(c.train, "steps", -5), r"config.train.steps=-5 is invalid: must be >= 0"),
     (lambda c: setattr(c.model, "num_heads", 3), r"model.num_heads=3 is invalid: must divide model.width=32"),
@@ -210,6 +211,54 @@ def test_train_step_loss_is_the_mean_next_token_cross_entropy_and_eval_sums_it()
   np.testing.assert_allclose(steps.bits_per_byte(totals["nll_sum"], totals["tokens"]), want / math.log(2), rtol=1e-5)
 
 
+def test_train_step_reports_the_gradient_norm_and_flags_parameters_its_loss_cannot_show(tmp_path):
+  state = _state(small_config())
+  batch, key = windows(4), steps.dropout_key(0)
+  loss, grads = jax.jit(steps.loss_and_grads)(state, batch, jax.random.fold_in(key, 0))
+  want_norm = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in jax.tree.leaves(grads)))
+  _, healthy = jax.jit(steps.train_step)(state, batch, key)
+  np.testing.assert_allclose(healthy["grad_norm"], want_norm, rtol=1e-5)
+  assert bool(healthy["params_finite"])
+  # SGD at an infinite learning rate sends every parameter with a nonzero gradient to +-inf: the loss and the
+  # gradient (of the old parameters) stay finite, only the flag can tell.
+  exploding = steps.TrainState.create(apply_fn=state.apply_fn, params=state.params, tx=optax.sgd(math.inf))
+  _, metrics = jax.jit(steps.train_step)(exploding, batch, key)
+  assert math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["params_finite"])
+  ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
+  ckpts.save(state.replace(step=jnp.asarray(5)))
+  records = [(s, {k: float(v) for k, v in m.items()}) for s, m in ((5, healthy), (6, metrics))]
+  with pytest.raises(training.NonFiniteError, match=r"the updated parameters are not all finite \(the loss, "
+                     r"[\d.]+, and the gradient norm, [\d.]+, are\) at step 6; the last good checkpoint \(step 5\)"):
+    loop._check_finite(records, ckpts)
+  ckpts.close()
+
+
+def test_training_with_the_blockwise_kernel_follows_the_reference_kernel(monkeypatch):
+  # 8 x 8 tiles split the 16 positions into 2 x 2 tiles, so the online softmax, the causal block skipping and the
+  # custom backward all take part (the default tiles would hold the whole sequence in one).
+  monkeypatch.setattr(blockwise, "default_blocks", lambda metric, p=2.0: (8, 8))
+  trajectories = {}
+  for implementation in ("reference", "blockwise"):
+    state = _state(small_config(**{"model.implementation": implementation, "optim.warmup_steps": 0}))
+    step = jax.jit(steps.train_step)
+    history = []
+    for s in range(3):
+      state, metrics = step(state, windows(10 + s), steps.dropout_key(0))
+      history.append(metrics)
+    trajectories[implementation] = state, history
+  (ref_state, ref_history), (blk_state, blk_history) = trajectories["reference"], trajectories["blockwise"]
+  # Same sums in another order: float32 rounding, about 1e-6 relative, in the losses and gradient norms.
+  for ref, blk in zip(ref_history, blk_history):
+    np.testing.assert_allclose(blk["loss"], ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(blk["grad_norm"], ref["grad_norm"], rtol=1e-4)
+  # Adam divides each update by the root of its own squared-gradient average, so a rounding-level difference in a
+  # gradient moves its parameter by a rounding-level fraction of the 3e-3 learning rate: the params agree to
+  # well under one step's 3e-3 (measured: at most 5.4e-6 after three steps; 5e-5 leaves a factor of ten).
+  chex.assert_trees_all_close(blk_state.params, ref_state.params, rtol=0, atol=5e-5)
+  assert not np.allclose(blk_state.params["embed"]["embedding"], _state(small_config()).params["embed"]["embedding"])
+
+
 def test_bfloat16_compute_keeps_float32_master_weights_and_optimizer_state():
   state = _state(small_config(**{"model.dtype": "bfloat16"}))
   new, metrics = jax.jit(steps.train_step)(state, windows(3), steps.dropout_key(0))
@@ -272,9 +321,11 @@ def _truncate_largest_file(directory: pathlib.Path) -> None:
     f.truncate(largest.stat().st_size // 2)
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+@pytest.mark.parametrize("damage", [_truncate_largest_file, lambda step: (step / "default" / "_METADATA").unlink()],
+                         ids=["truncated", "metadata_missing"])
+def test_a_damaged_latest_checkpoint_is_set_aside_for_the_previous_one(tmp_path, caplog, damage):
   fresh, states = _checkpointed(tmp_path)
-  _truncate_largest_file(tmp_path / "ckpt" / "6")
+  damage(tmp_path / "ckpt" / "6")
   ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
   restored = ckpts.restore_latest(fresh)
   assert int(restored.step) == 3
@@ -283,12 +334,115 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
   assert "checkpoint" in caplog.text and "could not be restored" in caplog.text
 
 
+def _wrapped_storage_error(status):
+  try:
+    raise ValueError(f"{status}: Error reading \"a/0\" in OCDBT database at local file \"/x/6/default/\"")
+  except ValueError as e:  # orbax re-raises tensorstore's errors as a bare Exception
+    try:
+      raise Exception("Encountered error while reading array index") from e
+    except Exception as wrapped:
+      return wrapped
+
+
+@pytest.mark.parametrize("method,error", [
+    ("restore", PermissionError(13, "Permission denied", "/x/6/default/d/0")),
+    ("restore", MemoryError()),
+    ("restore", KeyboardInterrupt()),
+    ("restore", _wrapped_storage_error("PERMISSION_DENIED")),
+    ("item_metadata", OSError(5, "Input/output error")),
+])
+def test_a_read_failure_that_is_not_corruption_propagates_and_moves_nothing(tmp_path, monkeypatch, method, error):
+  fresh, _ = _checkpointed(tmp_path)
+
+  def fail(self, *args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(ocp.CheckpointManager, method, fail)
+  with pytest.raises(type(error)) as raised:
+    checkpoint.Checkpoints(tmp_path / "ckpt", keep=3).restore_latest(fresh)
+  assert raised.value is error  # unchanged, not wrapped
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3", "6"]
+  assert not (tmp_path / "ckpt.corrupt").exists()
+
+
+def test_only_errors_about_the_files_count_as_an_unreadable_checkpoint():
+  assert checkpoint.is_unreadable(_wrapped_storage_error("OUT_OF_RANGE"))
+  assert checkpoint.is_unreadable(_wrapped_storage_error("DATA_LOSS"))
+  assert checkpoint.is_unreadable(FileNotFoundError(2, "Metadata file (named _METADATA) does not exist"))
+  assert checkpoint.is_unreadable(ValueError("Expecting value: line 1 column 1 (char 0)"))  # json's
+  assert not checkpoint.is_unreadable(_wrapped_storage_error("RESOURCE_EXHAUSTED"))
+  assert not checkpoint.is_unreadable(RuntimeError("something else"))
+  assert not checkpoint.is_unreadable(Exception("no cause"))
+
+
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
   fresh, _ = _checkpointed(tmp_path)
   for step in ("3", "6"):
     _truncate_largest_file(tmp_path / "ckpt" / step)
   with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint in .*ckpt; every step failed"):
     checkpoint.Checkpoints(tmp_path / "ckpt", keep=3).restore_latest(fresh)
+
+
+def _saved_with_fingerprint(tmp_path, config):
+  state = _state(config)
+  ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
+  ckpts.save(state.replace(step=jnp.asarray(5)), {"config": training.fingerprint(config)})
+  ckpts.close()
+  return state
+
+
+def _resume(tmp_path, state, config):
+  ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
+  try:
+    return ckpts.restore_latest(state, loop.resume_check(config, ckpts.directory))
+  finally:
+    ckpts.close()
+
+
+def test_the_fingerprint_holds_the_computation_fields_and_not_the_cadence_or_sampling_ones():
+  fields = training.fingerprint(small_config())["fields"]
+  assert {"seed", "model.metric", "optim.learning_rate", "data.batch_size", "train.steps"} <= set(fields)
+  assert not {"train.log_every", "train.checkpoint_every", "train.allow_config_change", "sample.length"} & set(fields)
+  assert fields["data.seq_len"] == 16 and fields["model.num_kv_heads"] is None
+  a = training.fingerprint(small_config())
+  b = training.fingerprint(small_config(**{"train.log_every": 1, "sample.length": 3, "train.eval_batches": 7}))
+  assert a == b
+  assert training.fingerprint(small_config(**{"model.p": 3.0}))["sha256"] != a["sha256"]
+
+
+def test_resuming_with_other_computation_fields_is_an_error_listing_them_unless_allowed(tmp_path):
+  state = _saved_with_fingerprint(tmp_path, small_config())
+  # Cadence and sampling fields are not part of the fingerprint: resuming with new ones is fine.
+  same = small_config(**{"train.log_every": 1, "train.checkpoint_every": 1, "sample.length": 3})
+  assert int(_resume(tmp_path, state, same).step) == 5
+  changed = {"model.metric": "l2", "optim.learning_rate": 1e-3}
+  with pytest.raises(training.ConfigChangedError,
+                     match=r"ckpt/5 was trained with a different config \(model.metric: 'l1' -> 'l2'; "
+                           r"optim.learning_rate: 0.003 -> 0.001\); resume with train.allow_config_change=True"):
+    _resume(tmp_path, state, small_config(**changed))
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["5"]
+  allowed = small_config(**changed, **{"train.allow_config_change": True})
+  assert int(_resume(tmp_path, state, allowed).step) == 5
+
+
+def test_resuming_with_another_step_budget_needs_its_own_option(tmp_path):
+  state = _saved_with_fingerprint(tmp_path, small_config())
+  message = (r"ckpt/5 was trained with train.steps=10, which sets the length of the learning-rate schedule; "
+             r"this run asks for train.steps=20. Resume with train.allow_steps_change=True")
+  with pytest.raises(training.ConfigChangedError, match=message):
+    _resume(tmp_path, state, small_config(**{"train.steps": 20}))
+  with pytest.raises(training.ConfigChangedError, match=message):  # the general override does not cover it
+    _resume(tmp_path, state, small_config(**{"train.steps": 20, "train.allow_config_change": True}))
+  extended = small_config(**{"train.steps": 20, "train.allow_steps_change": True})
+  assert int(_resume(tmp_path, state, extended).step) == 5
+
+
+def test_a_checkpoint_without_a_fingerprint_is_resumed_only_when_allowed(tmp_path):
+  fresh, states = _checkpointed(tmp_path)  # saved without metadata
+  with pytest.raises(training.ConfigChangedError, match=r"ckpt/6 has no config fingerprint"):
+    _resume(tmp_path, fresh, small_config())
+  restored = _resume(tmp_path, fresh, small_config(**{"train.allow_config_change": True}))
+  chex.assert_trees_all_equal(restored.params, states[6].params)
 
 
 # --- writers and monitoring ---------------------------------------------------------------------------------

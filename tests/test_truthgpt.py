@@ -1,6 +1,8 @@
 """TruthGPT and its classifier: tied output, causality, rotary positions against hand-built attention, the KV
 cache against the full forward pass, sampling, padding, compute dtype and configuration errors."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 
 import distattn_jax as da
 from distattn_jax.models import TruthGPT, TruthGPTClassifier, TruthGPTConfig, generate, sample_logits
+from distattn_jax.kernels import blockwise
 from distattn_jax.layers import apply_rotary as rotate
 from distattn_jax.models.truthgpt import Trunk
 
@@ -92,6 +95,23 @@ def test_greedy_generation_with_the_cache_equals_argmax_of_full_recomputation(po
   np.testing.assert_array_equal(got, jnp.argmax(logits[:, 4:], axis=-1))
 
 
+def test_generation_with_the_blockwise_kernel_equals_full_recomputation_by_the_reference(monkeypatch):
+  # 8 x 8 tiles: the 13-position cache spans two key tiles, so decoding streams over tiles with the cache mask.
+  monkeypatch.setattr(blockwise, "default_blocks", lambda metric, p=2.0: (8, 8))
+  config = TruthGPTConfig(**SMALL, positions="rotary", metric="l1", num_kv_heads=2)
+  prompt = tokens(11, length=5)
+  params = init(TruthGPT(config), prompt)
+  got = generate(TruthGPT(dataclasses.replace(config, implementation="blockwise")), params, prompt,
+                 jax.random.key(0), max_new_tokens=8, temperature=0.0)
+  reference = TruthGPT(dataclasses.replace(config, implementation="reference"))
+  logits = jax.jit(reference.apply)({"params": params}, jnp.concatenate([prompt, got[:, :-1]], axis=1))[:, 4:]
+  # Greedy tokens are the reference's argmax; the kernels differ by float32 rounding (~1e-6), far below the
+  # gap between the two largest logits at every step (checked, so a near tie cannot make this pass by luck).
+  np.testing.assert_array_equal(got, jnp.argmax(logits, axis=-1))
+  top2 = jax.lax.top_k(logits, 2)[0]
+  assert float(jnp.min(top2[..., 0] - top2[..., 1])) > 1e-4
+
+
 def test_top_k_sampling_draws_only_the_k_largest_logits_and_follows_the_softmax():
   logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]]))
   draws = jax.vmap(lambda k: sample_logits(logits, k, 1.0, 3))(jax.random.split(jax.random.key(0), 4000))[:, 0]
@@ -107,6 +127,9 @@ def test_generation_rejects_a_cache_longer_than_the_learned_positions():
   prompt = tokens(7, length=20)
   with pytest.raises(ValueError, match=r"prompt \(20\) \+ max_new_tokens \(5\) = 25 exceeds model.max_len=24"):
     generate(model, init(model, prompt), prompt, jax.random.key(0), max_new_tokens=5)
+  with pytest.raises(ValueError, match=r"prompt must be token ids of shape \[batch, prompt_len >= 1\]; got shape "
+                                       r"\(2, 0\)"):
+    generate(model, init(model, prompt), prompt[:, :0], jax.random.key(0), max_new_tokens=5)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "first"])

@@ -35,9 +35,14 @@ def generate(model: TruthGPT, params, prompt: Array, rng: Array, *, max_new_toke
   ``model`` is the training-time module (``decode=False``); its decoding twin shares the parameters. The cache
   holds ``prompt_len + max_new_tokens`` positions, which must fit ``model.config.max_len`` for learned positions.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens must be >= 1; got {max_new_tokens}")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+  if prompt.ndim != 2 or prompt.shape[1] < 1:
+    raise ValueError(f"generate: prompt must be token ids of shape [batch, prompt_len >= 1]; got shape "
+                     f"{prompt.shape}")
   batch, prompt_len = prompt.shape
+  # The cache is sized below for exactly prompt + new tokens, so the decoding loop never reaches the attention
+  # layers' runtime check of its end; positions are what must fit, and for learned ones that is max_len.
   total = prompt_len + max_new_tokens
   if model.config.positions == "learned" and total > model.config.max_len:
     raise ValueError(f"generate: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "

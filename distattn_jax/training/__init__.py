@@ -2,15 +2,17 @@
 metric writers and the loop. ``experiments/`` holds only thin absl mains over these."""
 
 from distattn_jax.training.checkpoint import CheckpointError, Checkpoints
-from distattn_jax.training.config import default_config, parse_arg, validate
-from distattn_jax.training.loop import (NonFiniteLossError, build, hide_orbax_info_logs, load_data, throughput,
-                                       train_and_evaluate)
+from distattn_jax.training.config import (ConfigChangedError, check_resume, default_config, fingerprint, parse_arg,
+                                         validate)
+from distattn_jax.training.loop import (NonFiniteError, NonFiniteLossError, build, hide_orbax_info_logs, load_data,
+                                       throughput, train_and_evaluate)
 from distattn_jax.training.optim import learning_rate_schedule, make_optimizer, param_labels
 from distattn_jax.training.runs import analyze_run, restore, sample_text
 from distattn_jax.training.steps import TrainState, create_train_state, eval_step, lambda_values, train_step
 from distattn_jax.training.writers import MetricWriter, read_jsonl
 
-__all__ = ["CheckpointError", "Checkpoints", "MetricWriter", "NonFiniteLossError", "TrainState", "analyze_run",
-           "build", "create_train_state", "default_config", "eval_step", "hide_orbax_info_logs", "lambda_values",
+__all__ = ["CheckpointError", "Checkpoints", "ConfigChangedError", "MetricWriter", "NonFiniteError",
+           "NonFiniteLossError", "TrainState", "analyze_run", "build", "check_resume", "create_train_state",
+           "default_config", "eval_step", "fingerprint", "hide_orbax_info_logs", "lambda_values",
            "learning_rate_schedule", "load_data", "make_optimizer", "param_labels", "parse_arg", "read_jsonl",
            "restore", "sample_text", "throughput", "train_and_evaluate", "train_step", "validate"]

@@ -8,6 +8,8 @@ values out of range, naming the field. The model's own checks live in :class:`Tr
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 from typing import Any
 
 import ml_collections
@@ -39,12 +41,76 @@ def default_config() -> ml_collections.ConfigDict:
       lambda_learning_rate=1e-2))  # peak lr of the log_lambda / log_p group (same schedule shape, no decay)
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=2000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500, keep_checkpoints=3))
+      steps=2000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500, keep_checkpoints=3,
+      # Resuming from a checkpoint whose fingerprint (see `fingerprint`) differs from this config is an error
+      # unless these say otherwise: any changed field but train.steps, and train.steps (the schedule's length).
+      allow_config_change=False, allow_steps_change=False))
 
   # prompt + length stay within data.seq_len: learned positions past the training context are untrained.
   c.sample = ml_collections.ConfigDict(dict(prompt="def ", length=124, temperature=0.8, top_k=0, seed=0))
   c.analysis = ml_collections.ConfigDict(dict(batch_size=4))  # validation sequences analysed by analyze.py
   return c
+
+
+# Fields that do not change what training computes: how often it logs, evaluates and saves, what it samples
+# and analyses afterwards, and the resume overrides themselves. Every other field is fingerprinted, so a field
+# added to the schema later counts as a change of the computation until it is listed here.
+NOT_FINGERPRINTED = ("train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.allow_config_change", "train.allow_steps_change", "sample.",
+                     "analysis.")
+
+
+class ConfigChangedError(ValueError):
+  """Resuming a checkpoint with a config whose fingerprinted fields differ from the ones it was trained with."""
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``{"fields": {"model.metric": "l1", ...}, "sha256": ...}``: the fields that change the computation
+  (model, optimizer, schedule length ``train.steps``, data, seed), as JSON values, and their hash."""
+  fields = {k: v for k, v in flatten(config).items() if not k.startswith(NOT_FINGERPRINTED)}
+  fields = json.loads(json.dumps(fields, sort_keys=True))
+  digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+  return {"fields": fields, "sha256": digest}
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any], prefixes: tuple[str, ...] = ("",)
+                        ) -> list[tuple[str, Any, Any]]:
+  """``[(field, saved value, current value)]`` for the fields (under ``prefixes``) that differ between two
+  fingerprints' ``fields``; a field one of them lacks shows as ``"<absent>"``."""
+  names = sorted(k for k in set(saved) | set(current) if k.startswith(prefixes))
+  return [(k, saved.get(k, "<absent>"), current.get(k, "<absent>")) for k in names
+          if saved.get(k, "<absent>") != current.get(k, "<absent>")]
+
+
+def check_resume(saved: dict[str, Any] | None, config: ml_collections.ConfigDict, where: str,
+                 prefixes: tuple[str, ...] = ("",)) -> list[tuple[str, Any, Any]]:
+  """Compares the fingerprint saved with checkpoint ``where`` against ``config``'s, over the fields under
+  ``prefixes``; returns the changes it accepts (``train.allow_config_change``, ``train.allow_steps_change``) and
+  raises :class:`ConfigChangedError` listing the others with their old and new values."""
+  allow_config, allow_steps = config.train.allow_config_change, config.train.allow_steps_change
+  if saved is None:
+    if allow_config:
+      return []
+    raise ConfigChangedError(
+        f"checkpoint {where} has no config fingerprint, so nothing shows it was trained with this config; "
+        "resume with train.allow_config_change=True (--config.train.allow_config_change=True) if it was, or "
+        "train in another workdir")
+  changes = fingerprint_changes(saved["fields"], fingerprint(config)["fields"], prefixes)
+  others = [c for c in changes if c[0] != "train.steps"]
+  if others and not allow_config:
+    listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in others)
+    raise ConfigChangedError(
+        f"checkpoint {where} was trained with a different config ({listed}); resume with "
+        "train.allow_config_change=True (--config.train.allow_config_change=True) to continue from it with the "
+        "new values, or train in another workdir (its config.json holds the old ones)")
+  if len(others) < len(changes) and not allow_steps:
+    _, old, new = next(c for c in changes if c[0] == "train.steps")
+    raise ConfigChangedError(
+        f"checkpoint {where} was trained with train.steps={old}, which sets the length of the learning-rate "
+        f"schedule; this run asks for train.steps={new}. Resume with train.allow_steps_change=True "
+        "(--config.train.allow_steps_change=True) to continue on the schedule of the new length (the learning "
+        "rate follows it from the checkpoint's step on, so it jumps there), or train in another workdir")
+  return changes
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

@@ -4,7 +4,20 @@ Files in ``workdir``: ``config.json`` (the resolved config), ``data.json`` (the 
 split), ``checkpoints/`` (orbax), ``metrics.jsonl`` and ``tensorboard/`` (train, eval and perf records) and
 ``summary.json`` at the end. Starting again in the same ``workdir`` resumes from the newest readable
 checkpoint; batches and dropout are functions of the step, so the resumed run computes what an uninterrupted
-run computes. A non-finite loss stops the run before the next checkpoint could store it.
+run computes.
+
+Resuming is refused (:class:`config.ConfigChangedError`, before the corpus is read or ``config.json``
+rewritten) when the checkpoint's config fingerprint (:func:`config.fingerprint`: model, optimizer, data, seed
+and ``train.steps``) differs from this config's, listing each changed field with its old and new value;
+``train.allow_config_change=True`` accepts changed fields other than ``train.steps``, and
+``train.allow_steps_change=True`` a new ``train.steps`` (the schedule is rebuilt for the new length and
+followed from the checkpoint's step on). Logging, evaluation and checkpoint cadence, sampling and analysis fields may
+change freely.
+
+Every step reports its loss, gradient norm and whether its updated parameters are all finite (computed inside
+the jitted step). Before any state is evaluated, recorded or saved, the flags of every step up to it are read
+and checked, whatever ``train.log_every`` is; the first non-finite one stops the run with
+:class:`NonFiniteError` naming the quantity and the step, and the last good checkpoint stays the newest.
 """
 
 from __future__ import annotations
@@ -28,12 +41,19 @@ from distattn_jax import monitoring
 from distattn_jax.data import text
 from distattn_jax.models import TruthGPT, count_params
 from distattn_jax.training import checkpoint, optim, steps
-from distattn_jax.training.config import validate
+from distattn_jax.training.config import check_resume, fingerprint, validate
 from distattn_jax.training.writers import MetricWriter, write_text_atomically
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss, gradient norm or parameter; ``step`` and ``quantity`` say where."""
+
+  def __init__(self, message: str, step: int, quantity: str):
+    super().__init__(message)
+    self.step, self.quantity = step, quantity
+
+
+NonFiniteLossError = NonFiniteError  # the name before gradients and parameters were checked too
 
 
 def hide_orbax_info_logs() -> None:
@@ -106,32 +126,62 @@ class Progress:
 
 
 def _check_finite(records: list[tuple[int, dict[str, float]]], checkpoints: checkpoint.Checkpoints) -> None:
+  """Raises :class:`NonFiniteError` at the first step whose loss, gradient norm or updated parameters are not
+  finite, in that order (a NaN gradient makes NaN parameters too; the earliest cause is the one named)."""
   for step, values in records:
-    if not math.isfinite(values["loss"]):
-      kept = checkpoints.steps()
-      raise NonFiniteLossError(
-          f"training stopped: the loss is {values['loss']} at step {step}; the last good checkpoint "
-          f"({'step ' + str(kept[-1]) if kept else 'none yet'}) in {checkpoints.directory} is kept")
+    loss, grad_norm = values["loss"], values["grad_norm"]
+    if not math.isfinite(loss):
+      quantity, what = "loss", f"the loss is {loss}"
+    elif not math.isfinite(grad_norm):
+      quantity, what = "grad_norm", f"the gradient norm is {grad_norm} (the loss, {loss:.4g}, is finite)"
+    elif not values["params_finite"]:
+      quantity, what = "params", (f"the updated parameters are not all finite (the loss, {loss:.4g}, and the "
+                                  f"gradient norm, {grad_norm:.4g}, are)")
+    else:
+      continue
+    kept = checkpoints.steps()
+    raise NonFiniteError(
+        f"training stopped: {what} at step {step}; the last good checkpoint "
+        f"({'step ' + str(kept[-1]) if kept else 'none yet'}) in {checkpoints.directory} is kept", step, quantity)
+
+
+def resume_check(config: ml_collections.ConfigDict, directory: pathlib.Path, prefixes: tuple[str, ...] = ("",)):
+  """The ``check`` for :meth:`Checkpoints.restore_latest` of ``directory``: the checkpoint's saved fingerprint
+  must match ``config``'s over the fields under ``prefixes`` (:func:`config.check_resume`); accepted changes
+  are logged."""
+
+  def check(step: int, metadata: dict[str, Any]) -> None:
+    where = f"{directory}/{step}"
+    for name, old, new in check_resume(metadata.get("config"), config, where, prefixes):
+      logging.warning("resuming %s with %s changed: %r -> %r", where, name, old, new)
+
+  return check
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the summary it saves."""
   wall_start = time.perf_counter()
-  _, state = build(config)  # validates the config before anything is read or compiled
+  _, fresh = build(config)  # validates the config before anything is read or compiled
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  train_cfg = config.train
+  total = train_cfg.steps
+  checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", train_cfg.keep_checkpoints)
+  try:
+    state = checkpoints.restore_latest(fresh, resume_check(config, checkpoints.directory)) or fresh
+  except BaseException:
+    checkpoints.close()
+    raise
+  start = int(state.step)
+  # Written once the checkpoint accepted this config: a refused resume leaves the run's record as it was.
   write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   data = load_data(config)
   write_json(workdir / "data.json", data.corpus.info)
-  train_cfg = config.train
-  total = train_cfg.steps
 
   eval_batches = data.eval_batches(train_cfg.eval_batches)
-  eval_fn, eval_stats = monitoring.compile_with_stats(jax.jit(steps.eval_step), state, eval_batches[0])
-  untrained_bpb = evaluate(eval_fn, state, eval_batches)  # the fresh state, also when the run resumes below
-  checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", train_cfg.keep_checkpoints)
-  state = checkpoints.restore_latest(state) or state
-  start = int(state.step)
+  eval_fn, eval_stats = monitoring.compile_with_stats(jax.jit(steps.eval_step), fresh, eval_batches[0])
+  untrained_bpb = evaluate(eval_fn, fresh, eval_batches)  # also when the run resumes
+  del fresh
   logging.info("%s at step %d of %d in %s; %d parameters", "resuming" if start else "starting", start, total,
                workdir, count_params(state.params))
   writer = MetricWriter(workdir, start)
@@ -151,14 +201,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       compile_stats.update(stats)
       writer.write(start, "perf", monitoring.get_performance_stats({}, compile_stats))
       timer.restart(start)
-    pending = []
+    unchecked, checked = [], []
     for step in range(start + 1, total + 1):
       state, metrics = train_fn(state, data.train_batch(step - 1), dropout_key)
-      pending.append((step, metrics))
-      if step % train_cfg.log_every == 0 or step == total:
-        records = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
-        pending = []
-        _check_finite(records, checkpoints)
+      unchecked.append((step, metrics))
+      log = step % train_cfg.log_every == 0 or step == total
+      run_eval = step % train_cfg.eval_every == 0 or step == total
+      save = step % train_cfg.checkpoint_every == 0 or step == total
+      if log or run_eval or save:
+        # Whatever the logging interval, no state is evaluated, recorded or saved before every step up to it
+        # has been checked (the flags are computed inside the step; reading them is a few scalars).
+        new = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(unchecked)]
+        unchecked = []
+        _check_finite(new, checkpoints)
+        checked += new
+      if log:
+        records, checked = checked, []
         perf = timer.mark(step)
         loss = float(np.mean([r["loss"] for _, r in records]))
         values = {"loss": loss, "bits_per_byte": loss / math.log(2),
@@ -168,14 +226,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         writer.write(step, "train", values)
         writer.write(step, "perf", monitoring.get_performance_stats(perf, {}))
         progress.report(step, loss, perf)
-      if step % train_cfg.eval_every == 0 or step == total:
+      if run_eval:
         bpb = evaluate(eval_fn, state, eval_batches)
         writer.write(step, "eval", {"bits_per_byte": bpb})
         if step == total:
           final_bpb = bpb
         timer.restart(step)  # evaluation and checkpointing are not training time
-      if step % train_cfg.checkpoint_every == 0 or step == total:
-        checkpoints.save(state)
+      if save:
+        checkpoints.save(state, {"config": fingerprint(config)})
         timer.restart(step)
   finally:
     progress.close()

@@ -15,7 +15,7 @@ import ml_collections
 from distattn_jax import analysis, models
 from distattn_jax.models import TruthGPT
 from distattn_jax.training import checkpoint, steps
-from distattn_jax.training.loop import build, load_data, write_json
+from distattn_jax.training.loop import build, load_data, resume_check, write_json
 from distattn_jax.training.writers import read_jsonl
 
 
@@ -28,7 +28,8 @@ def restore(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tu
                             f"--workdir={workdir})")
   checkpoints = checkpoint.Checkpoints(directory, config.train.keep_checkpoints)
   try:
-    restored = checkpoints.restore_latest(state)
+    # Sampling and analysis depend on the model alone: only its fields must match the checkpoint's.
+    restored = checkpoints.restore_latest(state, resume_check(config, checkpoints.directory, ("model.",)))
   finally:
     checkpoints.close()
   if restored is None:

@@ -42,11 +42,10 @@ def next_token_loss(logits: Array, windows: Array) -> Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), windows[:, 1:]).mean()
 
 
-def train_step(state: TrainState, windows: Array, dropout_key: Array, *, grad_accum: int = 1
-               ) -> tuple[TrainState, dict[str, Array]]:
-  """One optimizer step on ``windows [batch, length + 1]``; with ``grad_accum > 1`` the batch is split into that
-  many microbatches whose gradients are averaged (a ``lax.scan``, so memory is one microbatch's)."""
-  rng = jax.random.fold_in(dropout_key, state.step)
+def loss_and_grads(state: TrainState, windows: Array, rng: Array, grad_accum: int = 1) -> tuple[Array, Any]:
+  """Mean next-token loss of ``windows [batch, length + 1]`` and its gradient with respect to ``state.params``;
+  with ``grad_accum > 1`` the batch is split into that many microbatches whose gradients are averaged (a
+  ``lax.scan``, so memory is one microbatch's)."""
 
   def loss_fn(params, micro, rng):
     logits = state.apply_fn({"params": params}, micro[:, :-1], deterministic=False, rngs={"dropout": rng})
@@ -54,20 +53,36 @@ def train_step(state: TrainState, windows: Array, dropout_key: Array, *, grad_ac
 
   grad_fn = jax.value_and_grad(loss_fn)
   if grad_accum == 1:
-    loss, grads = grad_fn(state.params, windows, rng)
-  else:
-    micro = windows.reshape((grad_accum, windows.shape[0] // grad_accum) + windows.shape[1:])
+    return grad_fn(state.params, windows, rng)
+  micro = windows.reshape((grad_accum, windows.shape[0] // grad_accum) + windows.shape[1:])
 
-    def accumulate(carry, xs):
-      i, batch = xs
-      loss, grads = grad_fn(state.params, batch, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+  def accumulate(carry, xs):
+    i, batch = xs
+    loss, grads = grad_fn(state.params, batch, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
-    loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-  return state.apply_gradients(grads=grads), metrics
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+  return jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+
+
+def all_finite(tree: Any) -> Array:
+  """One boolean: every element of every array in ``tree`` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, windows: Array, dropout_key: Array, *, grad_accum: int = 1
+               ) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer step on ``windows [batch, length + 1]`` (:func:`loss_and_grads`).
+
+  The metrics are the loss, the gradient's global norm (non-finite exactly when some gradient is, or when the
+  norm overflows) and ``params_finite``, whether every updated parameter is finite: one reduction over the
+  parameters, cheap beside the step, so the loop can refuse to save a state without reading it back.
+  """
+  rng = jax.random.fold_in(dropout_key, state.step)
+  loss, grads = loss_and_grads(state, windows, rng, grad_accum)
+  new = state.apply_gradients(grads=grads)
+  return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": all_finite(new.params)}
 
 
 def eval_step(state: TrainState, windows: Array) -> dict[str, Array]:
