@@ -1,20 +1,36 @@
-r"""Checks every registered attention kernel against the reference kernel on this machine's backend.
+r"""Checks every registered attention kernel against a float64 oracle on this machine's backend.
 
 Run it on your accelerator before trusting a kernel there:
 
-  python experiments/selfcheck.py                       # every kernel, metric, dtype, mask, causal, GQA case
+  python experiments/selfcheck.py                       # every kernel, metric and dtype, every case below
   python experiments/selfcheck.py --metrics=l1,dot --dtypes=float32
+  python experiments/selfcheck.py --q_len=70 --kv_len=45 --block=16   # a quick run on small shapes
 
-For each implementation x metric x dtype it runs every combination of {no mask, a random mask with a fully
-masked row} x {causal, not} x {multi-head, grouped-query} on odd lengths (37 queries, 29 keys), comparing the
-output and the gradients for query, key, value and lam with the reference kernel. It prints a table and the
-success rate, and exits with status 1 if any case fails.
+The oracle shares no code with the kernels: it materialises every ``q_i - k_j`` difference in float64, applies
+the distance's textbook formula (for a user-registered distance, its own per-coordinate function), builds one
+dense mask from every masking argument, and differentiates with plain autodiff. The kernels get the same inputs
+(rounded to the dtype under test first) at ``--q_len x --kv_len`` with ``--block``-wide tiles, so by default
+(1000 x 777, 128-wide tiles) no tile size divides either length and every kernel loops over several tiles in
+both directions.
+
+Each metric (the registered ones plus a Huber distance this program registers, as a user would) runs these
+cases, forward and the gradients of query, key, value, lam and bias:
+
+  gqa+bias        4 query heads over 2 key/value heads, a full ``[B, H, T, S]`` bias
+  causal+bias     causal, a bias broadcast over batch and heads (``[1, 1, T, S]``)
+  segments        packed sequences: segment ids with padding (id 0), a per-key bias (``[B, 1, 1, S]``)
+  lengths+mask    query and key lengths, a random mask with a fully masked query row
+  window          a causal sliding window of 64 keys
+
+It prints a table and the success rate, and exits with status 1 if any case fails.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import sys
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,80 +41,215 @@ import distattn_jax as da
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("implementations", None, "Kernels to check (default: every registered one but the reference).")
-flags.DEFINE_list("metrics", list(da.metrics.available()), "Metrics to check.")
+flags.DEFINE_list("metrics", None, "Metrics to check (default: every registered one plus the Huber example).")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes to check.")
-flags.DEFINE_integer("q_len", 37, "Query length (odd on purpose: no block size divides it).")
-flags.DEFINE_integer("kv_len", 29, "Key length.")
+flags.DEFINE_list("cases", None, "Cases to run (default: all).")
+flags.DEFINE_integer("q_len", 1000, "Query length (no tile size divides the default).")
+flags.DEFINE_integer("kv_len", 777, "Key length.")
+flags.DEFINE_integer("block", 128, "Tile size of the blockwise kernel, both directions.")
+flags.DEFINE_integer("head_dim", 16, "Features per head.")
 
-# Errors are measured relative to the largest entry of the reference result. float32 allows for reduced-precision
-# matmuls on accelerators (TF32: 2^-11); bfloat16 for rounding the weights and outputs (2^-8) a few times.
+# Errors are measured relative to the largest entry of the oracle's result. float32: the distances are exact
+# (gram forms run at HIGHEST precision) but weights @ value may use the backend's default float32 matmul
+# (TF32 on recent GPUs: 2^-11 per product), so 2e-3 leaves room for that and for float32 accumulation over
+# ~800 keys. bfloat16: outputs and the weights fed to the value matmul are rounded to 8 bits (2^-8) a few times.
 TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2}
+LP_ORDER = 3.0
+HUBER = "huber"
+
+CASES = ("gqa+bias", "causal+bias", "segments", "lengths+mask", "window")
 
 
-def _inputs(dtype, num_heads: int, num_kv: int, masked: bool, seed: int = 0):
+def huber_phi(t):
+  """Huber loss of a coordinate difference with threshold 1: quadratic near 0, linear beyond."""
+  a = jnp.abs(t)
+  return jnp.where(a <= 1.0, 0.5 * t * t, a - 0.5)
+
+
+def register_huber() -> None:
+  """Registers the Huber distance the way a user would (once per process)."""
+  if HUBER not in da.metrics.available() and hasattr(da.metrics, "register"):
+    da.metrics.register(da.metrics.Metric(name=HUBER, phi=huber_phi, reduce="sum"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The float64 oracle.
+
+
+def oracle_distance(metric: str, q: jax.Array, k: jax.Array) -> jax.Array:
+  """``[..., T, D]``, ``[..., S, D]`` -> the signed score ``[..., T, S]`` (``-distance``, ``+q.k`` for dot)."""
+  if metric == "dot":
+    return jnp.einsum("...td,...sd->...ts", q, k)
+  if metric == "cosine":
+    qn = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    kn = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    return -(1.0 - jnp.einsum("...td,...sd->...ts", qn, kn))
+  t = q[..., :, None, :] - k[..., None, :, :]
+  # |t| as t * sign(t): the same value, and autodiff then gives the documented sign(0) = 0 (jnp.abs's own
+  # derivative at 0 is 1), which matters in bfloat16, where equal coordinates are common.
+  abs_t = t * jax.lax.stop_gradient(jnp.sign(t))
+  if metric == "l1":
+    d = jnp.sum(abs_t, axis=-1)
+  elif metric == "l2":
+    d = jnp.sqrt(jnp.sum(t * t, axis=-1))
+  elif metric == "sqeuclidean":
+    d = jnp.sum(t * t, axis=-1)
+  elif metric == "lp":
+    d = jnp.sum(abs_t ** LP_ORDER, axis=-1) ** (1.0 / LP_ORDER)
+  elif metric == "chebyshev":
+    d = jnp.max(abs_t, axis=-1)  # ties share the gradient equally
+  elif metric == HUBER:
+    d = jnp.sum(huber_phi(t), axis=-1)
+  else:
+    raise ValueError(f"the oracle has no formula for metric {metric!r}")
+  return -d
+
+
+def oracle_attention(metric, q, k, v, lam, bias, allowed):
+  """``q [B, T, H, D]``, ``k, v [B, S, K, D]``, ``lam [H]``, ``bias`` broadcastable to ``[B, H, T, S]``,
+  ``allowed`` bool ``[B, H, T, S]``; a row with nothing allowed gives 0 (distance_attention's convention)."""
+  heads, kv_heads = q.shape[2], k.shape[2]
+  k = jnp.repeat(k, heads // kv_heads, axis=2)
+  v = jnp.repeat(v, heads // kv_heads, axis=2)
+  scores = oracle_distance(metric, q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3))  # [B, H, T, S]
+  logits = scores * (lam / math.sqrt(q.shape[-1]))[None, :, None, None] + bias
+  logits = jnp.where(allowed, logits, 0.0)
+  row_max = jax.lax.stop_gradient(jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True))
+  e = jnp.where(allowed, jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0)), 0.0)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  weights = e / jnp.where(denom > 0, denom, 1.0)
+  return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Cases: the inputs, the masking arguments and the dense mask they mean.
+
+
+def case_inputs(case: str, seed: int = 0) -> dict[str, Any]:
   rng = np.random.default_rng(seed)
-  t, s, d = FLAGS.q_len, FLAGS.kv_len, 16
-  q = rng.standard_normal((2, t, num_heads, d))
-  k = rng.standard_normal((2, s, num_kv, d))
-  v = rng.standard_normal((2, s, num_kv, d))
-  cotangent = rng.standard_normal((2, t, num_heads, d))
-  mask = None
-  if masked:
-    mask = rng.random((2, 1, t, s)) > 0.3
+  b, t, s, d = 2, FLAGS.q_len, FLAGS.kv_len, FLAGS.head_dim
+  heads, kv_heads = (4, 2) if case == "gqa+bias" else (2, 2)
+  x = {"q": rng.standard_normal((b, t, heads, d)), "k": rng.standard_normal((b, s, kv_heads, d)),
+       "v": rng.standard_normal((b, s, kv_heads, d)), "lam": np.linspace(0.5, 1.5, heads),
+       "cotangent": rng.standard_normal((b, t, heads, d))}
+  args: dict[str, Any] = {}
+  allowed = np.ones((b, heads, t, s), bool)
+  ti, sj = np.arange(t)[:, None], np.arange(s)[None, :]
+  if case == "gqa+bias":
+    x["bias"] = 0.5 * rng.standard_normal((b, heads, t, s))
+  elif case == "causal+bias":
+    x["bias"] = 0.5 * rng.standard_normal((1, 1, t, s))
+    args["is_causal"] = True
+    allowed &= ti >= sj
+  elif case == "segments":
+    x["bias"] = 0.5 * rng.standard_normal((b, 1, 1, s))
+    q_ids = np.sort(rng.integers(0, 4, (b, t)), axis=-1).astype(np.int32)  # packed runs; 0 = padding
+    kv_ids = np.sort(rng.integers(0, 4, (b, s)), axis=-1).astype(np.int32)
+    args.update(q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+    allowed &= (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
+  elif case == "lengths+mask":
+    q_lengths = np.array([t, t - t // 3], np.int32)
+    kv_lengths = np.array([s - s // 4, s], np.int32)
+    mask = rng.random((b, 1, t, s)) > 0.3
     mask[:, :, t // 2] = False
-  cast = lambda a: jnp.asarray(a, dtype)
-  return cast(q), cast(k), cast(v), jnp.asarray(cotangent, jnp.float32), mask
+    args.update(mask=mask, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths)
+    allowed &= mask
+    allowed &= (ti[None, None] < q_lengths[:, None, None, None]) & (sj[None, None] < kv_lengths[:, None, None, None])
+  elif case == "window":
+    args.update(is_causal=True, local_window_size=(63, 0))
+    allowed &= (ti >= sj) & (ti - 63 <= sj)
+  else:
+    raise ValueError(f"unknown case {case!r}; cases: {', '.join(CASES)}")
+  x.setdefault("bias", np.zeros((1, 1, 1, 1)))
+  return {"arrays": x, "args": args, "allowed": allowed, "heads": (heads, kv_heads)}
 
 
-def _run(impl, metric, q, k, v, cotangent, mask, causal):
-  lam = jnp.linspace(0.5, 1.5, q.shape[-2])
+def _oracle(metric: str, arrays: dict[str, np.ndarray], allowed: np.ndarray) -> list[np.ndarray]:
+  with jax.enable_x64(True):
+    def loss(q, k, v, lam, bias):
+      out = oracle_attention(metric, q, k, v, lam, bias, jnp.asarray(allowed))
+      return jnp.sum(out * arrays["cotangent"]), out
 
-  def loss(q, k, v, lam):
-    out = da.distance_attention(q, k, v, mask=mask, lam=lam, metric=metric, p=3.0, is_causal=causal,
-                                implementation=impl)
+    f64 = [jnp.asarray(arrays[name], jnp.float64) for name in ("q", "k", "v", "lam", "bias")]
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(*f64)
+    return [np.asarray(a) for a in (out,) + grads]
+
+
+def _kernel(impl: Any, metric: str, dtype, arrays: dict[str, np.ndarray], args: dict[str, Any]) -> list[np.ndarray]:
+  cotangent = jnp.asarray(arrays["cotangent"], jnp.float32)
+  p = LP_ORDER if metric == "lp" else 2.0
+
+  def loss(q, k, v, lam, bias):
+    out = da.distance_attention(q, k, v, bias=bias, lam=lam, metric=metric, p=p, implementation=impl, **args)
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, lam)
+  inputs = [jnp.asarray(arrays[name], dtype) for name in ("q", "k", "v")]
+  inputs += [jnp.asarray(arrays["lam"], jnp.float32), jnp.asarray(arrays["bias"], dtype)]
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(*inputs)
   return [np.asarray(a, np.float32) for a in (out,) + grads]
 
 
-def _relative_error(got, want) -> float:
-  scale = max(1.0, float(np.max(np.abs(want))))
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+  scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
   return float(np.max(np.abs(got - want))) / scale if want.size else 0.0
 
 
-def check(impl: str, metric: str, dtype: str) -> dict:
-  """Every mask x causal x GQA case for one implementation, metric and dtype."""
-  failures, fwd_err, grad_err, cases = [], 0.0, 0.0, 0
-  for masked, causal, (heads, kv_heads) in itertools.product((False, True), (False, True), ((4, 4), (4, 2))):
-    cases += 1
-    q, k, v, cotangent, mask = _inputs(jnp.dtype(dtype), heads, kv_heads, masked)
+def _implementation(name: str) -> Any:
+  """The kernel to check, with ``--block``-wide tiles where the kernel takes tile sizes."""
+  if name == "blockwise":
+    return da.kernels.Blockwise(block_q=FLAGS.block, block_k=FLAGS.block)
+  return name
+
+
+OUTPUTS = ("out", "dq", "dk", "dv", "dlam", "dbias")
+
+
+def check(impl: str, metric: str, dtype: str, cases=CASES) -> dict:
+  """Every case for one implementation, metric and dtype, against the oracle on the same rounded inputs."""
+  failures, fwd_err, grad_err = [], 0.0, 0.0
+  for case in cases:
+    inputs = case_inputs(case)
+    arrays = dict(inputs["arrays"])
+    for name in ("q", "k", "v", "bias"):  # the oracle sees exactly the values the kernel sees
+      arrays[name] = np.asarray(jnp.asarray(arrays[name], dtype).astype(jnp.float32), np.float64)
     try:
-      want = _run("reference", metric, q, k, v, cotangent, mask, causal)
-      got = _run(impl, metric, q, k, v, cotangent, mask, causal)
-      errors = [_relative_error(g, w) for g, w in zip(got, want)]
+      want = _oracle(metric, arrays, inputs["allowed"])
+      got = _kernel(_implementation(impl), metric, jnp.dtype(dtype), arrays, inputs["args"])
+      errors = dict(zip(OUTPUTS, (_relative_error(g, w) for g, w in zip(got, want))))
       finite = all(np.all(np.isfinite(g)) for g in got)
     except Exception as e:  # a crash is a failure of this case, reported, not a crash of the check
-      failures.append(f"mask={masked} causal={causal} heads={heads}/{kv_heads}: {type(e).__name__}: {e}")
+      failures.append(f"{case}: {type(e).__name__}: {e}")
       continue
-    fwd_err, grad_err = max(fwd_err, errors[0]), max(grad_err, *errors[1:])
-    if not finite or max(errors) > TOLERANCE[dtype]:
-      failures.append(f"mask={masked} causal={causal} heads={heads}/{kv_heads}: errors {errors}, finite={finite}")
-  return {"implementation": impl, "metric": metric, "dtype": dtype, "cases": cases, "passed": cases - len(failures),
-          "forward_error": fwd_err, "gradient_error": grad_err, "failures": failures}
+    fwd_err = max(fwd_err, errors["out"])
+    grad_err = max(grad_err, *(errors[n] for n in OUTPUTS[1:]))
+    worst = max(errors, key=errors.get)
+    if not finite or errors[worst] > TOLERANCE[dtype]:
+      failures.append(f"{case}: worst {worst} error {errors[worst]:.2e} > {TOLERANCE[dtype]:g} "
+                      f"({', '.join(f'{n} {e:.1e}' for n, e in errors.items())}), finite={finite}")
+  return {"implementation": impl, "metric": metric, "dtype": dtype, "cases": len(cases),
+          "passed": len(cases) - len(failures), "forward_error": fwd_err, "gradient_error": grad_err,
+          "failures": failures}
 
 
 def main(argv) -> int:
   del argv
+  register_huber()
   impls = FLAGS.implementations or [name for name in da.kernels.available() if name != "reference"]
+  metric_names = FLAGS.metrics or list(da.metrics.available())
+  cases = FLAGS.cases or list(CASES)
+  unknown = sorted(set(cases) - set(CASES))
+  if unknown:
+    raise app.UsageError(f"--cases: unknown {', '.join(unknown)}; cases: {', '.join(CASES)}")
   device = jax.devices()[0]
   print(f"selfcheck on {jax.default_backend()} ({device.device_kind}); implementations: {', '.join(impls)}; "
-        f"tolerances (relative to the reference's largest entry): {TOLERANCE}")
+        f"{FLAGS.q_len} queries x {FLAGS.kv_len} keys, tiles {FLAGS.block}, head_dim {FLAGS.head_dim}; "
+        f"cases: {', '.join(cases)}; oracle: float64, materialised; tolerances (relative to the oracle's largest "
+        f"entry): {TOLERANCE}")
   header = f"{'implementation':<14} {'metric':<12} {'dtype':<9} {'passed':>8} {'fwd err':>9} {'grad err':>9}"
   print(header + "\n" + "-" * len(header))
   results = []
-  for impl, metric, dtype in itertools.product(impls, FLAGS.metrics, FLAGS.dtypes):
-    r = check(impl, metric, dtype)
+  for impl, metric, dtype in itertools.product(impls, metric_names, FLAGS.dtypes):
+    r = check(impl, metric, dtype, cases)
     results.append(r)
     print(f"{impl:<14} {metric:<12} {dtype:<9} {r['passed']:>4}/{r['cases']:<3} {r['forward_error']:9.1e} "
           f"{r['gradient_error']:9.1e}", flush=True)

@@ -14,14 +14,18 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
                         text=True, cwd=ROOT, timeout=600)
 
 
+SMALL_SELFCHECK = ("--q_len=70", "--kv_len=45", "--block=16")
+
+
 def test_selfcheck_passes_and_lists_every_implementation():
-  # One metric and dtype keep this under half a minute; test_kernels.py covers the full grid in-process.
-  proc = run("selfcheck.py", "--metrics=l1", "--dtypes=bfloat16")
+  # Small shapes that still span several 16-wide tiles with lengths no tile divides; one dtype and two metrics
+  # (a shipped one and the user-registered Huber distance) keep this under a minute.
+  proc = run("selfcheck.py", "--metrics=l1,huber", "--dtypes=bfloat16", *SMALL_SELFCHECK)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "implementations: blockwise;" in proc.stdout  # every registered kernel but the reference
   rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("blockwise ")]
-  assert [(r[1], r[2], r[3]) for r in rows] == [("l1", "bfloat16", "8/8")]
-  assert "8/8 cases passed (100.0%)" in proc.stdout
+  assert [(r[1], r[2], r[3]) for r in rows] == [("l1", "bfloat16", "5/5"), ("huber", "bfloat16", "5/5")]
+  assert "10/10 cases passed (100.0%)" in proc.stdout
 
 
 def test_selfcheck_fails_on_a_wrong_kernel(tmp_path):
@@ -31,17 +35,20 @@ def test_selfcheck_fails_on_a_wrong_kernel(tmp_path):
       "import sys\n"
       f"sys.path.insert(0, {str(ROOT / 'experiments')!r})\n"
       "import distattn_jax as da\n"
-      "def broken(*args, **kwargs):\n"
-      "  result = da.kernels.get('reference')(*args, **kwargs)\n"
-      "  return result._replace(out=result.out * 1.01)\n"
-      "da.kernels.register('broken', broken)\n"
+      "reference = da.kernels.get('reference')\n"
+      "class Broken(type(reference)):\n"
+      "  def __call__(self, *args, **kwargs):\n"
+      "    result = super().__call__(*args, **kwargs)\n"
+      "    return result._replace(out=result.out * 1.01)\n"
+      "da.kernels.register('broken', Broken())\n"
       "import selfcheck\n"
       "from absl import app\n"
       "app.run(lambda argv: sys.exit(selfcheck.main(argv)))\n")
   proc = subprocess.run([sys.executable, str(script), "--implementations=broken", "--metrics=dot",
-                         "--dtypes=float32"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                         "--dtypes=float32", *SMALL_SELFCHECK], capture_output=True, text=True, cwd=ROOT,
+                        timeout=600)
   assert proc.returncode == 1, proc.stdout + proc.stderr
-  assert "0/8 cases passed (0.0%)" in proc.stdout and "FAILED" in proc.stdout
+  assert "0/5 cases passed (0.0%)" in proc.stdout and "FAILED" in proc.stdout
 
 
 def test_benchmark_writes_ratios_measured_against_the_baseline(tmp_path):
