@@ -14,7 +14,7 @@ dense mask from every masking argument, and differentiates with plain autodiff. 
 both directions.
 
 Each metric (the registered ones plus a Huber distance this program registers, as a user would) runs these
-cases, forward and the gradients of query, key, value, lam and bias:
+cases, forward and the gradients of query, key, value, lam and (where the case has one) bias:
 
   gqa+bias        4 query heads over 2 key/value heads, a full ``[B, H, T, S]`` bias
   causal+bias     causal, a bias broadcast over batch and heads (``[1, 1, T, S]``)
@@ -68,8 +68,9 @@ def huber_phi(t):
 
 def register_huber() -> None:
   """Registers the Huber distance the way a user would (once per process)."""
-  if HUBER not in da.metrics.available() and hasattr(da.metrics, "register"):
-    da.metrics.register(da.metrics.Metric(name=HUBER, phi=huber_phi, reduce="sum"))
+  if HUBER not in da.metrics.available():
+    da.metrics.register(da.metrics.Metric(HUBER, da.metrics.Elementwise(huber_phi, reduce="sum"),
+                                          translation_invariant=True))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -98,11 +99,21 @@ def oracle_distance(metric: str, q: jax.Array, k: jax.Array) -> jax.Array:
     d = jnp.sum(abs_t ** LP_ORDER, axis=-1) ** (1.0 / LP_ORDER)
   elif metric == "chebyshev":
     d = jnp.max(abs_t, axis=-1)  # ties share the gradient equally
-  elif metric == HUBER:
-    d = jnp.sum(huber_phi(t), axis=-1)
   else:
-    raise ValueError(f"the oracle has no formula for metric {metric!r}")
+    d = _registered_elementwise(metric, t)
   return -d
+
+
+def _registered_elementwise(metric: str, t: jax.Array) -> jax.Array:
+  """A user-registered distance from its own definition, ``root(reduce_d phi(t_d))``, on the materialised
+  differences: the definition the kernels' loops and custom gradients must reproduce."""
+  record = da.metrics.get(metric)
+  form = record.form
+  if record.parametric or not isinstance(form, da.metrics.Elementwise):
+    raise ValueError(f"the oracle has no formula for metric {metric!r} (only non-parametric elementwise records)")
+  values = form.phi(t)
+  d = jnp.sum(values, axis=-1) if form.reduce == "sum" else jnp.max(values, axis=-1)
+  return d if form.root is None else form.root(d)
 
 
 def oracle_attention(metric, q, k, v, lam, bias, allowed):
@@ -160,32 +171,39 @@ def case_inputs(case: str, seed: int = 0) -> dict[str, Any]:
     allowed &= (ti >= sj) & (ti - 63 <= sj)
   else:
     raise ValueError(f"unknown case {case!r}; cases: {', '.join(CASES)}")
-  x.setdefault("bias", np.zeros((1, 1, 1, 1)))
   return {"arrays": x, "args": args, "allowed": allowed, "heads": (heads, kv_heads)}
 
 
+def _differentiated(arrays: dict[str, Any]) -> tuple[str, ...]:
+  return ("q", "k", "v", "lam") + (("bias",) if "bias" in arrays else ())
+
+
 def _oracle(metric: str, arrays: dict[str, np.ndarray], allowed: np.ndarray) -> list[np.ndarray]:
+  names = _differentiated(arrays)
   with jax.enable_x64(True):
-    def loss(q, k, v, lam, bias):
-      out = oracle_attention(metric, q, k, v, lam, bias, jnp.asarray(allowed))
+    def loss(*operands):
+      x = dict(zip(names, operands))
+      out = oracle_attention(metric, x["q"], x["k"], x["v"], x["lam"], x.get("bias", 0.0), jnp.asarray(allowed))
       return jnp.sum(out * arrays["cotangent"]), out
 
-    f64 = [jnp.asarray(arrays[name], jnp.float64) for name in ("q", "k", "v", "lam", "bias")]
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(*f64)
+    f64 = [jnp.asarray(arrays[name], jnp.float64) for name in names]
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))(*f64)
     return [np.asarray(a) for a in (out,) + grads]
 
 
 def _kernel(impl: Any, metric: str, dtype, arrays: dict[str, np.ndarray], args: dict[str, Any]) -> list[np.ndarray]:
+  names = _differentiated(arrays)
   cotangent = jnp.asarray(arrays["cotangent"], jnp.float32)
   p = LP_ORDER if metric == "lp" else 2.0
 
-  def loss(q, k, v, lam, bias):
-    out = da.distance_attention(q, k, v, bias=bias, lam=lam, metric=metric, p=p, implementation=impl, **args)
+  def loss(*operands):
+    x = dict(zip(names, operands))
+    out = da.distance_attention(x["q"], x["k"], x["v"], bias=x.get("bias"), lam=x["lam"], metric=metric, p=p,
+                                implementation=impl, **args)
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
-  inputs = [jnp.asarray(arrays[name], dtype) for name in ("q", "k", "v")]
-  inputs += [jnp.asarray(arrays["lam"], jnp.float32), jnp.asarray(arrays["bias"], dtype)]
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(*inputs)
+  inputs = [jnp.asarray(arrays[name], jnp.float32 if name == "lam" else dtype) for name in names]
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))(*inputs)
   return [np.asarray(a, np.float32) for a in (out,) + grads]
 
 
@@ -201,27 +219,25 @@ def _implementation(name: str) -> Any:
   return name
 
 
-OUTPUTS = ("out", "dq", "dk", "dv", "dlam", "dbias")
-
-
 def check(impl: str, metric: str, dtype: str, cases=CASES) -> dict:
   """Every case for one implementation, metric and dtype, against the oracle on the same rounded inputs."""
   failures, fwd_err, grad_err = [], 0.0, 0.0
   for case in cases:
     inputs = case_inputs(case)
     arrays = dict(inputs["arrays"])
-    for name in ("q", "k", "v", "bias"):  # the oracle sees exactly the values the kernel sees
+    for name in set(arrays) & {"q", "k", "v", "bias"}:  # the oracle sees exactly the values the kernel sees
       arrays[name] = np.asarray(jnp.asarray(arrays[name], dtype).astype(jnp.float32), np.float64)
     try:
       want = _oracle(metric, arrays, inputs["allowed"])
       got = _kernel(_implementation(impl), metric, jnp.dtype(dtype), arrays, inputs["args"])
-      errors = dict(zip(OUTPUTS, (_relative_error(g, w) for g, w in zip(got, want))))
+      errors = dict(zip(("out",) + tuple("d" + n for n in _differentiated(arrays)),
+                        (_relative_error(g, w) for g, w in zip(got, want))))
       finite = all(np.all(np.isfinite(g)) for g in got)
     except Exception as e:  # a crash is a failure of this case, reported, not a crash of the check
       failures.append(f"{case}: {type(e).__name__}: {e}")
       continue
     fwd_err = max(fwd_err, errors["out"])
-    grad_err = max(grad_err, *(errors[n] for n in OUTPUTS[1:]))
+    grad_err = max(grad_err, *(e for n, e in errors.items() if n != "out"))
     worst = max(errors, key=errors.get)
     if not finite or errors[worst] > TOLERANCE[dtype]:
       failures.append(f"{case}: worst {worst} error {errors[worst]:.2e} > {TOLERANCE[dtype]:g} "
