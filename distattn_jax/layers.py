@@ -19,7 +19,7 @@ Array = jax.Array
 def apply_rotary(x: Array, positions: Array, base: float) -> Array:
   """Rotary position embedding of ``x [batch..., length, heads, head_dim]`` at integer ``positions [length]``.
 
-  Feature pairs ``(x_i, x_{i + D/2})`` turn by the angle ``position * base^(-2i/D)`` (GPT-NeoX's half-split
+  Feature pairs ``(x_i, x_{i + D/2})`` turn by the angle ``position * base^(-2i/D)`` (the half-split
   layout), computed in float32. Rotations preserve norms, so for the rotation-invariant metrics (dot, l2,
   sqeuclidean, cosine) the logit between positions ``m`` and ``n`` depends only on ``m - n``; l1, chebyshev and
   lp see rotated coordinates and so get a position-dependent, not purely relative, signal.
@@ -50,8 +50,9 @@ def _check_config(module: "DistanceBasedAttention", qkv_features: int) -> tuple[
                      f"got {module.num_kv_heads!r}")
   metric = metrics.canonical_name(module.metric)
   metrics.check_p(module.p)
-  if module.learnable_p and metric != "lp":
-    raise ValueError(f"{name}: learnable_p=True needs metric='lp'; got metric={metric!r}")
+  if module.learnable_p and not metrics.get(metric).parametric:
+    raise ValueError(f"{name}: learnable_p=True needs a metric with an order p (such as 'lp'); got "
+                     f"metric={metric!r}")
   if module.learnable_p and math.isinf(module.p):
     raise ValueError(f"{name}: learnable_p=True needs a finite initial p; got p={module.p}")
   if module.lambda_init is not None and not (isinstance(module.lambda_init, (int, float))
@@ -74,7 +75,7 @@ class DistanceBasedAttention(nn.Module):
   Projections, parameter names (``query``, ``key``, ``value``, ``out``) and the call signature are Flax's, so a
   model swaps ``nn.MultiHeadDotProductAttention(num_heads=8)`` for ``DistanceBasedAttention(num_heads=8,
   metric="l1")``. The logits are ``-lam_h * distance(q, k) / sqrt(head_dim)``; with ``metric="dot"`` and
-  ``lam = 1`` the module computes exactly what Flax's does. (The seed project's ``DistanceBasedAttention(
+  ``lam = 1`` the module computes exactly what Flax's does. (A PyTorch-style ``DistanceBasedAttention(
   hidden_size, num_heads, distance_type, lambda_param)`` maps to ``qkv_features``, ``num_heads``, ``metric``
   (a ``DistanceType`` or its name) and ``lambda_init``.)
 

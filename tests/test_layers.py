@@ -286,7 +286,7 @@ def test_rotary_decoding_rotates_each_chunk_at_its_cache_position():
 @pytest.mark.parametrize("fields,message", [
     (dict(num_heads=3), r"qkv_features \(16\) must be divisible by num_heads \(3\)"),
     (dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a positive divisor of num_heads \(4\); got 3"),
-    (dict(num_heads=4, metric="l1", learnable_p=True), r"learnable_p=True needs metric='lp'; got metric='l1'"),
+    (dict(num_heads=4, metric="l1", learnable_p=True), r"learnable_p=True needs a metric with an order p \(such as 'lp'\); got metric='l1'"),
     (dict(num_heads=4, lambda_init=-1.0), r"lambda_init must be None or a positive finite number; got -1.0"),
     (dict(num_heads=4, dropout_rate=1.5), r"dropout_rate must be in \[0, 1\); got 1.5"),
     (dict(num_heads=4, metric="euclid"), r"metric='euclid' is not a registered metric"),

@@ -1,4 +1,4 @@
-"""Memory-linear attention for every metric: FlashAttention-2's schedule in plain JAX (CPU, GPU and TPU).
+"""Memory-linear attention for every metric: a tiled online softmax in plain JAX (CPU, GPU and TPU).
 
 Forward: for each block of ``block_q`` query positions, stream over blocks of ``block_k`` keys keeping the
 online-softmax statistics (running max ``m``, normaliser ``l``, float32 accumulator), and save only the output
@@ -8,8 +8,8 @@ that can see it, recompute the score tile, ``P = exp(logits - lse)``, and accumu
 temporaries are ``[batch, heads, block_q, block_k]`` tiles.
 
 The score tile and its gradient come from :func:`distattn_jax.metrics.score` and its VJP, so the metric code
-(matmul forms, elementwise reductions with memory-lean custom VJPs, gradient conventions) is shared with the
-reference kernel. With ``is_causal`` the loops skip key blocks entirely above the diagonal, and with a
+(gram forms as matmuls, elementwise forms with memory-lean custom VJPs, gradient conventions) is shared with
+the reference kernel. With ``is_causal`` the loops skip key blocks entirely above the diagonal, and with a
 ``local_window`` those entirely outside the window. Segment ids and sequence lengths are evaluated per tile
 from ``[B, T]``/``[B, S]``/``[B]`` arrays, never as a ``[T, S]`` mask.
 

@@ -1,8 +1,9 @@
 """The materialised oracle: every logit, weight and (under autodiff) every intermediate is an explicit array.
 
 It is the definition the other kernels are tested against, and the kernel that can return attention weights.
-Memory is ``O(B * H * T * S)`` for the logits, and for ``l1``/``chebyshev``/generic ``lp`` XLA fuses the
-``[..., D]`` difference reduction in the forward pass while the metrics' custom VJPs recompute it backward.
+Memory is ``O(B * H * T * S)`` for the logits; the elementwise metric forms (l1, l2, chebyshev, lp, a user's)
+reduce their ``[..., D]`` differences feature by feature in the forward pass, and their custom VJPs recompute
+them in the backward pass, so nothing of size ``T x S x D`` is held.
 """
 
 from __future__ import annotations

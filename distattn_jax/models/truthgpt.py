@@ -81,8 +81,8 @@ class TruthGPTConfig:
       fail("rotary_base", "must be > 1")
     da.metrics.canonical_name(self.metric, argname="model.metric")
     da.metrics.check_p(self.p, argname="model.p")
-    if self.learnable_p and self.metric != "lp":
-      fail("learnable_p", f"needs model.metric='lp' (got metric={self.metric!r})")
+    if self.learnable_p and not da.metrics.get(self.metric).parametric:
+      fail("learnable_p", f"needs a model.metric with an order p, such as 'lp' (got metric={self.metric!r})")
     if self.lambda_init is not None and not 0 < self.lambda_init < math.inf:
       fail("lambda_init", "must be None (the metric's default) or a positive finite number")
     if self.implementation != "auto" and self.implementation not in da.kernels.available():
