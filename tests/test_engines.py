@@ -58,7 +58,7 @@ def test_report_serialises_results_and_verification():
   state = engines.pipeline.with_result({}, "x", np.arange(3.0))
   state = engines.pipeline.with_check(state, engines.pipeline.check("c", "x below 1", 0.5, 1.0))
   pipe = engines.chain(lambda s: s, names=["noop"])
-  rep = engines.pipeline.report("toy", pipe, pipe(state), 0.0)
+  rep = engines.pipeline.report("toy", pipe.names, pipe(state), 0.0)
   data = rep.to_dict()
   assert data["results"]["x"] == [0.0, 1.0, 2.0] and data["passed"] is True
   assert data["verification"][0]["passed"] is True and '"engine": "toy"' in rep.to_json()

@@ -206,7 +206,7 @@ class EngineReport:
     return json.dumps(self.to_dict(), **kwargs)
 
 
-def report(engine: str, pipeline: Pipeline, state: State, seconds: float) -> EngineReport:
-  return EngineReport(engine=engine, stages=pipeline.names, results=dict(state.get("results", {})),
+def report(engine: str, stages: Sequence[str], state: State, seconds: float) -> EngineReport:
+  return EngineReport(engine=engine, stages=tuple(stages), results=dict(state.get("results", {})),
                       verification=tuple(state.get("checks", ())), notes=tuple(state.get("notes", ())),
                       seconds=seconds)
