@@ -442,3 +442,77 @@ def qnn_classifier(*, num_train: int = 200, num_test: int = 200, num_qubits: int
   p_value = float(stats.binomtest(correct_test, num_test, 0.5, alternative="greater").pvalue)
   return QnnResult(float(np.mean(predictions[:num_train] == y[:num_train])), correct_test / num_test, num_train,
                    num_test, p_value, np.asarray(params))
+
+
+# --- the engine: stages and report ------------------------------------------------------------------------------
+
+@pipeline.register("quantum", "qaoa")
+def qaoa_stage(num_nodes: int = 10, degree: int = 3, graph_seed: int = 0, depth: int = 1, steps: int = 200,
+               seed: int = 0) -> pipeline.Stage:
+  """QAOA MaxCut on a random ``degree``-regular graph (numpy, seeded), with its checks."""
+
+  def stage(state):
+    edges = random_regular_graph(num_nodes, degree, graph_seed)
+    result = qaoa_maxcut(edges, num_nodes, depth=depth, steps=steps, seed=seed)
+    state = pipeline.with_result(state, "qaoa", {"graph": f"random {degree}-regular, {num_nodes} nodes, seed "
+                                                 f"{graph_seed}", "edges": edges, **dataclasses.asdict(result)})
+    for entry in verify_qaoa(result, edges, num_nodes, depth):
+      state = pipeline.with_check(state, entry)
+    return state
+
+  return stage
+
+
+@pipeline.register("quantum", "vqe")
+def vqe_stage(model: str = "ising", num_qubits: int = 6, layers: int = 0, steps: int = 1500, seed: int = 0,
+              tolerance: float = 1e-3) -> pipeline.Stage:
+  """VQE on a transverse-field Ising (``h = J = 1``) or Heisenberg open chain; ``layers=0`` means num_qubits."""
+  builders = {"ising": transverse_field_ising, "heisenberg": heisenberg}
+  if model not in builders:
+    raise ValueError(f"quantum.vqe: model={model!r} must be one of {', '.join(builders)}")
+
+  def stage(state):
+    result = vqe(builders[model](num_qubits), num_qubits, layers=layers or num_qubits, steps=steps, seed=seed)
+    state = pipeline.with_result(state, "vqe", {"model": model, "num_qubits": num_qubits, **dataclasses.asdict(result),
+                                                "error": result.energy - result.exact_energy})
+    return pipeline.with_check(state, pipeline.check(
+        "quantum.vqe", "VQE energy - exact ground energy (dense diagonalisation)", result.energy - result.exact_energy,
+        tolerance))
+
+  return stage
+
+
+@pipeline.register("quantum", "qnn")
+def qnn_stage(num_train: int = 200, num_test: int = 200, num_qubits: int = 2, layers: int = 3, steps: int = 300,
+              seed: int = 0) -> pipeline.Stage:
+  def stage(state):
+    result = qnn_classifier(num_train=num_train, num_test=num_test, num_qubits=num_qubits, layers=layers,
+                            steps=steps, seed=seed)
+    state = pipeline.with_result(state, "qnn", {"dataset": "circles (numpy, seeded)", **dataclasses.asdict(result)})
+    return pipeline.with_check(state, pipeline.check(
+        "quantum.qnn", f"one-sided binomial p-value of the held-out accuracy {result.test_accuracy:.3f} on "
+        f"{num_test} points against chance (1/2)", result.p_value, 1e-3))
+
+  return stage
+
+
+def default_config():
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  c.engine = "quantum"
+  c.stages = "qaoa,vqe,qnn"
+  c.qaoa = ml_collections.ConfigDict({"num_nodes": 10, "degree": 3, "graph_seed": 0, "depth": 1, "steps": 200,
+                                      "seed": 0})
+  c.vqe = ml_collections.ConfigDict({"model": "ising", "num_qubits": 6, "layers": 0, "steps": 1500, "seed": 0})
+  c.qnn = ml_collections.ConfigDict({"num_train": 200, "num_test": 200, "steps": 300, "seed": 0})
+  return c
+
+
+def run(config, progress=None) -> pipeline.EngineReport:
+  import time
+
+  start = time.perf_counter()
+  pipe = pipeline.build(config)
+  state = pipe({}, progress=progress)
+  return pipeline.report("quantum", pipe.names, state, time.perf_counter() - start)
