@@ -106,7 +106,7 @@ def allocate(budget: float = 100000.0, verify: bool = True) -> pipeline.Stage:
 
 def _share(problem: allocation.Problem, spend: np.ndarray) -> np.ndarray:
   """Each cell's response as a fraction of its maximum (the Hill curve divided by max_response)."""
-  x = np.maximum(spend, 1e-300)
+  x = np.where(spend > 0, spend, 1.0)
   return np.where(spend > 0, 1.0 / (1.0 + (problem.half_saturation / x) ** problem.shape), 0.0)
 
 
