@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distattn_jax import engines
-from distattn_jax.engines import allocation, business, marketing
+from distattn_jax.engines import business, marketing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CELLS = """# made-up test inputs
