@@ -99,8 +99,8 @@ def test_allocate_matches_slsqp_and_satisfies_kkt(shape, bounded):
 
 
 def test_allocate_funds_only_what_pays_with_s_shaped_curves():
-  # Two identical S-shaped channels (s=4, K=50) and budget 60: splitting 30/30 leaves both below the knee
-  # (2 * 60^... ) while 60 on one channel earns more; the optimum concentrates. Closed form comparison.
+  # Two identical S-shaped channels (s=4, K=50) and budget 60: a 30/30 split leaves both below the knee
+  # (2 * 0.115 = 0.23) while 60 on one channel earns 0.675; the optimum concentrates (closed forms below).
   r = allocation.allocate(60.0, [50.0, 50.0], [1.0, 1.0], [4.0, 4.0])
   split = 2 * 30.0 ** 4 / (30.0 ** 4 + 50.0 ** 4)
   single = 60.0 ** 4 / (60.0 ** 4 + 50.0 ** 4)
