@@ -165,9 +165,12 @@ def dense_hamiltonian(coefficients: np.ndarray, strings: Sequence[str]) -> np.nd
   return matrix
 
 
-def _best_of_starts(loss, init_params: Array, steps: int, learning_rate: float) -> tuple[Array, Array]:
-  """Adam (cosine-decayed) on ``loss`` from every row of ``init_params``; returns final params and losses."""
-  optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.01))
+def _best_of_starts(loss, init_params, steps: int, learning_rate) -> tuple[Array, Array]:
+  """Adam on ``loss`` from every start (leading axis of the ``init_params`` pytree); returns final params and
+  losses. A float ``learning_rate`` is cosine-decayed to 1% over ``steps``; an optax schedule is used as is."""
+  if not callable(learning_rate):
+    learning_rate = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.01)
+  optimizer = optax.adam(learning_rate)
   value_and_grad = jax.value_and_grad(loss)
 
   def run(params):
@@ -313,52 +316,97 @@ def verify_qaoa(result: QaoaResult, edges, num_nodes: int, depth: int) -> list[p
 class VqeResult:
   energy: float
   exact_energy: float
-  params: np.ndarray  # [layers + 1, num_qubits, 2]: (ry, rz) angles
+  params: dict  # "rotations" [layers + 1, num_qubits, 3] (rz, ry, rz); "terms" [layers, num_terms] (theta_k)
 
 
-def ansatz_state(params: Array, num_qubits: int) -> Array:
-  """Hardware-efficient ansatz: RY RZ on every qubit, then per layer a CNOT chain and RY RZ again."""
-  state = zero_state(num_qubits)
-  for layer in range(params.shape[0]):
-    if layer:
-      for q in range(num_qubits - 1):
-        state = apply_cnot(state, q, q + 1)
-    for q in range(num_qubits):
-      state = apply_gate(state, ry(params[layer, q, 0]), q)
-      state = apply_gate(state, rz(params[layer, q, 1]), q)
+def apply_pauli_rotation(state: Array, theta: Array, string: str) -> Array:
+  """``exp(-i theta P) |psi> = cos(theta) |psi> - i sin(theta) P |psi>`` for a Pauli string ``P`` (P^2 = I)."""
+  c, s = jnp.cos(theta).astype(jnp.complex64), jnp.sin(theta).astype(jnp.complex64)
+  return c * state - 1j * s * apply_pauli_string(state, string)
+
+
+def _rotate_all(state: Array, angles: Array) -> Array:
+  """RZ RY RZ (a general single-qubit unitary up to phase) on every qubit; ``angles [num_qubits, 3]``."""
+  for q in range(angles.shape[0]):
+    state = apply_gate(state, rz(angles[q, 0]), q)
+    state = apply_gate(state, ry(angles[q, 1]), q)
+    state = apply_gate(state, rz(angles[q, 2]), q)
   return state
 
 
-@functools.partial(jax.jit, static_argnames=("strings", "num_qubits", "steps"))
-def _vqe_optimise(init, coefficients, *, strings, num_qubits: int, steps: int):
+def ansatz_state(params: dict, num_qubits: int, strings: Sequence[str], reference: int = 0) -> Array:
+  """Hamiltonian-variational ansatz with free single-qubit rotations.
+
+  From the basis state ``reference`` (its index, qubit 0 most significant): general rotations on every qubit,
+  then per layer ``exp(-i theta_k P_k)`` for each of the Hamiltonian's own Pauli terms ``P_k`` in order, each
+  with its own angle, followed by general rotations again. The entanglers are the Hamiltonian's terms, so the
+  circuit is generic over Pauli Hamiltonians and its layers follow the structure of the ground state (a
+  Trotterised adiabatic path is one point of it). Layers run under ``lax.scan``: one layer compiles once.
+  """
+  state = jnp.zeros((2 ** num_qubits,), jnp.complex64).at[reference].set(1.0)
+  state = _rotate_all(state, params["rotations"][0])
+
+  def layer(state, angles):
+    terms, rotations = angles
+    for k, string in enumerate(strings):
+      state = apply_pauli_rotation(state, terms[k], string)
+    return _rotate_all(state, rotations), None
+
+  if params["terms"].shape[0]:
+    state, _ = jax.lax.scan(layer, state, (params["terms"], params["rotations"][1:]))
+  return state
+
+
+def _diagonal_reference(coefficients: np.ndarray, strings: Sequence[str], num_qubits: int) -> int:
+  """The basis state of lowest energy under the Hamiltonian's diagonal (its I/Z-only terms); 0 if none."""
+  z = np.arange(2 ** num_qubits, dtype=np.int64)
+  bits = (z[:, None] >> (num_qubits - 1 - np.arange(num_qubits))[None, :]) & 1
+  signs = 1 - 2 * bits  # Z eigenvalue per qubit
+  energy = np.zeros(2 ** num_qubits)
+  for c, string in zip(coefficients, strings):
+    if set(string) <= {"I", "Z"}:
+      mask = np.array([letter == "Z" for letter in string])
+      energy += c * np.prod(signs[:, mask], axis=1)
+  return int(np.argmin(energy))
+
+
+@functools.partial(jax.jit, static_argnames=("strings", "generators", "num_qubits", "steps", "reference"))
+def _vqe_optimise(init, coefficients, *, strings, generators, num_qubits: int, steps: int, reference: int):
   def loss(params):
-    return expectation(ansatz_state(params, num_qubits), coefficients, strings)
+    return expectation(ansatz_state(params, num_qubits, generators, reference), coefficients, strings)
 
-  return _best_of_starts(loss, init, steps, 0.05)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 0.05, max(1, steps // 20), steps, end_value=5e-4)
+  return _best_of_starts(loss, init, steps, schedule)
 
 
-def vqe(hamiltonian, num_qubits, *, layers=4, steps=500, seed=0, restarts: int = 6) -> VqeResult:
+def vqe(hamiltonian, num_qubits, *, layers=4, steps=500, seed=0, restarts: int = 8) -> VqeResult:
   """Ground-state energy of ``hamiltonian`` (list of ``(coefficient, pauli_string)``; character ``i`` acts on
-  qubit ``i``) by the hardware-efficient ansatz of ``layers`` entangling layers, best of ``restarts`` random
-  starts; ``exact_energy`` by dense diagonalisation (``num_qubits <= 12``, else NaN)."""
+  qubit ``i``) by the Hamiltonian-variational ansatz of ``layers`` layers (see ``ansatz_state``), best of
+  ``restarts`` random starts optimised together; ``exact_energy`` by dense diagonalisation (``num_qubits <= 12``,
+  else NaN)."""
   if not isinstance(num_qubits, (int, np.integer)) or isinstance(num_qubits, bool) or num_qubits < 1:
     raise ValueError(f"vqe: num_qubits={num_qubits!r} must be a positive int")
   coefficients, strings = parse_hamiltonian(hamiltonian, num_qubits)
   if not isinstance(layers, int) or layers < 0:
     raise ValueError(f"vqe: layers={layers!r} must be an int >= 0")
-  check_memory(num_qubits, restarts, fn="vqe", copies=2 * (layers + 1) * num_qubits + 8)
+  if not isinstance(restarts, int) or restarts < 1:
+    raise ValueError(f"vqe: restarts={restarts!r} must be a positive int")
+  check_memory(num_qubits, restarts, fn="vqe", copies=2 * (layers + 1) * (len(strings) + 3 * num_qubits) + 8)
+  keep = tuple(i for i, string in enumerate(strings) if set(string) != {"I"})  # identity terms: a constant
+  active = tuple(strings[i] for i in keep)
+  reference = _diagonal_reference(coefficients, strings, num_qubits)
   rng = np.random.default_rng(seed)
-  # Half the starts near the identity circuit (|0...0> plus small rotations: reliable for field-dominated
-  # models such as the transverse-field Ising chain), half uniform over all angles (needed for the Heisenberg
-  # chain's entangled ground state); the best wins.
-  near = rng.normal(0.0, 0.1, ((restarts + 1) // 2, layers + 1, num_qubits, 2))
-  anywhere = rng.uniform(-np.pi, np.pi, (restarts // 2, layers + 1, num_qubits, 2))
-  init = np.concatenate([near, anywhere])
-  params, energies = _vqe_optimise(jnp.asarray(init, jnp.float32), jnp.asarray(coefficients, jnp.float32),
-                                   strings=strings, num_qubits=num_qubits, steps=steps)
+  # Small angles around the reference basis state: the circuit starts near the state of lowest diagonal energy
+  # and the term angles grow entanglement from there.
+  init = {"rotations": rng.normal(0.0, 0.1, (restarts, layers + 1, num_qubits, 3)),
+          "terms": rng.normal(0.0, 0.1, (restarts, layers, len(active)))}
+  init = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), init)
+  params, energies = _vqe_optimise(init, jnp.asarray(coefficients, jnp.float32), strings=strings,
+                                   generators=active, num_qubits=num_qubits, steps=steps, reference=reference)
   best = int(jnp.argmin(energies))
-  params = np.asarray(params[best])
-  state = np.asarray(ansatz_state(jnp.asarray(params), num_qubits)).astype(np.complex128)
+  params = jax.tree.map(lambda a: np.asarray(a[best]), params)
+  state = np.asarray(ansatz_state(jax.tree.map(jnp.asarray, params), num_qubits, active, reference))
+  state = state.astype(np.complex128)
   exact = float("nan")
   if num_qubits <= 12:
     matrix = dense_hamiltonian(coefficients, strings)
