@@ -138,18 +138,42 @@ def rz(theta: Array) -> Array:
   return jnp.stack([jnp.stack([phase, zero]), jnp.stack([zero, jnp.conj(phase)])])
 
 
+def pauli_action(string: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(P psi)[z] = phase[z] * psi[z ^ m]``: the flipped indices ``z ^ m`` (``m`` marks X and Y) and the phases
+  (``-i`` / ``+i`` for Y on bit 0 / 1, ``+1`` / ``-1`` for Z), as numpy constants. One gather and one product
+  per string instead of a gate per letter keeps the traced graph, and XLA's compile time, small."""
+  n = len(string)
+  z = np.arange(2 ** n, dtype=np.int64)
+  bits = (z[:, None] >> (n - 1 - np.arange(n))[None, :]) & 1
+  mask = sum(1 << (n - 1 - q) for q, letter in enumerate(string) if letter in "XY")
+  phase = np.ones(2 ** n, np.complex128)
+  for q, letter in enumerate(string):
+    if letter == "Y":
+      phase = phase * 1j * (2 * bits[:, q] - 1)
+    elif letter == "Z":
+      phase = phase * (1 - 2 * bits[:, q])
+  return (z ^ mask).astype(np.int32), phase.astype(np.complex64)
+
+
 def apply_pauli_string(state: Array, string: str) -> Array:
-  for qubit, letter in enumerate(string):
-    if letter != "I":
-      state = apply_gate(state, jnp.asarray(_MATRICES[letter]), qubit)
-  return state
+  flip, phase = pauli_action(string)
+  return jnp.asarray(phase) * jnp.take(state, jnp.asarray(flip), axis=-1)
 
 
 def expectation(state: Array, coefficients: Array, strings: Sequence[str]) -> Array:
-  """``<psi| sum_k c_k P_k |psi>`` (real) for a normalised ``state``."""
+  """``<psi| sum_k c_k P_k |psi>`` (real) for a normalised ``state``: terms that flip the same qubits share one
+  gather, their phases weighted by the coefficients into one vector."""
+  groups: dict[int, list[int]] = {}
+  actions = [pauli_action(string) for string in strings]
+  for k, (flip, _) in enumerate(actions):
+    groups.setdefault(int(flip[0]), []).append(k)
   total = jnp.zeros((), jnp.float32)
-  for k, string in enumerate(strings):
-    total = total + coefficients[k] * jnp.real(jnp.vdot(state, apply_pauli_string(state, string)))
+  for first, members in groups.items():
+    phases = jnp.asarray(np.stack([actions[k][1] for k in members]))  # [terms, 2^n]
+    weights = jnp.take(coefficients, jnp.asarray(members)).astype(jnp.complex64)
+    diagonal = weights @ phases
+    flipped = state if first == 0 else jnp.take(state, jnp.asarray(actions[members[0]][0]), axis=-1)
+    total = total + jnp.real(jnp.vdot(state, diagonal * flipped))
   return total
 
 
@@ -326,11 +350,15 @@ def apply_pauli_rotation(state: Array, theta: Array, string: str) -> Array:
 
 
 def _rotate_all(state: Array, angles: Array) -> Array:
-  """RZ RY RZ (a general single-qubit unitary up to phase) on every qubit; ``angles [num_qubits, 3]``."""
+  """``RZ(c) RY(b) RZ(a)`` (a general single-qubit unitary up to phase) on every qubit; ``angles
+  [num_qubits, 3]`` holds ``(a, b, c)``. The 2x2 matrices of all qubits are built at once."""
+  a, b, c = (angles[:, i].astype(jnp.complex64) for i in range(3))
+  cos, sin = jnp.cos(b / 2), jnp.sin(b / 2)
+  plus, minus = jnp.exp(-0.5j * (a + c)), jnp.exp(0.5j * (a - c))
+  gates = jnp.stack([jnp.stack([plus * cos, -minus * sin], -1),
+                     jnp.stack([jnp.conj(minus) * sin, jnp.conj(plus) * cos], -1)], -2)  # [num_qubits, 2, 2]
   for q in range(angles.shape[0]):
-    state = apply_gate(state, rz(angles[q, 0]), q)
-    state = apply_gate(state, ry(angles[q, 1]), q)
-    state = apply_gate(state, rz(angles[q, 2]), q)
+    state = apply_gate(state, gates[q], q)
   return state
 
 
