@@ -251,8 +251,16 @@ def qaoa_state(params: Array, cut: Array, num_nodes: int) -> Array:
     gamma, beta = params[layer, 0], params[layer, 1]
     state = state * jnp.exp(-1j * gamma * cut)
     c, s = jnp.cos(beta).astype(jnp.complex64), jnp.sin(beta).astype(jnp.complex64)
-    for qubit in range(num_nodes):  # exp(-i beta X) = cos(beta) I - i sin(beta) X
-      state = c * state - 1j * s * flip_qubit(state, qubit)
+
+    def mix_last(state, _):
+      # exp(-i beta X) = cos(beta) I - i sin(beta) X on the last qubit, then the last qubit moved to the front:
+      # after num_nodes steps every qubit was mixed once and the order is back. One body for all qubits
+      # compiles once (a Python loop over qubits compiles num_nodes differently shaped copies).
+      view = state.reshape(-1, 2)
+      view = c * view - 1j * s * jnp.flip(view, axis=1)
+      return view.T.reshape(-1), None
+
+    state, _ = jax.lax.scan(mix_last, state, None, length=num_nodes)
   return state
 
 
