@@ -492,12 +492,12 @@ def classifier_score(params: Array, x: Array, num_qubits: int) -> Array:
   """Data re-uploading circuit: per layer RY(w * x_j) on qubit j mod 2, trainable RY RZ, CNOT chain; the score
   is ``<Z_0>``. ``params [layers, num_qubits, 4]``: (input weight, input bias, ry, rz)."""
   state = zero_state(num_qubits)
+  inputs = jnp.take(x, jnp.asarray(np.arange(num_qubits) % x.shape[0]))  # [num_qubits]
   for layer in range(params.shape[0]):
-    for q in range(num_qubits):
-      p = params[layer, q]
-      state = apply_gate(state, ry(p[0] * x[q % x.shape[0]] + p[1]), q)
-      state = apply_gate(state, ry(p[2]), q)
-      state = apply_gate(state, rz(p[3]), q)
+    p = params[layer]
+    # RZ(p3) RY(p2) RY(p0 x + p1) = RZ(p3) RY(p0 x + p1 + p2) RZ(0): one matrix per qubit, all built at once.
+    angle = p[:, 0] * inputs + p[:, 1] + p[:, 2]
+    state = _rotate_all(state, jnp.stack([jnp.zeros_like(angle), angle, p[:, 3]], -1))
     for q in range(num_qubits - 1):
       state = apply_cnot(state, q, q + 1)
   return jnp.real(jnp.vdot(state, apply_pauli_string(state, "Z" + "I" * (num_qubits - 1))))
