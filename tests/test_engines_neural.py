@@ -15,7 +15,7 @@ CONFIG = TruthGPTConfig(vocab_size=64, width=32, depth=2, num_heads=2, mlp_dim=6
 @pytest.fixture(scope="module")
 def setup():
   tokens = np.random.default_rng(0).integers(0, 64, (2, 32)).astype(np.int32)
-  params = TruthGPT(CONFIG).init(jax.random.key(0), tokens)["params"]
+  params = jax.jit(TruthGPT(CONFIG).init)(jax.random.key(0), tokens)["params"]  # eager init: ~10 s of dispatch
   return neural.base_setup(CONFIG, params, tokens)
 
 
