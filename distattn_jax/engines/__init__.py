@@ -1,0 +1,17 @@
+"""Optimization engines: pipelines of small pure stages from a registry, built from configs.
+
+* ``neural``: the TruthGPT model's own optimization (kernel, bf16, remat, jit, lam calibration; presets
+  basic / advanced / full);
+* ``quantum``: a JAX statevector simulator with QAOA MaxCut, VQE and a variational classifier;
+* ``allocation``: budget allocation over Hill response curves, the core of ``marketing`` and ``business``.
+
+Every engine returns an :class:`EngineReport` whose ``verification`` entries say what was checked against which
+independent answer, and whether it held. :class:`TruthGPTCompleteSystem` runs them together.
+"""
+
+from distattn_jax.engines import allocation, business, marketing, neural, pipeline, quantum
+from distattn_jax.engines.pipeline import (Check, EngineReport, Pipeline, available, build, chain, register)
+from distattn_jax.engines.system import TruthGPTCompleteSystem, default_config
+
+__all__ = ["Check", "EngineReport", "Pipeline", "TruthGPTCompleteSystem", "allocation", "available", "build",
+           "business", "chain", "default_config", "marketing", "neural", "pipeline", "quantum", "register"]
