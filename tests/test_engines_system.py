@@ -1,13 +1,11 @@
 """Marketing and business engines (numbers recomputed from their inputs), TruthGPTCompleteSystem and the demo."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import scripts
 
 from distattn_jax import engines
 from distattn_jax.engines import business, marketing
@@ -114,12 +112,11 @@ def test_forward_with_optimization_levels_match_basic_and_respect_the_mask():
 
 def test_demo_runs_end_to_end_and_writes_the_report(tmp_path):
   out = tmp_path / "eco.json"
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "ecosystem_demo.py"),
+  proc = scripts.run_script("ecosystem_demo.py",
                          "--config=configs/engines/ecosystem.py:size=test,engines=neural+marketing",
                          "--config.neural.compare=basic", "--config.neural.calibrate=false",
                          "--config.neural.repeats=1", "--forward_repeats=2", "--config.marketing.stages=load,allocate",
-                         f"--out={out}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                         f"--out={out}")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   report = json.loads(out.read_text())
   assert set(report["engines"]) == {"neural", "marketing"}

@@ -1,17 +1,14 @@
 """The command-line programs, run as a user runs them (in a subprocess, with small settings)."""
 
 import json
-import pathlib
 import statistics
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import scripts
+
+ROOT = scripts.ROOT
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
-                        text=True, cwd=ROOT, timeout=600)
+run = scripts.run_script
 
 
 SMALL_SELFCHECK = ("--q_len=70", "--kv_len=45", "--block=16")
@@ -44,9 +41,7 @@ def test_selfcheck_fails_on_a_wrong_kernel(tmp_path):
       "import selfcheck\n"
       "from absl import app\n"
       "app.run(lambda argv: sys.exit(selfcheck.main(argv)))\n")
-  proc = subprocess.run([sys.executable, str(script), "--implementations=broken", "--metrics=dot",
-                         "--dtypes=float32", *SMALL_SELFCHECK], capture_output=True, text=True, cwd=ROOT,
-                        timeout=600)
+  proc = run(script, "--implementations=broken", "--metrics=dot", "--dtypes=float32", *SMALL_SELFCHECK)
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert "0/5 cases passed (0.0%)" in proc.stdout and "FAILED" in proc.stdout
 

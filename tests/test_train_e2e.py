@@ -3,17 +3,15 @@ an uninterrupted one, a NaN stops the run and keeps the last good checkpoint, ev
 and the experiment mains run."""
 
 import json
-import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import chex
 import jax
 import numpy as np
 import pytest
+import scripts
 
 import distattn_jax as da
 from distattn_jax import training
@@ -214,10 +212,7 @@ def test_sampling_and_analysis_read_the_runs_newest_checkpoint(uninterrupted):
 
 
 def run_main(script, *args):
-  # A script's own folder, not the working directory, heads sys.path: point it at this checkout's package.
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-  return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, env=env)
+  return scripts.run_script(script, *args, timeout=300)
 
 
 def test_the_train_and_generate_mains_print_bits_per_byte_and_a_sample(tmp_path):
