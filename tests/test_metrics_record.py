@@ -125,10 +125,10 @@ def test_user_metric_inside_the_layer_uses_its_default_lambda():
   np.testing.assert_allclose(np.exp(params["log_lambda"]), lam, rtol=1e-6)
   # The layer is distance_attention on its projections (the same kernel path as the shipped metrics).
   got = module.apply({"params": params}, x)
-  proj = lambda p: jnp.einsum("blf,fhd->blhd", x, p["kernel"]) + p["bias"]
+  proj = lambda p: jnp.einsum("blf,fhd->blhd", x, p["kernel"]) + p["bias"][None, None]
   heads = da.distance_attention(proj(params["query"]), proj(params["key"]), proj(params["value"]),
                                 metric="test_huber", lam=jnp.exp(params["log_lambda"]))
-  want = jnp.einsum("blhd,hdf->blf", heads, params["out"]["kernel"]) + params["out"]["bias"]
+  want = jnp.einsum("blhd,hdf->blf", heads, params["out"]["kernel"]) + params["out"]["bias"][None, None]
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   # A spread-matching lambda: its logits spread across keys like dot-product attention's (within 3%, the
   # Monte-Carlo error on fresh samples, as for the shipped metrics).
@@ -145,10 +145,10 @@ def test_make_attention_fn_and_the_trainer_accept_a_registered_name():
   mha = nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=da.make_attention_fn("test_max_square", lam=0.5))
   params = mha.init(jax.random.key(1), x)
   p = params["params"]
-  proj = lambda q: jnp.einsum("blf,fhd->blhd", x, q["kernel"]) + q["bias"]
+  proj = lambda q: jnp.einsum("blf,fhd->blhd", x, q["kernel"]) + q["bias"][None, None]
   heads = da.distance_attention(proj(p["query"]), proj(p["key"]), proj(p["value"]), metric="test_max_square",
                                 lam=0.5)
-  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  want = jnp.einsum("blhd,hdf->blf", heads, p["out"]["kernel"]) + p["out"]["bias"][None, None]
   chex.assert_trees_all_close(mha.apply(params, x), want, rtol=1e-5, atol=1e-6)
 
   config = training.default_config()
