@@ -3,7 +3,7 @@
     logits_ij = -lam * distance(q_i, k_j) / sqrt(d_head);  weights = softmax(logits);  out = weights @ v
 """
 
-from distattn_jax import initializers, kernels, metrics
+from distattn_jax import initializers, kernels, metrics, nnx
 from distattn_jax.attention import distance_attention, make_attention_fn
 from distattn_jax.layers import DistanceBasedAttention
 from distattn_jax.metrics import DistanceType
@@ -11,4 +11,4 @@ from distattn_jax.metrics import DistanceType
 __version__ = "0.1.0"
 
 __all__ = ["DistanceBasedAttention", "DistanceType", "distance_attention", "initializers", "kernels",
-           "make_attention_fn", "metrics"]
+           "make_attention_fn", "metrics", "nnx"]

@@ -19,10 +19,17 @@ LAMBDA_PARAMS = ("log_lambda", "log_p")
 MAIN, LAMBDA = "main", "lambda"
 
 
+def _name(path: tuple[Any, ...]) -> str | None:
+  """A parameter's name: its last dict key (Linen's params and NNX's pure state end there; NNX's Variables add
+  an attribute key, ``.value``, after it)."""
+  keys = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+  return keys[-1] if keys else None
+
+
 def param_labels(params: Any) -> Any:
-  """``"lambda"`` for parameters named ``log_lambda``/``log_p``, ``"main"`` for the rest."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: LAMBDA if getattr(path[-1], "key", None) in LAMBDA_PARAMS else MAIN, params)
+  """``"lambda"`` for parameters named ``log_lambda``/``log_p``, ``"main"`` for the rest (Linen params or an NNX
+  state, of Variables or of arrays: ``nnx.Optimizer`` labels the one at init and the other at each update)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: LAMBDA if _name(path) in LAMBDA_PARAMS else MAIN, params)
 
 
 def _decay_mask(params: Any) -> Any:
