@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, logging
+from flax import nnx
 
 import distattn_jax as da
+from distattn_jax import training
 
 
 def fmt(values) -> str:
@@ -130,6 +132,55 @@ def tour_registration() -> None:
   print(f"  20 Adam steps with metric='huber': loss {losses[0]:.4f} -> {losses[-1]:.4f}; lam {fmt(lam)}")
 
 
+
+class TinyNNXLM(nnx.Module):
+  """The tiny causal LM of section 3 in Flax NNX; ``attention_cls`` is nnx.MultiHeadAttention or the distance
+  module, which takes the same arguments."""
+
+  def __init__(self, attention_cls, *, vocab: int = 32, features: int = 32, rngs: nnx.Rngs, **attention_kwargs):
+    self.embed = nnx.Embed(vocab, features, rngs=rngs)
+    self.attention = attention_cls(4, features, decode=False, rngs=rngs, **attention_kwargs)
+    self.norm = nnx.LayerNorm(features, rngs=rngs)
+    self.head = nnx.Linear(features, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+    h = self.embed(tokens)
+    h = h + self.attention(h, is_causal=True)
+    return self.head(self.norm(h))
+
+
+def tour_nnx() -> None:
+  section("6. Flax NNX: swap nnx.MultiHeadAttention for the distance module, train with nnx.Optimizer")
+  tokens = jax.random.randint(jax.random.key(6), (4, 16), 0, 32)
+  dot_model = TinyNNXLM(nnx.MultiHeadAttention, rngs=nnx.Rngs(0))
+  model = TinyNNXLM(da.nnx.DistanceBasedAttention, metric="l1", rngs=nnx.Rngs(1))
+  nnx.update(model, nnx.state(dot_model, nnx.Param))  # the dot model's checkpoint loads as it is
+  added = sorted(set(nnx.to_pure_dict(nnx.state(model.attention, nnx.Param)))
+                 - set(nnx.to_pure_dict(nnx.state(dot_model.attention, nnx.Param))))
+  print(f"  attention params: {sorted(nnx.to_pure_dict(nnx.state(model.attention, nnx.Param)))}; added: {added}")
+
+  # The trainer's optimizer: log_lambda in its own Adam group without weight decay (training.param_labels).
+  optim = training.default_config().optim
+  optim.update(learning_rate=1e-2, lambda_learning_rate=5e-2, warmup_steps=5)
+  steps = 40
+  optimizer = nnx.Optimizer(model, training.make_optimizer(optim, steps), wrt=nnx.Param)
+
+  def loss_fn(model):
+    logits = model(tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  lam0 = np.exp(np.asarray(model.attention.log_lambda[...]))
+  losses = [float(step(model, optimizer)) for _ in range(steps)]
+  lam = np.exp(np.asarray(model.attention.log_lambda[...]))
+  print(f"  {steps} steps, metric='l1': nnx loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+  print(f"  nnx lam: {fmt(lam0)} -> {fmt(lam)}")
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # keep the tour's output to what it computes
@@ -138,6 +189,7 @@ def main(argv) -> None:
   tour_metrics()
   tour_module()
   tour_registration()
+  tour_nnx()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 import re
 
+import numpy as np
+
+import distattn_jax as da
 import examples  # experiments/ is on pytest's pythonpath (pyproject.toml)
 
 
@@ -19,3 +22,11 @@ def test_tour_prints_every_metric_and_a_lambda_step_that_lowers_the_loss(capsys)
   assert "huber(x_0, x_j) = [0.0000, 2.6250]" in out
   before, after = map(float, re.search(r"metric='huber': loss ([\d.]+) -> ([\d.]+)", out).groups())
   assert after < before - 0.1
+  # Section 6: the NNX model keeps nnx.MultiHeadAttention's parameters, adds log_lambda at the l1 default for
+  # head_dim 8, and training with the trainer's lambda group lowers the loss and moves every head's lam.
+  assert "added: ['log_lambda']" in out
+  before, after = map(float, re.search(r"nnx loss ([\d.]+) -> ([\d.]+)", out).groups())
+  assert after < before - 1.0
+  lam0, lam = (np.asarray(v.split(", "), float) for v in re.search(r"nnx lam: \[(.*)\] -> \[(.*)\]", out).groups())
+  np.testing.assert_allclose(lam0, da.initializers.default_lambda("l1", 8, 2.0), atol=5e-5)  # printed to 4 places
+  assert np.all(np.abs(lam / lam0 - 1) > 0.1)
