@@ -46,8 +46,12 @@ def test_dot_module_equals_nnx_multi_head_attention_with_masks_and_dropout():
     want = theirs(x, kv, mask=mask, deterministic=False, rngs=nnx.Rngs(dropout=4) if fresh else None)
     got = mine(x, kv, mask=mask, deterministic=False, rngs=nnx.Rngs(dropout=4) if fresh else None)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(mine(x, kv, deterministic=True), theirs(x, kv, deterministic=True),
-                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(mine(x, kv, mask=mask, deterministic=True, sow_weights=True),
+                              theirs(x, kv, mask=mask, deterministic=True, sow_weights=True), rtol=1e-5, atol=1e-6)
+  # sow_weights stores the weights where Flax does.
+  sown = nnx.to_pure_dict(nnx.pop(mine, nnx.Intermediate))
+  assert sown["attention_weights"][0].shape == (2, HEADS, 6, 5)
+  chex.assert_trees_all_close(sown, nnx.to_pure_dict(nnx.pop(theirs, nnx.Intermediate)), rtol=1e-5, atol=1e-6)
 
 
 def test_dot_module_decodes_like_nnx_multi_head_attention_under_jit():
