@@ -2,7 +2,6 @@
 the cache); the Linen module's outputs and gradients for every metric; training, checkpoints and transforms."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
