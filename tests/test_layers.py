@@ -283,7 +283,8 @@ def test_rotary_decoding_rotates_each_chunk_at_its_cache_position():
   chex.assert_trees_all_close(jnp.concatenate(outputs, axis=1), want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("fields,message", [
+# Module fields and the error each must raise; the NNX module (tests/test_nnx.py) checks the same table.
+CONFIG_ERRORS = [
     (dict(num_heads=3), r"qkv_features \(16\) must be divisible by num_heads \(3\)"),
     (dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a positive divisor of num_heads \(4\); got 3"),
     (dict(num_heads=4, metric="l1", learnable_p=True), r"learnable_p=True needs a metric with an order p \(such as 'lp'\); got metric='l1'"),
@@ -293,7 +294,10 @@ def test_rotary_decoding_rotates_each_chunk_at_its_cache_position():
     (dict(num_heads=4, metric="lp", p=0.0), r"p must be > 0"),
     (dict(num_heads=4, rotary_base=1.0), r"rotary_base must be None or > 1; got 1.0"),
     (dict(num_heads=16, rotary_base=100.0), r"rotary positions need an even head dimension; got 1"),
-])
+]
+
+
+@pytest.mark.parametrize("fields,message", CONFIG_ERRORS)
 def test_module_configuration_errors(fields, message):
   with pytest.raises(ValueError, match=message):
     da.DistanceBasedAttention(**fields).init(jax.random.key(0), tokens(14))

@@ -13,6 +13,7 @@ from flax import nnx
 
 import distattn_jax as da
 from conftest import normal
+import test_layers
 from distattn_jax.training import optim
 
 FEATURES, HEADS = 16, 4
@@ -188,17 +189,7 @@ def test_jit_split_merge_and_vmap_over_a_batch_of_models():
   assert not np.allclose(got[0], got[1])  # the three models were initialised apart
 
 
-@pytest.mark.parametrize("fields,message", [
-    (dict(num_heads=3), r"qkv_features \(16\) must be divisible by num_heads \(3\)"),
-    (dict(num_heads=4, num_kv_heads=3), r"num_kv_heads must be a positive divisor of num_heads \(4\); got 3"),
-    (dict(num_heads=4, metric="l1", learnable_p=True), r"learnable_p=True needs a metric with an order p \(such as 'lp'\); got metric='l1'"),
-    (dict(num_heads=4, lambda_init=-1.0), r"lambda_init must be None or a positive finite number; got -1.0"),
-    (dict(num_heads=4, dropout_rate=1.5), r"dropout_rate must be in \[0, 1\); got 1.5"),
-    (dict(num_heads=4, metric="euclid"), r"metric='euclid' is not a registered metric"),
-    (dict(num_heads=4, metric="lp", p=0.0), r"p must be > 0"),
-    (dict(num_heads=4, rotary_base=1.0), r"rotary_base must be None or > 1; got 1.0"),
-    (dict(num_heads=16, rotary_base=100.0), r"rotary positions need an even head dimension; got 1"),
-])
+@pytest.mark.parametrize("fields,message", test_layers.CONFIG_ERRORS)
 def test_configuration_errors_are_the_linen_modules(fields, message):
   with pytest.raises(ValueError, match=message) as linen_error:
     da.DistanceBasedAttention(**fields).init(jax.random.key(0), tokens(14))
