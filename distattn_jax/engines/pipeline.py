@@ -206,6 +206,14 @@ class EngineReport:
     return json.dumps(self.to_dict(), **kwargs)
 
 
+def run(config: Any, progress: Callable[[str, int, int], None] | None = None) -> EngineReport:
+  """Builds ``config``'s pipeline, runs it from an empty state and reports it under ``config.engine``."""
+  start = time.perf_counter()
+  pipe = build(config)
+  state = pipe({}, progress=progress)
+  return report(config.engine, pipe.names, state, time.perf_counter() - start)
+
+
 def report(engine: str, stages: Sequence[str], state: State, seconds: float) -> EngineReport:
   return EngineReport(engine=engine, stages=tuple(stages), results=dict(state.get("results", {})),
                       verification=tuple(state.get("checks", ())), notes=tuple(state.get("notes", ())),
