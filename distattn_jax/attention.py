@@ -199,6 +199,11 @@ def _check_window(local_window_size: Any) -> tuple[int, int] | None:
 FULLY_MASKED_ROWS = ("zero", "mean")
 
 
+def _check_fully_masked_rows(value: Any) -> None:
+  if value not in FULLY_MASKED_ROWS:
+    _fail("fully_masked_rows", f"must be one of {', '.join(map(repr, FULLY_MASKED_ROWS))}; got {value!r}")
+
+
 def _check_dropout(dropout_rate: Any, deterministic: Any, dropout_rng: Any) -> bool:
   """Validates the dropout arguments; returns whether dropout is active."""
   rate = metrics.concrete_value(dropout_rate)
@@ -382,9 +387,7 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
     _fail("is_causal", f"must be a Python bool; got {is_causal!r}", TypeError)
   if not isinstance(return_weights, (bool, np.bool_)):
     _fail("return_weights", f"must be a Python bool; got {return_weights!r}", TypeError)
-  if fully_masked_rows not in FULLY_MASKED_ROWS:
-    _fail("fully_masked_rows", f"must be one of {', '.join(map(repr, FULLY_MASKED_ROWS))}; got "
-          f"{fully_masked_rows!r}")
+  _check_fully_masked_rows(fully_masked_rows)
   query, key, value = _check_arrays(query, key, value, dtype)
   batch_shape = query.shape[:-3]
   q_len, num_heads, _ = query.shape[-3:]
@@ -456,6 +459,7 @@ def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -
   if "local_window_size" in fixed:
     _check_window(fixed["local_window_size"])
   fixed.setdefault("fully_masked_rows", "mean")
+  _check_fully_masked_rows(fixed["fully_masked_rows"])
   fixed_causal = fixed.pop("is_causal", False)
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,

@@ -295,3 +295,6 @@ def test_make_attention_fn_rejects_what_it_cannot_fix():
     da.make_attention_fn("l1", dropout_rate=0.1)
   with pytest.raises(ValueError, match="metric='hamming'"):
     da.make_attention_fn("hamming")
+  # Fixed values are checked when the function is made, before any model calls it.
+  with pytest.raises(ValueError, match=r"fully_masked_rows must be one of 'zero', 'mean'; got 'nan'"):
+    da.make_attention_fn("l1", fully_masked_rows="nan")
