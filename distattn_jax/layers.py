@@ -207,8 +207,8 @@ class DistanceBasedAttention(nn.Module):
 
     learnable_lambda: learn one lam per head, stored as ``params['log_lambda']`` so it stays positive. False
       keeps lam fixed at its initial value.
-    p: the order of ``metric="lp"``.
-    learnable_p: learn ``p`` (metric "lp" only), stored as ``params['log_p']`` so it stays positive.
+    p: the order of a metric that has one (``metric="lp"``, or a user's parametric record).
+    learnable_p: learn ``p`` (a metric with an order only), stored as ``params['log_p']`` so it stays positive.
     num_kv_heads: key/value heads for grouped-query attention (default: ``num_heads``).
     implementation: kernel name passed to ``distance_attention`` (None = automatic).
     rotary_base: rotate queries and keys by their positions (:func:`apply_rotary`) with this base; None = off.
