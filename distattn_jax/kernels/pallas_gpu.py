@@ -244,7 +244,7 @@ def _form_vjp(cfg: _Config, load_q, load_k, dim: int, params: tuple, aux, g, *, 
     finite = jnp.isfinite(slope)
     c = jnp.where(finite, g * jnp.where(finite, slope, 0.0), 0.0)
     if params:
-      root_p = jax.jvp(lambda pp: form.root(s, pp), params, (jnp.ones_like(params[0]),))[1]
+      root_p = _param_slope(lambda pp: form.root(s, pp), params[0], s.shape)
       pair = jnp.where(finite, g * root_p * (1.0 if scale is None else scale), 0.0)
       dp_rows = jnp.sum(pair, axis=1)
 
@@ -279,7 +279,7 @@ def _form_vjp(cfg: _Config, load_q, load_k, dim: int, params: tuple, aux, g, *, 
     dqs.append(jnp.sum(w, axis=1) if want_q else None)
     dks.append(-jnp.sum(w, axis=0) if want_k else None)
     if params:
-      phi_p = jax.jvp(lambda pp: form.phi(u, pp), params, (jnp.ones_like(params[0]),))[1]
+      phi_p = _param_slope(lambda pp: form.phi(u, pp), params[0], u.shape)
       extra = coef * phi_p
       if valid is not None:
         extra = jnp.where(valid, extra, 0.0)
@@ -289,6 +289,13 @@ def _form_vjp(cfg: _Config, load_q, load_k, dim: int, params: tuple, aux, g, *, 
       extra = jnp.sum(extra, axis=1)
       dp_rows = extra if dp_rows is None else dp_rows + extra
   return dqs, dks, dp_rows
+
+
+def _param_slope(fn, p, shape):
+  """``d fn(p) / dp`` elementwise over ``shape``. The order is broadcast to the tile first: a scalar tangent
+  would be a literal, and Triton's lowering cannot negate a literal."""
+  full = jnp.broadcast_to(p, shape)
+  return jax.jvp(fn, (full,), (jnp.ones_like(full),))[1]
 
 
 def _operand_dtype(x):
@@ -762,6 +769,8 @@ class Pallas:
     dv_pad = max(_MIN_BLOCK, _next_pow2(v_dim))
     tiles = dataclasses.replace(tiles, block_d=min(tiles.block_d, d_pad))
     record = metrics.get(metric)
+    if not record.parametric:
+      p = 2.0  # ignored by the form; a traced value must not become a kernel operand
     form = record.resolve(p if isinstance(p, float) else None)
 
     acc = jnp.float32
