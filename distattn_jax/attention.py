@@ -9,6 +9,7 @@ returns the result in the caller's layout.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any, Callable
 
@@ -20,6 +21,8 @@ from distattn_jax import kernels, metrics
 from distattn_jax.kernels import base, common
 
 Array = jax.Array
+
+_LOG = logging.getLogger("distattn_jax")
 
 # Keyword arguments that Flax's attention modules pass to an ``attention_fn`` and that distance attention
 # accepts. The einsum overrides exist for quantised dot products; a distance has no single einsum to swap.
@@ -247,11 +250,20 @@ def _unsupported(kernel: Any, request: base.Request) -> str | None:
   return None if ask is None else ask(request)
 
 
-def _select_kernel(implementation: Any, request: base.Request) -> Any:
+def _select_kernel(implementation: Any, request: base.Request, platform: str | None = None) -> Any:
   """The kernel to run. Explicit names and kernel objects are honoured (or raise the kernel's reason when it
-  declines the request); "auto" chooses as documented above, keeping the reference whenever weights are
-  requested or the blockwise kernel declines (e.g. a dropout key it cannot draw tile by tile)."""
+  declines the request); "auto" chooses as documented above: on a GPU (``platform``, default
+  ``jax.default_backend()``) the fused "pallas" kernel whenever it accepts the request (otherwise the reason
+  is logged and the choice below applies); elsewhere, and then, the reference whenever weights are requested
+  or its logits are small, else the blockwise kernel unless it declines (e.g. a dropout key it cannot draw tile
+  by tile)."""
   if implementation is None or implementation == "auto":
+    if (platform or jax.default_backend()) == "gpu":
+      pallas = kernels.get("pallas")
+      reason = _unsupported(pallas, request)
+      if reason is None:
+        return pallas
+      _log_fallback(reason)
     reference = kernels.get("reference")
     logits_bytes = request.batch * request.num_heads * request.q_len * request.kv_len * 4
     if request.return_weights or logits_bytes <= AUTO_REFERENCE_MAX_BYTES:
@@ -263,6 +275,13 @@ def _select_kernel(implementation: Any, request: base.Request) -> Any:
   if reason is not None:
     _fail("implementation", f"{implementation!r} {reason}")
   return kernel
+
+
+@functools.lru_cache(maxsize=64)
+def _log_fallback(reason: str) -> None:
+  # Once per distinct reason: "auto" runs at every trace, and a training loop would repeat it at each one.
+  _LOG.warning("implementation='auto': the fused 'pallas' kernel %s; using the reference or blockwise kernel",
+               reason)
 
 
 def _sow_weights(module: Any, weights: Array) -> None:
@@ -368,7 +387,8 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
     implementation: ``None``/``"auto"``, a registered kernel name (``kernels.available()``), or a kernel object
       such as ``kernels.Blockwise(block_q=128, block_k=256)``. ``"auto"`` uses ``"reference"`` while its logits
       would take at most ``AUTO_REFERENCE_MAX_BYTES`` (and whenever weights are requested), else
-      ``"blockwise"``, whose memory is linear in sequence length.
+      ``"blockwise"``, whose memory is linear in sequence length. On a GPU ``"auto"`` first tries the fused
+      ``"pallas"`` kernel and, where it declines (weights, dropout, a local window, float64), logs why.
     return_weights: also return the softmax weights ``[batch..., heads, q_len, kv_len]`` (before dropout,
       accumulation dtype unless ``force_fp32_for_softmax`` is given). Asking for weights materialises them.
     **flax_kwargs: what Flax's attention modules pass: ``module`` (sow the weights into its intermediates, as
@@ -412,7 +432,7 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       is_causal=bool(is_causal), return_weights=need_weights,
       dropout=common.Dropout(float(dropout_rate), dropout_rng, bool(broadcast_dropout)) if dropout_active else None,
       has_bias=bias is not None, has_mask=mask is not None, has_segments=segments is not None,
-      local_window=local_window, traced_p=not isinstance(p, float))
+      local_window=local_window, traced_p=not isinstance(p, float), dtype=jnp.dtype(query.dtype).name)
   kernel = _select_kernel(implementation, request)
 
   result = _attend(

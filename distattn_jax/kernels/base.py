@@ -68,6 +68,7 @@ class Request(NamedTuple):
   has_segments: bool = False
   local_window: tuple[int, int] | None = None
   traced_p: bool = False
+  dtype: str | None = None  # the computation dtype's name ("float32", "bfloat16", ...); None when unknown
 
 
 def unsupported(capabilities: Capabilities, request: Request) -> str | None:

@@ -46,6 +46,7 @@ from distattn_jax.metrics import gram as gram_lib
 Array = jax.Array
 
 _MIN_BLOCK = 16  # tl.dot needs every matmul dimension to be at least 16
+_DTYPES = ("float32", "bfloat16", "float16")  # Triton has no float64 tensor-core or exp path worth taking
 
 
 def _next_pow2(n: int) -> int:
@@ -737,7 +738,10 @@ class Pallas:
   capabilities = base.Capabilities(weights=False, dropout=False, local_window=False, memory="linear")
 
   def unsupported(self, request: base.Request) -> str | None:
-    return base.unsupported(self.capabilities, request)
+    reason = base.unsupported(self.capabilities, request)
+    if reason is None and request.dtype is not None and request.dtype not in _DTYPES:
+      reason = f"cannot take {request.dtype} inputs (only {', '.join(_DTYPES)})"
+    return reason
 
   def tiles(self, metric: str, p: Any, head_dim: int, q_len: int, kv_len: int) -> Tiles:
     """The tiles used for one call: the defaults, overridden by the kernel's, clipped to the lengths."""
@@ -757,9 +761,8 @@ class Pallas:
       if failed:
         raise ValueError(f"implementation='pallas' cannot {what}")
     for name, x in (("query", q), ("key", k), ("value", v)):
-      if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise TypeError(f"implementation='pallas': {name} must be float32, bfloat16 or float16; got dtype "
-                        f"{x.dtype}")
+      if jnp.dtype(x.dtype).name not in _DTYPES:
+        raise TypeError(f"implementation='pallas': {name} must be {', '.join(_DTYPES)}; got dtype {x.dtype}")
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv, v_dim = k.shape[1], k.shape[2], v.shape[-1]
     tiles = self.tiles(metric, p, head_dim, q_len, kv_len)

@@ -1,0 +1,250 @@
+"""The fused Pallas kernel against the reference kernel, run through Pallas' interpreter on CPU.
+
+Every case compares the output, the log-sum-exp and the gradients of a fixed random linear function of the
+output (plus the lse) with respect to q, k, v, lam, and the bias and a learned p where given, against the
+materialised reference kernel (itself checked against float64 oracles in test_kernels.py). Shapes are tiny
+(interpret mode runs each grid program in Python) with 16 x 16 tiles, lengths that are not multiples of the
+tile, and grouped-query heads, so padding and the head index maps are exercised in every case.
+
+Tolerances: float32 cases are compared to 2e-5 of the largest entry (the two kernels sum in different orders;
+the measured gaps are below 2e-6). bfloat16 cases to 3e-2 of the largest entry: both kernels round the
+softmax weights to bfloat16 before they meet the values, at different points of the online softmax, and the
+fused kernel also rounds the score cotangent of gram forms to bfloat16 for the tensor cores (as
+FlashAttention-2 does); the measured gaps are below 1e-2.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distattn_jax as da
+from distattn_jax import attention as attention_module
+from distattn_jax import kernels
+from distattn_jax.kernels import pallas_gpu
+from distattn_jax.metrics import record
+
+TILE = 16
+PALLAS = kernels.Pallas(block_q=TILE, block_k=TILE, interpret=True)
+REFERENCE = kernels.get("reference")
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _offset_cosh(t):
+  # phi(0) = 1: padded features (D = 8 is padded to 16 inside the kernel) would add to the sum if unmasked.
+  return jnp.sqrt(1.0 + jnp.square(t))
+
+
+USER_METRIC = record.Metric("test_pallas_offset", record.Elementwise(phi=_offset_cosh), translation_invariant=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+  da.metrics.register(USER_METRIC)
+  yield
+  record._REGISTRY.pop(USER_METRIC.name)  # leave the registry as the other test files expect it
+
+
+def _inputs(seed, *, batch=1, q_len=20, kv_len=24, heads=2, kv_heads=1, dim=8, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (batch, q_len, heads, dim), dtype)
+  k = jax.random.normal(ks[1], (batch, kv_len, kv_heads, dim), dtype)
+  v = jax.random.normal(ks[2], (batch, kv_len, kv_heads, dim), dtype)
+  lam = jnp.linspace(0.6, 1.4, heads).astype(jnp.float32)
+  return q, k, v, lam
+
+
+def _compare(metric, *, p=2.0, is_causal=False, bias=None, mask=None, segments=None, dtype=jnp.float32,
+             tol=None, **shape):
+  q, k, v, lam = _inputs(0, dtype=dtype, **shape)
+  learned_p = not isinstance(p, float)
+  tol = tol if tol is not None else (2e-5 if dtype == jnp.float32 else 3e-2)
+
+  def loss(kernel, q, k, v, lam, bias, p_traced):
+    result = kernel(q, k, v, lam=lam, bias=bias, mask=mask, segments=segments, local_window=None, metric=metric,
+                    p=p_traced if learned_p else p, is_causal=is_causal, dropout=None, precision=None,
+                    return_weights=False)
+    weights = jnp.cos(jnp.arange(result.out.size, dtype=jnp.float32)).reshape(result.out.shape)
+    lse = jnp.where(jnp.isfinite(result.lse), result.lse, 0.0)
+    return jnp.sum(result.out.astype(jnp.float32) * weights) + 0.25 * jnp.sum(lse), result
+
+  argnums = (0, 1, 2, 3) + ((4,) if bias is not None else ()) + ((5,) if learned_p else ())
+  p_arg = p if learned_p else jnp.float32(0.0)  # a static p stays a Python float, closed over
+  got, want = [jax.jit(jax.value_and_grad(lambda *a, kern=kern: loss(kern, *a), argnums, has_aux=True))(
+      q, k, v, lam, bias, p_arg) for kern in (PALLAS, REFERENCE)]
+  (_, got_result), got_grads = got
+  (_, want_result), want_grads = want
+  assert got_result.out.dtype == v.dtype
+  assert got_result.lse.shape == want_result.lse.shape
+  np.testing.assert_array_equal(np.isneginf(got_result.lse), np.isneginf(want_result.lse))
+  finite = np.isfinite(np.asarray(want_result.lse))
+  names = (["out", "lse", "dq", "dk", "dv", "dlam"] + (["dbias"] if bias is not None else [])
+           + (["dp"] if learned_p else []))
+  pairs = [(got_result.out, want_result.out),
+           (np.where(finite, got_result.lse, 0.0), np.where(finite, want_result.lse, 0.0))]
+  pairs += list(zip(got_grads, want_grads))
+  assert len(pairs) == len(names)
+  for name, (a, b) in zip(names, pairs):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert a.shape == b.shape, name
+    scale = max(float(np.max(np.abs(b))), 1e-6)
+    err = float(np.max(np.abs(a - b)))
+    assert err <= tol * scale, f"{metric} {name}: max |pallas - reference| = {err:.2e}, largest {scale:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Equality with the reference.
+
+
+@pytest.mark.parametrize("metric", [m.value for m in da.DistanceType])
+def test_every_metric_forward_and_gradients(metric):
+  # lp at 3.0 (lp at 2.0 is the l2 form); 3.0 multiplies directly, the next test's 3.5 rescales.
+  _compare(metric, p=3.0)
+
+
+def test_lp_rescaled_order():
+  # A non-integer order divides the differences by their largest magnitude first (Elementwise.rescale).
+  _compare("lp", p=3.5)
+
+
+def test_learned_p_gradient_causal():
+  _compare("lp", p=jnp.float32(2.5), is_causal=True)
+
+
+def test_user_registered_metric_pads_features():
+  _compare(USER_METRIC.name, is_causal=True)
+
+
+def _segments(batch, q_len, kv_len):
+  # Two segments per row, a key length cutting the second one short, and one query row past its length.
+  q_ids = (jnp.arange(q_len)[None, :] >= 7).astype(jnp.int32) * jnp.ones((batch, 1), jnp.int32)
+  kv_ids = (jnp.arange(kv_len)[None, :] >= 9).astype(jnp.int32) * jnp.ones((batch, 1), jnp.int32)
+  return kernels.Segments(q_ids=q_ids, kv_ids=kv_ids, q_lengths=jnp.array([q_len - 2, q_len], jnp.int32),
+                          kv_lengths=jnp.array([kv_len - 3, kv_len - 10], jnp.int32))
+
+
+@pytest.mark.parametrize("metric", ["chebyshev", "sqeuclidean"])
+def test_causal_segments_lengths_and_bias(metric):
+  batch, q_len, kv_len = 2, 20, 24
+  bias = jax.random.normal(jax.random.PRNGKey(5), (batch, 1, q_len, kv_len))
+  _compare(metric, is_causal=True, bias=bias, segments=_segments(batch, q_len, kv_len), batch=batch,
+           q_len=q_len, kv_len=kv_len)
+
+
+def test_dense_mask_and_broadcast_bias_with_four_heads():
+  heads, q_len, kv_len = 4, 18, 33
+  mask = jax.random.bernoulli(jax.random.PRNGKey(6), 0.7, (1, 1, q_len, kv_len))
+  mask = mask.at[0, 0, 3].set(False)  # a row that sees no key: lse -inf, output 0, gradient 0
+  bias = jax.random.normal(jax.random.PRNGKey(7), (1, heads, 1, kv_len))
+  _compare("dot", mask=mask, bias=bias, heads=heads, kv_heads=2, q_len=q_len, kv_len=kv_len, dim=16)
+
+
+@pytest.mark.parametrize("metric", ["l1", "dot", "cosine"])
+def test_bfloat16(metric):
+  # dot: causal over three tiles, so whole key tiles above the diagonal are skipped.
+  length = 40 if metric == "dot" else 24
+  _compare(metric, dtype=jnp.bfloat16, is_causal=metric == "dot", q_len=length, kv_len=length)
+
+
+def test_public_entry_point_matches_reference():
+  q, k, v, lam = _inputs(3, batch=2, q_len=17, kv_len=17, heads=2, kv_heads=2, dim=8)
+  lengths = jnp.array([17, 11], jnp.int32)
+  run = lambda impl: da.distance_attention(q, k, v, metric="l2", lam=lam, is_causal=True,  # noqa: E731
+                                           key_value_seq_lengths=lengths, implementation=impl)
+  np.testing.assert_allclose(run(PALLAS), run("reference"), rtol=2e-5, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tiles, dispatch and bad input.
+
+
+def test_default_tiles_are_powers_of_two_and_follow_the_form():
+  for metric in da.metrics.available():
+    for dim in (8, 64, 128):
+      tiles = pallas_gpu.default_tiles(metric, 2.0, dim)
+      for value in (tiles.block_q, tiles.block_k, tiles.block_d):
+        assert value & (value - 1) == 0 and value >= 1
+  assert pallas_gpu.default_tiles("dot", 2.0, 64).block_d == 64  # gram forms take the whole feature axis
+  assert pallas_gpu.default_tiles("l1", 2.0, 64).block_d == 8
+  # Clipped to the (power-of-two) length: a 20-long sequence runs in one 32-long tile, not a 128-long one.
+  assert kernels.Pallas().tiles("dot", 2.0, 64, 20, 20).block_q == 32
+
+
+def _request(**kw):
+  base = dict(batch=1, q_len=8, kv_len=8, num_heads=1, num_kv_heads=1, metric="l1", dtype="float32")
+  return kernels.Request(**{**base, **kw})
+
+
+def test_auto_picks_pallas_on_gpu_and_logs_why_it_falls_back(caplog):
+  assert attention_module._select_kernel("auto", _request(), platform="gpu") is kernels.get("pallas")
+  assert attention_module._select_kernel("auto", _request(), platform="cpu") is kernels.get("reference")
+  attention_module._log_fallback.cache_clear()
+  with caplog.at_level(logging.WARNING, logger="distattn_jax"):
+    chosen = attention_module._select_kernel("auto", _request(local_window=(2, 2)), platform="gpu")
+  assert chosen is kernels.get("reference")
+  assert "cannot evaluate local_window_size" in caplog.text
+  assert "cannot take float64 inputs" in kernels.get("pallas").unsupported(_request(dtype="float64"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_q=24), "block_q must be None or a power of two >= 16"),
+    (dict(block_k=8), "block_k must be None or a power of two >= 16"),
+])
+def test_bad_tiles(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    kernels.Pallas(**kwargs)
+  with pytest.raises(TypeError, match="interpret must be a bool"):
+    kernels.Pallas(interpret="yes")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)), "'pallas' cannot apply attention dropout"),
+    (dict(local_window_size=2), "'pallas' cannot evaluate local_window_size"),
+    (dict(return_weights=True), "'pallas' cannot return attention weights"),
+])
+def test_explicit_pallas_declines_with_reason(kwargs, match):
+  q, k, v, _ = _inputs(1, q_len=8, kv_len=8)
+  with pytest.raises(ValueError, match=match):
+    da.distance_attention(q, k, v, implementation="pallas", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU: lowering (no GPU needed) and execution (GPU only).
+
+
+@pytest.mark.parametrize("metric, dtype", [("dot", jnp.bfloat16), ("l1", jnp.float32), ("lp", jnp.bfloat16)])
+def test_lowers_for_cuda_forward_and_backward(metric, dtype):
+  """Triton's block-shape and dtype rules are checked when the kernel is lowered for CUDA, which needs no GPU:
+  a kernel that only runs interpreted would pass every test above and still fail on the first GPU."""
+  kernel = kernels.Pallas(block_q=32, block_k=32)
+  q, k, v, lam = _inputs(2, q_len=40, kv_len=40, dtype=dtype)
+  bias = jnp.zeros((1, 1, 40, 40), jnp.float32)
+  segments = kernels.Segments(jnp.zeros((1, 40), jnp.int32), jnp.zeros((1, 40), jnp.int32), None,
+                              jnp.array([30], jnp.int32))
+  p = jnp.float32(3.0) if metric == "lp" else 2.0
+
+  def loss(q, k, v, lam, bias, p):
+    result = kernel(q, k, v, lam=lam, bias=bias, mask=None, segments=segments, local_window=None, metric=metric,
+                    p=p, is_causal=True, dropout=None, precision=None, return_weights=False)
+    return jnp.sum(result.out.astype(jnp.float32)) + jnp.sum(result.lse)
+
+  argnums = (0, 1, 2, 3, 4) + ((5,) if metric == "lp" else ())
+  text = jax.jit(jax.grad(loss, argnums)).trace(q, k, v, lam, bias, p).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dq and dk/dv kernels
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("metric", ["dot", "l1", "lp"])
+def test_compiled_on_gpu_matches_reference(metric):
+  q, k, v, lam = _inputs(4, batch=2, q_len=200, kv_len=300, heads=4, kv_heads=2, dim=64)
+  kernel = kernels.Pallas()
+  got = kernel(q, k, v, lam=lam, bias=None, mask=None, segments=None, local_window=None, metric=metric, p=3.0,
+               is_causal=True, dropout=None, precision=jax.lax.Precision.HIGHEST, return_weights=False)
+  want = REFERENCE(q, k, v, lam=lam, bias=None, mask=None, segments=None, local_window=None, metric=metric,
+                   p=3.0, is_causal=True, dropout=None, precision=jax.lax.Precision.HIGHEST,
+                   return_weights=False)
+  # float32 on a GPU: the matmuls of both kernels may round differently (TF32 is off at HIGHEST).
+  np.testing.assert_allclose(got.out, want.out, rtol=1e-4, atol=1e-4)
