@@ -11,6 +11,10 @@ its memory is reported) but not run.
   python experiments/benchmark.py --metrics=l1,dot --implementations=blockwise --lengths=16384 --repeats=1
   python experiments/benchmark.py --metrics=l1 --implementations=blockwise:256x256,blockwise:512x256 --lengths=2048
 
+On a GPU ``--implementations`` defaults to reference, blockwise and the fused ``pallas`` kernel, and
+``--baseline_implementation=cudnn`` measures against cuDNN's flash attention (bfloat16 or float16 only);
+``experiments/gpu_report.sh`` runs the GPU report.
+
 ``--mode=train``: training tokens/s of ``--config``'s TruthGPT for each metric beside ``metric=dot``
 (``distattn_jax.training.throughput``: compilation and warm-up excluded, timed to block_until_ready). Each of
 ``--repeats`` rounds times every metric once, so drifts of a shared machine hit all alike; the median round is
@@ -46,7 +50,10 @@ flags.DEFINE_integer("train_steps", 20, "--mode=train: timed steps per measureme
 flags.DEFINE_integer("warmup_steps", 3, "--mode=train: untimed steps before each measurement.")
 flags.DEFINE_list("metrics", list(da.metrics.available()), "Metrics to measure.")
 flags.DEFINE_list("implementations", ["reference", "blockwise"],
-                  "Kernel names to measure; blockwise:BQxBK fixes the blockwise kernel's tiles, e.g. blockwise:512x256.")
+                  "Kernel names to measure (on a GPU 'pallas' is added unless the flag is given); blockwise:BQxBK "
+                  "or pallas:BQxBK fixes a kernel's tiles, e.g. blockwise:512x256.")
+flags.DEFINE_enum("baseline_implementation", None, ["xla", "cudnn"],
+                  "The implementation= of the jax.nn.dot_product_attention baseline (default: jax's choice).")
 flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096"], "Sequence lengths N (queries = keys = N).")
 flags.DEFINE_integer("batch", 1, "Batch size.")
 flags.DEFINE_integer("heads", 8, "Attention heads.")
@@ -113,9 +120,10 @@ def run_attention() -> dict[str, Any]:
   rows = []
   for n in map(int, FLAGS.lengths):
     args = inputs(n, dtype)
-    cases = [(BASELINE, "-", functools.partial(jax.nn.dot_product_attention, is_causal=FLAGS.causal))]
+    cases = [(BASELINE, "-", functools.partial(jax.nn.dot_product_attention, is_causal=FLAGS.causal,
+                                               implementation=FLAGS.baseline_implementation))]
     for metric in FLAGS.metrics:
-      for impl in FLAGS.implementations:
+      for impl in implementations():
         cases.append((metric, impl, functools.partial(da.distance_attention, metric=metric, p=FLAGS.p,
                                                       is_causal=FLAGS.causal, implementation=kernel_for(impl))))
     baseline: dict[str, Any] = {}
@@ -141,22 +149,32 @@ def run_attention() -> dict[str, Any]:
       rows.append(row)
   return {"machine": machine(), "mode": "attention",
           "settings": {"batch": FLAGS.batch, "heads": FLAGS.heads, "head_dim": FLAGS.head_dim,
-                       "dtype": FLAGS.dtype, "p": FLAGS.p, "causal": FLAGS.causal, "repeats": FLAGS.repeats},
+                       "dtype": FLAGS.dtype, "p": FLAGS.p, "causal": FLAGS.causal, "repeats": FLAGS.repeats,
+                       "baseline_implementation": FLAGS.baseline_implementation},
           "rows": rows}
 
 
+def implementations() -> list[str]:
+  """--implementations, with the fused "pallas" kernel added on a GPU when the flag was not given."""
+  impls = list(FLAGS.implementations)
+  if not FLAGS["implementations"].present and jax.default_backend() == "gpu" and "pallas" not in impls:
+    impls.append("pallas")
+  return impls
+
+
 def kernel_for(spec: str):
-  """A registered name, or ``blockwise:BQxBK`` for the blockwise kernel with fixed tile sizes."""
+  """A registered name, or ``blockwise:BQxBK`` / ``pallas:BQxBK`` for a kernel with fixed tile sizes."""
   name, _, tiles = spec.partition(":")
   if not tiles:
     return spec
-  if name != "blockwise":
-    raise app.UsageError(f"--implementations={spec}: only blockwise takes tile sizes (blockwise:BQxBK)")
+  kinds = {"blockwise": da.kernels.Blockwise, "pallas": da.kernels.Pallas}
+  if name not in kinds:
+    raise app.UsageError(f"--implementations={spec}: only blockwise and pallas take tile sizes (NAME:BQxBK)")
   try:
     block_q, block_k = (int(n) for n in tiles.split("x"))
-  except ValueError:
-    raise app.UsageError(f"--implementations={spec}: tiles must be BQxBK, e.g. blockwise:512x256") from None
-  return da.kernels.Blockwise(block_q, block_k)
+    return kinds[name](block_q, block_k)
+  except ValueError as e:
+    raise app.UsageError(f"--implementations={spec}: tiles must be BQxBK, e.g. {name}:128x64 ({e})") from None
 
 
 def _fmt_s(seconds) -> str:
@@ -173,11 +191,13 @@ def _fmt_ratio(x) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
   m, s = report["machine"], report["settings"]
+  baseline = BASELINE + (f"(implementation={s['baseline_implementation']!r})"
+                         if s.get("baseline_implementation") else "")
   lines = [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['backend']} ({m['device']}), jax {m['jax']}. "
            f"batch {s['batch']}, {s['heads']} heads, head_dim {s['head_dim']}, {s['dtype']}, causal={s['causal']}, "
            f"lp p={s['p']:g}; median of up to {s['repeats']} calls after a warm-up.",
            "",
-           f"Time and compiled temporary memory relative to `{BASELINE}` at the same N (lower is better).",
+           f"Time and compiled temporary memory relative to `{baseline}` at the same N (lower is better).",
            "",
            "| N | metric | implementation | fwd | fwd+bwd | fwd time ratio | fwd+bwd time ratio | fwd+bwd temp | "
            "fwd+bwd memory ratio |",
