@@ -223,10 +223,11 @@ def test_lowers_for_cuda_forward_and_backward(metric, dtype):
   bias = jnp.zeros((1, 1, 40, 40), jnp.float32)
   segments = kernels.Segments(jnp.zeros((1, 40), jnp.int32), jnp.zeros((1, 40), jnp.int32), None,
                               jnp.array([30], jnp.int32))
+  mask = jnp.ones((1, 1, 40, 40), bool)
   p = jnp.float32(3.0) if metric == "lp" else 2.0
 
   def loss(q, k, v, lam, bias, p):
-    result = kernel(q, k, v, lam=lam, bias=bias, mask=None, segments=segments, local_window=None, metric=metric,
+    result = kernel(q, k, v, lam=lam, bias=bias, mask=mask, segments=segments, local_window=None, metric=metric,
                     p=p, is_causal=True, dropout=None, precision=None, return_weights=False)
     return jnp.sum(result.out.astype(jnp.float32)) + jnp.sum(result.lse)
 

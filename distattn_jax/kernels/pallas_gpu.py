@@ -83,7 +83,8 @@ def default_tiles(metric: str, p: Any, head_dim: int) -> Tiles:
   * elementwise forms hold a ``[bq, bk, bd]`` float32 difference tile in registers besides the ``[bq, bk]``
     scores: 64 x 32 x 8 is 16K values, 128 per thread at 4 warps, about half of the 255-register budget, so
     the tile neither spills nor leaves the streaming multiprocessor idle; ``bd = 8`` also keeps the feature
-    loop short (8 steps at 64 features).
+    loop short (8 steps at 64 features). One pipeline stage: the key tile is read feature chunk by feature
+    chunk inside the loop body, so a second shared-memory buffer would only take registers from the tile.
   """
   form = metrics.get(metric).resolve(p if isinstance(p, float) else None)
   dp = max(_MIN_BLOCK, _next_pow2(head_dim))
@@ -474,7 +475,7 @@ def _dq_kernel(*refs, cfg: _Config, names: list[str]):
     score, logits = _logits(cfg, r, value, lam, slice(None), k_slice, allowed, bq, bk)
     probs = jnp.exp(logits - lse_safe[:, None])
     v = v_ref[k_slice, :]
-    d_probs = _dot(do.astype(jnp.float32), v.astype(jnp.float32), trans_b=True, precision=cfg.precision)
+    d_probs = _dot(do, v, trans_b=True, precision=cfg.precision)
     d_logits = probs * (d_probs - delta[:, None])
     dlam = dlam + jnp.sum(d_logits * score, axis=1) * scale
     if dbias_ref is not None:
@@ -541,7 +542,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: list[str]):
     probs = jnp.exp(logits - jnp.where(jnp.isneginf(lse), 0.0, lse)[:, None])
     do = r["do"][q_slice, :]
     dv = dv + _dot(probs.astype(do.dtype), do, trans_a=True, precision=cfg.precision)
-    d_probs = _dot(do.astype(jnp.float32), v.astype(jnp.float32), trans_b=True, precision=cfg.precision)
+    d_probs = _dot(do, v, trans_b=True, precision=cfg.precision)
     d_logits = probs * (d_probs - r["delta"][q_slice][:, None])
     g = d_logits * (lam * scale * sign)
     _, dks, _ = _form_vjp(cfg, load_q, load_k, dim, params, aux, g, want_q=False, want_k=True)
