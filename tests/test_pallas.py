@@ -57,7 +57,7 @@ def _inputs(seed, *, batch=1, q_len=20, kv_len=24, heads=2, kv_heads=1, dim=8, d
 
 
 def _compare(metric, *, p=2.0, is_causal=False, bias=None, mask=None, segments=None, dtype=jnp.float32,
-             tol=None, **shape):
+             tol=None, kernel=PALLAS, **shape):
   q, k, v, lam = _inputs(0, dtype=dtype, **shape)
   learned_p = not isinstance(p, float)
   tol = tol if tol is not None else (2e-5 if dtype == jnp.float32 else 3e-2)
@@ -73,7 +73,7 @@ def _compare(metric, *, p=2.0, is_causal=False, bias=None, mask=None, segments=N
   argnums = (0, 1, 2, 3) + ((4,) if bias is not None else ()) + ((5,) if learned_p else ())
   p_arg = p if learned_p else jnp.float32(0.0)  # a static p stays a Python float, closed over
   got, want = [jax.jit(jax.value_and_grad(lambda *a, kern=kern: loss(kern, *a), argnums, has_aux=True))(
-      q, k, v, lam, bias, p_arg) for kern in (PALLAS, REFERENCE)]
+      q, k, v, lam, bias, p_arg) for kern in (kernel, REFERENCE)]
   (_, got_result), got_grads = got
   (_, want_result), want_grads = want
   assert got_result.out.dtype == v.dtype
@@ -154,6 +154,37 @@ def test_public_entry_point_matches_reference():
   run = lambda impl: da.distance_attention(q, k, v, metric="l2", lam=lam, is_causal=True,  # noqa: E731
                                            key_value_seq_lengths=lengths, implementation=impl)
   np.testing.assert_allclose(run(PALLAS), run("reference"), rtol=2e-5, atol=2e-5)
+
+
+def test_memory_is_linear_no_length_squared_array_outside_the_kernels():
+  """Forward+backward without a bias: every array the program holds outside the three pallas_calls is O(N)."""
+  n = 256
+  q, k, v, lam = _inputs(8, q_len=n, kv_len=n, heads=1, kv_heads=1, dim=16)
+  kernel = kernels.Pallas()  # traced only, never run: the compiled kernel needs a GPU
+
+  def loss(q, k, v, lam):
+    result = kernel(q, k, v, lam=lam, bias=None, mask=None, segments=None, local_window=None, metric="l1",
+                    p=2.0, is_causal=True, dropout=None, precision=None, return_weights=False)
+    return jnp.sum(result.out) + jnp.sum(result.lse)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2, 3)))(q, k, v, lam)
+  sizes, calls = [], 0
+
+  def walk(jaxpr):
+    nonlocal calls
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        calls += 1
+        continue  # inside a kernel only tiles exist
+      sizes.extend(int(np.prod(var.aval.shape)) for var in eqn.outvars if hasattr(var.aval, "shape"))
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", None)
+        if inner is not None:
+          walk(getattr(inner, "jaxpr", inner))
+
+  walk(jaxpr.jaxpr)
+  assert calls == 3  # forward, dq, dk/dv
+  assert max(sizes) < n * n // 8, max(sizes)  # the largest are [n, heads, features] arrays (n * 16 here)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,3 +280,5 @@ def test_compiled_on_gpu_matches_reference(metric):
                    return_weights=False)
   # float32 on a GPU: the matmuls of both kernels may round differently (TF32 is off at HIGHEST).
   np.testing.assert_allclose(got.out, want.out, rtol=1e-4, atol=1e-4)
+  _compare(metric, p=3.0, tol=1e-4, kernel=kernels.Pallas(block_q=32, block_k=32), is_causal=True, q_len=100,
+           kv_len=70, heads=4, kv_heads=2, dim=64)
