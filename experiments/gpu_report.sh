@@ -36,7 +36,9 @@ HEADS=${HEADS:-16}
 DIMS=${DIMS:-64 128}
 FUSED=${FUSED:-pallas}
 BASELINE=${BASELINE:-cudnn}
-SELFCHECK_SHAPE=${SELFCHECK_SHAPE:---q_len=300 --kv_len=200 --block=64 --head_dim=64}
+# 32-wide tiles: several in each direction at these lengths, and small enough for the elementwise forms'
+# [block_q, block_k, 8] difference tile to stay in registers.
+SELFCHECK_SHAPE=${SELFCHECK_SHAPE:---q_len=300 --kv_len=200 --block=32 --head_dim=64}
 FIRST_DIM=${DIMS%% *}
 mkdir -p "$OUT"
 

@@ -280,5 +280,7 @@ def test_compiled_on_gpu_matches_reference(metric):
                    return_weights=False)
   # float32 on a GPU: the matmuls of both kernels may round differently (TF32 is off at HIGHEST).
   np.testing.assert_allclose(got.out, want.out, rtol=1e-4, atol=1e-4)
-  _compare(metric, p=3.0, tol=1e-4, kernel=kernels.Pallas(block_q=32, block_k=32), is_causal=True, q_len=100,
+  # Gradients at the default precision: XLA's float32 matmuls in the reference may use TF32 on the GPU (2^-11 per
+  # product, as experiments/selfcheck.py allows for), the fused kernel's are IEEE float32.
+  _compare(metric, p=3.0, tol=2e-3, kernel=kernels.Pallas(block_q=32, block_k=32), is_causal=True, q_len=100,
            kv_len=70, heads=4, kv_heads=2, dim=64)
