@@ -241,6 +241,15 @@ def test_explicit_pallas_declines_with_reason(kwargs, match):
     da.distance_attention(q, k, v, implementation="pallas", **kwargs)
 
 
+@pytest.mark.usefixtures("x64")
+def test_float64_is_declined_by_name():
+  q, k, v, lam = (np.asarray(a, np.float64) for a in _inputs(1, q_len=8, kv_len=8))
+  with pytest.raises(ValueError, match="implementation 'pallas' cannot take float64 inputs"):
+    da.distance_attention(q, k, v, implementation="pallas")
+  with pytest.raises(TypeError, match="query must be float32, bfloat16, float16; got dtype float64"):
+    PALLAS(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), lam=jnp.asarray(lam), metric="l1")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU: lowering (no GPU needed) and execution (GPU only).
 
