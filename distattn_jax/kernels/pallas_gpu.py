@@ -310,7 +310,7 @@ def _operand_dtype(x):
 # Masks and the tile operands (bias, dense mask, ids) of one tile.
 
 
-def _broadcast_tile(cfg, ref, shape, q_slice, k_slice, tq, tk):
+def _broadcast_tile(ref, shape, q_slice, k_slice, tq, tk):
   """The ``[tq, tk]`` tile of a ``[.., T|1, S|1]`` operand whose block is ``[Tblk|1, Sblk|1]``."""
   rows = q_slice if shape[2] != 1 else slice(None)
   cols = k_slice if shape[3] != 1 else slice(None)
@@ -336,7 +336,7 @@ def _tile_allowed(cfg: _Config, r: dict, q_start, k_start, q_slice, k_slice, tq:
   if cfg.has_kv_valid:
     allowed = both(r["kv_valid"][k_slice][None, :] != 0)
   if cfg.mask_shape is not None:
-    allowed = both(_broadcast_tile(cfg, r["mask"], cfg.mask_shape, q_slice, k_slice, tq, tk) != 0)
+    allowed = both(_broadcast_tile(r["mask"], cfg.mask_shape, q_slice, k_slice, tq, tk) != 0)
   return allowed
 
 
@@ -345,26 +345,11 @@ def _logits(cfg: _Config, r: dict, value, lam, q_slice, k_slice, allowed, tq, tk
   score = value if metrics.get(cfg.metric).similarity else -value
   logits = score * (lam * scale)
   if cfg.bias_shape is not None:
-    logits = logits + _broadcast_tile(cfg, r["bias"], cfg.bias_shape, q_slice, k_slice, tq, tk).astype(
+    logits = logits + _broadcast_tile(r["bias"], cfg.bias_shape, q_slice, k_slice, tq, tk).astype(
         jnp.float32)
   if allowed is not None:
     logits = jnp.where(allowed, logits, -jnp.inf)
   return score, logits
-
-
-def _input_names(cfg: _Config, traced_p: bool) -> list[str]:
-  names = ["q", "k", "v", "lam"]
-  if cfg.bias_shape is not None:
-    names.append("bias")
-  if cfg.mask_shape is not None:
-    names.append("mask")
-  if cfg.has_ids:
-    names += ["q_ids", "kv_ids"]
-  if cfg.has_kv_valid:
-    names.append("kv_valid")
-  if traced_p:
-    names.append("p")
-  return names
 
 
 def _params(r: dict) -> tuple:
