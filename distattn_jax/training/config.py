@@ -242,8 +242,8 @@ def validate(config: ml_collections.ConfigDict) -> TruthGPTConfig:
 
 
 def _check_placement(config: ml_collections.ConfigDict) -> None:
-  """The mesh and process fields that can be checked without devices (``distributed.mesh_axes`` checks the
-  rest against the device count)."""
+  """The mesh and process fields that can be checked without devices (``distributed.Placement.create`` checks
+  the sizes against the device count, and the batch and length against the sizes)."""
   m, p = config.mesh, config.distributed
   for axis in ("data", "fsdp", "seq"):
     if m[axis] != -1 and m[axis] < 1:
@@ -253,15 +253,6 @@ def _check_placement(config: ml_collections.ConfigDict) -> None:
   if len(free) > 1:
     raise ValueError(f"config.mesh has {len(free)} axes set to -1 ({', '.join(free)}); at most one may take the "
                      "remaining devices")
-  split = m.data * m.fsdp
-  micro = config.data.batch_size // config.optim.grad_accum_steps
-  if split > 0 and micro % split:
-    raise ValueError(f"config.data.batch_size={config.data.batch_size} is invalid: its microbatch of {micro} rows "
-                     f"(batch_size / optim.grad_accum_steps) must divide over mesh.data x mesh.fsdp = {m.data} x "
-                     f"{m.fsdp} = {split} devices")
-  if m.seq > 1 and config.data.seq_len % m.seq:
-    raise ValueError(f"config.data.seq_len={config.data.seq_len} is invalid: the sequence is laid out over "
-                     f"mesh.seq={m.seq} devices, so it must be a multiple of {m.seq}")
   if p.num_processes is not None and p.num_processes < 1:
     raise ValueError(f"config.distributed.num_processes={p.num_processes} is invalid: must be >= 1")
   if p.process_id is not None and not (0 <= p.process_id < (p.num_processes or 1 << 62)):
