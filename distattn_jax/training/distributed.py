@@ -24,11 +24,14 @@ import dataclasses
 import functools
 import math
 import os
+import socket
+import time
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from distattn_jax import kernels
@@ -52,6 +55,15 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     return True
   from distattn_jax.training.config import _check_placement
   _check_placement(config)  # a process_id out of range must not reach the coordinator
+  address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address and d.process_id not in (None, 0):
+    # JAX's client aborts the whole process (a C++ fatal error, no Python exception) when the coordinator does
+    # not answer; waiting for its port here first turns that case into an error that says what happened.
+    wait_for_coordinator(address, d.initialization_timeout)
+  # Process 0 serves the coordinator; when the others do not all join in time, JAX itself stops this process
+  # (exit status 134, DEADLINE_EXCEEDED in its log), so the wait is bounded there too.
+  logging.info("joining %s processes at %s as process %s (waiting at most %d s)", d.num_processes, address,
+               d.process_id, d.initialization_timeout)
   try:
     jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                                process_id=d.process_id, initialization_timeout=d.initialization_timeout)
@@ -62,6 +74,24 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
         f"config.distributed.initialization_timeout={d.initialization_timeout} s (is process 0 running there, "
         f"and have all {d.num_processes} processes started?): {type(e).__name__}: {e}") from e
   return True
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once something accepts connections at ``address`` (host:port); RuntimeError after ``timeout``
+  seconds of refused or unanswered attempts."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, timeout)):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise RuntimeError(
+            f"the coordinator at {address!r} (config.distributed.coordinator_address) did not answer within "
+            f"config.distributed.initialization_timeout={timeout} s ({type(e).__name__}: {e}); start process 0 "
+            "there first, or check the address and port") from e
+      time.sleep(0.25)
 
 
 def mesh_axes(mesh: ml_collections.ConfigDict, device_count: int) -> dict[str, int] | None:
