@@ -307,8 +307,10 @@ def data_parallel_step_time(config, devices: int, per_device_batch: int, steps: 
   """Median seconds per train step of ``config``'s TruthGPT: ``mesh`` (data=``devices``, batch ``devices x
   per_device_batch``), ``one_device_same_per_device_batch`` (batch ``per_device_batch``) and
   ``one_device_same_global_batch``; each round times all three, so a drift of a shared machine hits them alike.
-  ``ratio_same_per_device_batch`` is mesh / one device at the per-device batch (the issue's overhead bound),
-  ``ratio_same_global_batch`` mesh / one device doing the same total work."""
+  ``ratio_same_per_device_batch`` is mesh / one device at the per-device batch: on simulated devices that share
+  the cores the mesh does ``devices`` times the work, so ``ratio_per_unit_of_work`` divides it by ``devices``;
+  ``ratio_same_global_batch`` is mesh / one device doing the same total work. The last two bound the mesh's
+  overhead."""
   if jax.device_count() != devices:
     raise app.UsageError(f"--devices={devices} but JAX has {jax.device_count()} devices")
   global_batch = devices * per_device_batch
@@ -323,6 +325,7 @@ def data_parallel_step_time(config, devices: int, per_device_batch: int, steps: 
   return {"devices": devices, "per_device_batch": per_device_batch, "global_batch": global_batch,
           "seq_len": config.data.seq_len, "steps": steps, "rounds": rounds, "median_step_seconds": medians,
           "runs": runs, "ratio_same_per_device_batch": medians["mesh"] / medians["one_device_same_per_device_batch"],
+          "ratio_per_unit_of_work": medians["mesh"] / (devices * medians["one_device_same_per_device_batch"]),
           "ratio_same_global_batch": medians["mesh"] / medians["one_device_same_global_batch"]}
 
 
@@ -350,7 +353,8 @@ def scaling_markdown(report: dict[str, Any]) -> str:
               f"| mesh data={dp['devices']} | {dp['global_batch']} ({dp['per_device_batch']} per device) | "
               f"{_fmt_s(t['mesh'])} | 1.00x |",
               f"| 1 device, same per-device batch | {dp['per_device_batch']} | "
-              f"{_fmt_s(t['one_device_same_per_device_batch'])} | {_fmt_ratio(dp['ratio_same_per_device_batch'])} |",
+              f"{_fmt_s(t['one_device_same_per_device_batch'])} | {_fmt_ratio(dp['ratio_same_per_device_batch'])} "
+              f"({_fmt_ratio(dp['ratio_per_unit_of_work'])} per unit of work: / {dp['devices']}) |",
               f"| 1 device, same global batch | {dp['global_batch']} | {_fmt_s(t['one_device_same_global_batch'])} | "
               f"{_fmt_ratio(dp['ratio_same_global_batch'])} |"]
   return "\n".join(lines) + "\n"
