@@ -216,7 +216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   logging.info("%s at step %d of %d in %s; %d parameters%s", "resuming" if start else "starting", start, total,
                workdir, count_params(state.params), f" on mesh {placement.axes}" if placement.axes else "")
   writer = MetricWriter(workdir, start) if main_process else NoWriter()
-  train_batch = lambda step: placement.batch(data.train_batch(step, rows), batch_size)
+  if placement.mesh is None:
+    train_batch = data.train_batch
+  else:
+    train_batch = lambda step: placement.batch(data.train_batch(step, rows), batch_size)
   if start == 0:
     writer.write(0, "eval", {"bits_per_byte": untrained_bpb})
 
