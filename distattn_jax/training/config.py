@@ -67,8 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 # Fields that do not change what training computes: how often it logs, evaluates and saves, what it samples
 # and analyses afterwards, the resume overrides themselves, and where it runs (the mesh and the processes: a run
-# resumes on another mesh and computes the same steps, up to the order of float32 sums). Every other field is fingerprinted, so a field
-# added to the schema later counts as a change of the computation until it is listed here.
+# resumes on another mesh and computes the same steps, up to the order of float32 sums). Every other field is
+# fingerprinted, so a field added to the schema later counts as a change of the computation until it is listed
+# here.
 NOT_FINGERPRINTED = ("train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.allow_config_change", "train.allow_steps_change", "sample.",
                      "analysis.", "mesh.", "distributed.")
@@ -237,11 +238,11 @@ def validate(config: ml_collections.ConfigDict) -> TruthGPTConfig:
           f"prompt bytes + length must be <= data.seq_len={d.seq_len}, the context the learned positions were "
           "trained on")
   require(config.analysis.batch_size >= 1, "analysis.batch_size", "must be >= 1")
-  _check_placement(config)
+  check_placement(config)
   return model
 
 
-def _check_placement(config: ml_collections.ConfigDict) -> None:
+def check_placement(config: ml_collections.ConfigDict) -> None:
   """The mesh and process fields that can be checked without devices (``distributed.Placement.create`` checks
   the sizes against the device count, and the batch and length against the sizes)."""
   m, p = config.mesh, config.distributed

@@ -53,8 +53,8 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     return False
   if jax.distributed.is_initialized():
     return True
-  from distattn_jax.training.config import _check_placement
-  _check_placement(config)  # a process_id out of range must not reach the coordinator
+  from distattn_jax.training.config import check_placement
+  check_placement(config)  # a process_id out of range must not reach the coordinator
   address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if address and d.process_id not in (None, 0):
     # JAX's client aborts the whole process (a C++ fatal error, no Python exception) when the coordinator does
