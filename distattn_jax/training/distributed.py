@@ -61,7 +61,8 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     # not answer; waiting for its port here first turns that case into an error that says what happened.
     wait_for_coordinator(address, d.initialization_timeout)
   # Process 0 serves the coordinator; when the others do not all join in time, JAX itself stops this process
-  # (exit status 134, DEADLINE_EXCEEDED in its log), so the wait is bounded there too.
+  # (exit status 134, DEADLINE_EXCEEDED in its log; 8 s after the start with a 3 s timeout), so that wait is
+  # bounded too.
   logging.info("joining %s processes at %s as process %s (waiting at most %d s)", d.num_processes, address,
                d.process_id, d.initialization_timeout)
   try:
