@@ -21,6 +21,14 @@ On a GPU ``--implementations`` defaults to reference, blockwise and the fused ``
 the headline and the best round is printed beside it.
 
   python experiments/benchmark.py --mode=train --config=configs/lm.py:size=tiny --out=runs/benchmark/train.json
+
+``--mode=scaling``: on ``--devices`` simulated CPU devices (set before JAX starts), how training scales out.
+Data parallel (:func:`data_parallel_step_time`): the train-step time of ``--config``'s TruthGPT on a
+``data=--devices`` mesh beside one device at the same per-device batch (``--per_device_batch``) and beside one
+device at the same global batch, rounds interleaved as in ``--mode=train``, medians reported. Simulated CPU
+devices share the machine's cores, so this bounds the mesh's overhead; it is not a speed-up.
+
+  python experiments/benchmark.py --mode=scaling --config=configs/lm.py:size=tiny --out=runs/benchmark/scaling.json
 """
 
 from __future__ import annotations
@@ -36,18 +44,23 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import distattn_jax as da
 from distattn_jax import monitoring, training
+from distattn_jax.training import loop
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "attention", ["attention", "train"], "Attention kernels, or training throughput.")
+flags.DEFINE_enum("mode", "attention", ["attention", "train", "scaling"],
+                 "Attention kernels, training throughput, or scaling over simulated devices.")
 config_flags.DEFINE_config_file("config", "configs/lm.py:size=tiny", "--mode=train: the model and batch to time.",
                                 lock_config=True)
 flags.DEFINE_integer("train_steps", 20, "--mode=train: timed steps per measurement.")
 flags.DEFINE_integer("warmup_steps", 3, "--mode=train: untimed steps before each measurement.")
+flags.DEFINE_integer("devices", 8, "--mode=scaling: simulated CPU devices (jax_num_cpu_devices).")
+flags.DEFINE_integer("per_device_batch", 4, "--mode=scaling: data parallel rows per device.")
 flags.DEFINE_list("metrics", list(da.metrics.available()), "Metrics to measure.")
 flags.DEFINE_list("implementations", ["reference", "blockwise"],
                   "Kernel names to measure (on a GPU 'pallas' is added unless the flag is given); blockwise:BQxBK "
@@ -281,14 +294,104 @@ def train_markdown(report: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _train_step_timer(config, batch_size: int, data: int, steps: int, warmup: int) -> Callable[[], float]:
+  """A function timing ``steps`` of the trainer's own jitted train step (``batch_size`` rows, on a ``data``-way
+  mesh, or one device for 1) after ``warmup`` untimed ones; it returns seconds per step."""
+  variant = config.copy_and_resolve_references()
+  variant.data.batch_size = batch_size
+  variant.mesh.data, variant.mesh.fsdp, variant.mesh.seq = data, 1, 1
+  placement = training.Placement.create(variant)
+  _, state = loop.build(variant, placement)
+  d = variant.data
+  windows = np.random.default_rng(variant.seed).integers(0, variant.model.vocab_size, (batch_size, d.seq_len + 1),
+                                                        dtype=np.int32)
+  batch, key = placement.batch(windows, batch_size), placement.dropout_key(variant.seed)
+  step, _ = loop.compile_train_step(variant, state, batch, key, placement)
+  holder = {"state": state}
+  for _ in range(warmup):
+    holder["state"], _ = step(holder["state"], batch, key)
+  jax.block_until_ready(holder["state"])
+
+  def timed() -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      holder["state"], _ = step(holder["state"], batch, key)
+    jax.block_until_ready(holder["state"])
+    return (time.perf_counter() - start) / steps
+
+  return timed
+
+
+def data_parallel_step_time(config, devices: int, per_device_batch: int, steps: int, warmup: int,
+                            rounds: int) -> dict[str, Any]:
+  """Median seconds per train step of ``config``'s TruthGPT: ``mesh`` (data=``devices``, batch ``devices x
+  per_device_batch``), ``one_device_same_per_device_batch`` (batch ``per_device_batch``) and
+  ``one_device_same_global_batch``; each round times all three, so a drift of a shared machine hits them alike.
+  ``ratio_same_per_device_batch`` is mesh / one device at the per-device batch: on simulated devices that share
+  the cores the mesh does ``devices`` times the work, so ``ratio_per_unit_of_work`` divides it by ``devices``;
+  ``ratio_same_global_batch`` is mesh / one device doing the same total work. The last two bound the mesh's
+  overhead."""
+  if jax.device_count() != devices:
+    raise app.UsageError(f"--devices={devices} but JAX has {jax.device_count()} devices")
+  global_batch = devices * per_device_batch
+  timers = {"mesh": _train_step_timer(config, global_batch, devices, steps, warmup),
+            "one_device_same_per_device_batch": _train_step_timer(config, per_device_batch, 1, steps, warmup),
+            "one_device_same_global_batch": _train_step_timer(config, global_batch, 1, steps, warmup)}
+  runs: dict[str, list[float]] = {name: [] for name in timers}
+  for _ in range(rounds):
+    for name, timer in timers.items():
+      runs[name].append(timer())
+  medians = {name: statistics.median(r) for name, r in runs.items()}
+  return {"devices": devices, "per_device_batch": per_device_batch, "global_batch": global_batch,
+          "seq_len": config.data.seq_len, "steps": steps, "rounds": rounds, "median_step_seconds": medians,
+          "runs": runs, "ratio_same_per_device_batch": medians["mesh"] / medians["one_device_same_per_device_batch"],
+          "ratio_per_unit_of_work": medians["mesh"] / (devices * medians["one_device_same_per_device_batch"]),
+          "ratio_same_global_batch": medians["mesh"] / medians["one_device_same_global_batch"]}
+
+
+def run_scaling() -> dict[str, Any]:
+  config = FLAGS.config
+  m = config.model
+  report = {"machine": machine(), "mode": "scaling",
+            "settings": {"width": m.width, "depth": m.depth, "heads": m.num_heads, "seq_len": config.data.seq_len,
+                         "devices": FLAGS.devices, "rounds": FLAGS.repeats, "steps": FLAGS.train_steps}}
+  # Data parallel: the mesh's overhead on simulated devices.
+  report["data_parallel"] = data_parallel_step_time(config, FLAGS.devices, FLAGS.per_device_batch,
+                                                    FLAGS.train_steps, FLAGS.warmup_steps, FLAGS.repeats)
+  return report
+
+
+def scaling_markdown(report: dict[str, Any]) -> str:
+  m, s = report["machine"], report["settings"]
+  lines = [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['backend']} ({m['device']}), jax {m['jax']}; "
+           f"{s['devices']} simulated CPU devices. TruthGPT width {s['width']}, depth {s['depth']}, {s['heads']} "
+           f"heads, {s['seq_len']} tokens per row; median of {s['rounds']} interleaved rounds x {s['steps']} steps."]
+  if "data_parallel" in report:
+    dp = report["data_parallel"]
+    t = dp["median_step_seconds"]
+    lines += ["", "| train step | rows | median step time | mesh / this |", "|---|---|---|---|",
+              f"| mesh data={dp['devices']} | {dp['global_batch']} ({dp['per_device_batch']} per device) | "
+              f"{_fmt_s(t['mesh'])} | 1.00x |",
+              f"| 1 device, same per-device batch | {dp['per_device_batch']} | "
+              f"{_fmt_s(t['one_device_same_per_device_batch'])} | {_fmt_ratio(dp['ratio_same_per_device_batch'])} "
+              f"({_fmt_ratio(dp['ratio_per_unit_of_work'])} per unit of work: / {dp['devices']}) |",
+              f"| 1 device, same global batch | {dp['global_batch']} | {_fmt_s(t['one_device_same_global_batch'])} | "
+              f"{_fmt_ratio(dp['ratio_same_global_batch'])} |"]
+  return "\n".join(lines) + "\n"
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  report = run_train() if FLAGS.mode == "train" else run_attention()
+  if FLAGS.mode == "scaling":  # before anything starts JAX's CPU backend
+    jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+    report = run_scaling()
+  else:
+    report = run_train() if FLAGS.mode == "train" else run_attention()
   out = pathlib.Path(FLAGS.out or f"runs/benchmark/{FLAGS.mode}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1))
-  table = train_markdown(report) if FLAGS.mode == "train" else markdown(report)
+  table = {"train": train_markdown, "scaling": scaling_markdown}.get(FLAGS.mode, markdown)(report)
   out.with_suffix(".md").write_text(table)
   print("\n" + table)
   print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -10,7 +10,18 @@ schedule then applies from the checkpoint's step on, e.g. to train the run above
   .venv/bin/python experiments/train.py --config=configs/lm.py:metric=l1,size=tiny,steps=2000 \
       --config.train.allow_steps_change=True --workdir=runs/lm_tiny_l1
 
-All logic is in ``distattn_jax.training`` (``train_and_evaluate``); this is the absl shell around it.
+Data parallel on every device of this machine (``mesh.data=-1``), and two processes on one machine with 4 CPU
+devices each (``distributed.*``: process 0 listens at the coordinator address; run both, same workdir):
+
+  .venv/bin/python experiments/train.py --config=configs/lm.py:metric=l1,size=tiny --config.mesh.data=-1 \
+      --workdir=runs/lm_tiny_l1_dp
+  JAX_NUM_CPU_DEVICES=4 .venv/bin/python experiments/train.py --config=configs/lm.py:metric=l1,size=tiny \
+      --config.mesh.data=-1 --config.distributed.coordinator_address=localhost:12355 \
+      --config.distributed.num_processes=2 --config.distributed.process_id=0 --workdir=runs/lm_tiny_l1_2p &
+  (the same with --config.distributed.process_id=1)
+
+All logic is in ``distattn_jax.training`` (``train_and_evaluate``); this is the absl shell around it. JAX's
+distributed runtime starts first (``training.initialize_distributed``): nothing before it touches a device.
 """
 
 from absl import app, flags, logging
@@ -27,6 +38,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  training.initialize_distributed(flags.FLAGS.config)  # first: before anything touches a device
   logging.set_verbosity(logging.INFO)
   training.hide_orbax_info_logs()
   summary = training.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

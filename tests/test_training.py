@@ -55,7 +55,8 @@ def test_parse_arg_types_values_by_their_defaults_and_rejects_unknown_keys():
 @pytest.mark.parametrize("mutate,message", [
     (lambda c: c.train.unlock().update(stepz=3), r"unknown config key 'train.stepz'; valid keys in train: "
                                                  r"allow_config_change, allow_steps_change, checkpoint_every"),
-    (lambda c: c.unlock().update(extra=1), r"unknown config key 'extra'; valid keys: analysis, data, model"),
+    (lambda c: c.unlock().update(extra=1),
+     r"unknown config key 'extra'; valid keys: analysis, data, distributed, mesh, model"),
     (lambda c: setattr(c.train, "steps", -5), r"config.train.steps=-5 is invalid: must be >= 0"),
     (lambda c: setattr(c.model, "num_heads", 3), r"model.num_heads=3 is invalid: must divide model.width=32"),
     (lambda c: setattr(c.model, "metric", "manhattan"), r"model.metric='manhattan' is not a registered metric"),

@@ -115,14 +115,17 @@ class TextData:
   def _windows(self, data: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return data[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
 
-  def train_batch(self, step: int) -> np.ndarray:
-    """``[batch_size, seq_len + 1]`` windows at offsets drawn from ``default_rng([seed, step])``."""
+  def train_batch(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+    """``[batch_size, seq_len + 1]`` windows at offsets drawn from ``default_rng([seed, step])``; ``rows`` builds
+    only those rows of it (one process's share of the global batch: the offsets of every row are drawn, so the
+    share is exactly those rows of the whole batch)."""
     rng = np.random.default_rng([self.seed, step])
     high = len(self.corpus.train) - self.seq_len  # exclusive bound on a start that leaves seq_len + 1 bytes
-    return self._windows(self.corpus.train, rng.integers(0, high, size=self.batch_size))
+    return self._windows(self.corpus.train, rng.integers(0, high, size=self.batch_size)[rows])
 
-  def eval_batches(self, num_batches: int) -> list[np.ndarray]:
-    """``num_batches`` validation batches of evenly spaced windows (they overlap only if the split is short)."""
+  def eval_batches(self, num_batches: int, rows: slice = slice(None)) -> list[np.ndarray]:
+    """``num_batches`` validation batches of evenly spaced windows (they overlap only if the split is short);
+    ``rows`` of each, as in :meth:`train_batch`."""
     count = num_batches * self.batch_size
     starts = np.linspace(0, len(self.corpus.validation) - self.seq_len - 1, count).astype(np.int64)
-    return [self._windows(self.corpus.validation, s) for s in starts.reshape(num_batches, self.batch_size)]
+    return [self._windows(self.corpus.validation, s[rows]) for s in starts.reshape(num_batches, self.batch_size)]

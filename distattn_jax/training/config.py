@@ -49,15 +49,30 @@ def default_config() -> ml_collections.ConfigDict:
   # prompt + length stay within data.seq_len: learned positions past the training context are untrained.
   c.sample = ml_collections.ConfigDict(dict(prompt="def ", length=124, temperature=0.8, top_k=0, seed=0))
   c.analysis = ml_collections.ConfigDict(dict(batch_size=4))  # validation sequences analysed by analyze.py
+
+  # Device mesh (training/distributed.py): axis sizes, -1 = the devices the other axes leave. All 1 (the default)
+  # trains on one device without a mesh; any other setting spans every device, so the product must equal
+  # jax.device_count(). Batches split over data x fsdp; parameters and optimizer state are replicated, or with
+  # fsdp > 1 split over fsdp along their largest divisible axis; seq > 1 splits the length over the ring kernel.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, seq=1))
+  # Multi-host: jax.distributed.initialize with these before anything touches a device. All None (and no
+  # JAX_COORDINATOR_ADDRESS in the environment) = one process; None fields are read by JAX from the
+  # environment or a detected cluster. initialization_timeout (s): how long to wait for the coordinator and the
+  # other processes before failing.
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address=config_dict.placeholder(str), num_processes=config_dict.placeholder(int),
+      process_id=config_dict.placeholder(int), initialization_timeout=120))
   return c
 
 
 # Fields that do not change what training computes: how often it logs, evaluates and saves, what it samples
-# and analyses afterwards, and the resume overrides themselves. Every other field is fingerprinted, so a field
-# added to the schema later counts as a change of the computation until it is listed here.
+# and analyses afterwards, the resume overrides themselves, and where it runs (the mesh and the processes: a run
+# resumes on another mesh and computes the same steps, up to the order of float32 sums). Every other field is
+# fingerprinted, so a field added to the schema later counts as a change of the computation until it is listed
+# here.
 NOT_FINGERPRINTED = ("train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.allow_config_change", "train.allow_steps_change", "sample.",
-                     "analysis.")
+                     "analysis.", "mesh.", "distributed.")
 
 
 class ConfigChangedError(ValueError):
@@ -223,4 +238,32 @@ def validate(config: ml_collections.ConfigDict) -> TruthGPTConfig:
           f"prompt bytes + length must be <= data.seq_len={d.seq_len}, the context the learned positions were "
           "trained on")
   require(config.analysis.batch_size >= 1, "analysis.batch_size", "must be >= 1")
+  check_placement(config)
   return model
+
+
+def check_placement(config: ml_collections.ConfigDict) -> None:
+  """The mesh and process fields that can be checked without devices (``distributed.Placement.create`` checks
+  the sizes against the device count, and the batch and length against the sizes)."""
+  m, p = config.mesh, config.distributed
+  for axis in ("data", "fsdp", "seq"):
+    if m[axis] != -1 and m[axis] < 1:
+      raise ValueError(f"config.mesh.{axis}={m[axis]} is invalid: must be a positive int, or -1 for the devices "
+                       "the other axes leave")
+  free = [axis for axis in ("data", "fsdp", "seq") if m[axis] == -1]
+  if len(free) > 1:
+    raise ValueError(f"config.mesh has {len(free)} axes set to -1 ({', '.join(free)}); at most one may take the "
+                     "remaining devices")
+  if p.num_processes is not None and p.num_processes < 1:
+    raise ValueError(f"config.distributed.num_processes={p.num_processes} is invalid: must be >= 1")
+  if p.process_id is not None and not (0 <= p.process_id < (p.num_processes or 1 << 62)):
+    allowed = f"[0, {p.num_processes})" if p.num_processes else "[0, num_processes)"
+    raise ValueError(f"config.distributed.process_id={p.process_id} is invalid: must be in {allowed}, "
+                     f"num_processes={p.num_processes}")
+  address = p.coordinator_address
+  if address is not None and (":" not in address or not address.rpartition(":")[2].isdigit()):
+    raise ValueError(f"config.distributed.coordinator_address={address!r} is invalid: must be host:port, e.g. "
+                     "localhost:12345 (process 0 listens there)")
+  if p.initialization_timeout < 1:
+    raise ValueError(f"config.distributed.initialization_timeout={p.initialization_timeout} is invalid: must be "
+                     ">= 1 (seconds)")

@@ -40,7 +40,7 @@ from absl import logging
 from distattn_jax import monitoring
 from distattn_jax.data import text
 from distattn_jax.models import TruthGPT, count_params
-from distattn_jax.training import checkpoint, optim, steps
+from distattn_jax.training import checkpoint, distributed, optim, steps
 from distattn_jax.training.config import check_resume, fingerprint, validate
 from distattn_jax.training.writers import MetricWriter, write_text_atomically
 
@@ -70,18 +70,38 @@ def write_json(path: pathlib.Path, value: Any) -> None:
   write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def build(config: ml_collections.ConfigDict) -> tuple[TruthGPT, steps.TrainState]:
-  """The validated model and its freshly initialised train state (the target a checkpoint restores into)."""
-  model = TruthGPT(validate(config))
+def build(config: ml_collections.ConfigDict, placement: distributed.Placement | None = None
+          ) -> tuple[TruthGPT, steps.TrainState]:
+  """The validated model and its freshly initialised train state (the target a checkpoint restores into), on
+  ``placement``'s mesh when it has one (sharded; with ``mesh.seq > 1`` the model attends with the ring kernel:
+  :func:`distributed.model_config`)."""
+  model_config = validate(config)
+  model = TruthGPT(model_config)
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  return model, steps.create_train_state(model, tx, config.seed, config.data.seq_len)
+  if placement is None or placement.mesh is None:
+    return model, steps.create_train_state(model, tx, config.seed, config.data.seq_len)
+  run_model = TruthGPT(distributed.model_config(config, model_config, placement.axes))
+  with placement.context():
+    return run_model, placement.init_state(model, run_model, tx, config.seed, config.data.seq_len)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, state: steps.TrainState, windows: np.ndarray,
-                       dropout_key: jax.Array):
-  """``train_step`` jitted (the state donated) and compiled for these shapes; returns it and its compile stats."""
-  fn = jax.jit(functools.partial(steps.train_step, grad_accum=config.optim.grad_accum_steps), donate_argnums=0)
-  return monitoring.compile_with_stats(fn, state, windows, dropout_key)
+                       dropout_key: jax.Array, placement: distributed.Placement = distributed.Placement()):
+  """``train_step`` jitted (the state donated, with ``placement``'s shardings) and compiled for these shapes;
+  returns it and its compile stats."""
+  fn = placement.jit_train_step(state, config.optim.grad_accum_steps)
+  with placement.context():
+    return monitoring.compile_with_stats(fn, state, windows, dropout_key)
+
+
+class NoWriter:
+  """The metric writer of every process but process 0: one process writes a run's records."""
+
+  def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 def load_data(config: ml_collections.ConfigDict) -> text.TextData:
@@ -159,9 +179,16 @@ def resume_check(config: ml_collections.ConfigDict, directory: pathlib.Path, pre
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the summary it saves."""
+  """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the summary it saves.
+
+  On a mesh (``config.mesh``, :mod:`distributed`) the steps run sharded; with several processes each builds its
+  rows of every batch, all take part in checkpoints, and process 0 alone writes config, data, metrics,
+  TensorBoard and summary files (the workdir must be one shared folder)."""
   wall_start = time.perf_counter()
-  _, fresh = build(config)  # validates the config before anything is read or compiled
+  validate(config)  # before anything is read, placed or compiled
+  placement = distributed.Placement.create(config)
+  _, fresh = build(config, placement)
+  main_process = jax.process_index() == 0
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
@@ -174,36 +201,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise
   start = int(state.step)
   # Written once the checkpoint accepted this config: a refused resume leaves the run's record as it was.
-  write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  if main_process:
+    write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   data = load_data(config)
-  write_json(workdir / "data.json", data.corpus.info)
+  if main_process:
+    write_json(workdir / "data.json", data.corpus.info)
 
-  eval_batches = data.eval_batches(train_cfg.eval_batches)
-  eval_fn, eval_stats = monitoring.compile_with_stats(jax.jit(steps.eval_step), fresh, eval_batches[0])
+  batch_size, rows = config.data.batch_size, placement.rows(config.data.batch_size)
+  eval_batches = [placement.batch(b, batch_size) for b in data.eval_batches(train_cfg.eval_batches, rows)]
+  with placement.context():
+    eval_fn, eval_stats = monitoring.compile_with_stats(placement.jit_eval_step(fresh), fresh, eval_batches[0])
   untrained_bpb = evaluate(eval_fn, fresh, eval_batches)  # also when the run resumes
   del fresh
-  logging.info("%s at step %d of %d in %s; %d parameters", "resuming" if start else "starting", start, total,
-               workdir, count_params(state.params))
-  writer = MetricWriter(workdir, start)
+  logging.info("%s at step %d of %d in %s; %d parameters%s", "resuming" if start else "starting", start, total,
+               workdir, count_params(state.params), f" on mesh {placement.axes}" if placement.axes else "")
+  writer = MetricWriter(workdir, start) if main_process else NoWriter()
+  if placement.mesh is None:
+    train_batch = data.train_batch
+  else:
+    train_batch = lambda step: placement.batch(data.train_batch(step, rows), batch_size)
   if start == 0:
     writer.write(0, "eval", {"bits_per_byte": untrained_bpb})
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
   schedule = optim.learning_rate_schedule(config.optim.learning_rate, config.optim, total)
-  dropout_key = steps.dropout_key(config.seed)
+  dropout_key = placement.dropout_key(config.seed)
   compile_stats = {"eval_compile_seconds": eval_stats["compile_seconds"]}
   timer = monitoring.Throughput(tokens_per_step, start)
   progress = Progress(total, start)
   final_bpb = None  # the evaluation at step == total; a run resumed at its last step evaluates after the loop
   try:
     if start < total:
-      train_fn, stats = compile_train_step(config, state, data.train_batch(start), dropout_key)
+      train_fn, stats = compile_train_step(config, state, train_batch(start), dropout_key, placement)
       compile_stats.update(stats)
       writer.write(start, "perf", monitoring.get_performance_stats({}, compile_stats))
       timer.restart(start)
     unchecked, checked = [], []
     for step in range(start + 1, total + 1):
-      state, metrics = train_fn(state, data.train_batch(step - 1), dropout_key)
+      state, metrics = train_fn(state, train_batch(step - 1), dropout_key)
       unchecked.append((step, metrics))
       log = step % train_cfg.log_every == 0 or step == total
       run_eval = step % train_cfg.eval_every == 0 or step == total
@@ -222,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         values = {"loss": loss, "bits_per_byte": loss / math.log(2),
                   "grad_norm": float(np.mean([r["grad_norm"] for _, r in records])),
                   "learning_rate": float(schedule(step - 1)),
-                  **jax.device_get(steps.lambda_values(state.params))}
+                  **placement.fetch(steps.lambda_values, state.params)}
         writer.write(step, "train", values)
         writer.write(step, "perf", monitoring.get_performance_stats(perf, {}))
         progress.report(step, loss, perf)
@@ -247,10 +282,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       "validation_bits_per_byte": final_bpb, "parameters": count_params(state.params),
       "tokens_per_step": tokens_per_step, "wall_seconds": time.perf_counter() - wall_start,
       "resumed_from_step": start, "corpus": data.corpus.info,
-      "lambda": {k: np.asarray(v).tolist() for k, v in steps.lambda_values(state.params).items()},
+      "lambda": {k: np.asarray(v).tolist() for k, v in placement.fetch(steps.lambda_values, state.params).items()},
       **monitoring.get_performance_stats(timer.overall(), compile_stats),
   }
-  write_json(workdir / "summary.json", summary)
+  if placement.axes:
+    summary["mesh"] = placement.axes
+  if main_process:
+    write_json(workdir / "summary.json", summary)
   return summary
 
 

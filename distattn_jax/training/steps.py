@@ -71,16 +71,22 @@ def all_finite(tree: Any) -> Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def train_step(state: TrainState, windows: Array, dropout_key: Array, *, grad_accum: int = 1
-               ) -> tuple[TrainState, dict[str, Array]]:
+def train_step(state: TrainState, windows: Array, dropout_key: Array, *, grad_accum: int = 1,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, Array]]:
   """One optimizer step on ``windows [batch, length + 1]`` (:func:`loss_and_grads`).
 
   The metrics are the loss, the gradient's global norm (non-finite exactly when some gradient is, or when the
   norm overflows) and ``params_finite``, whether every updated parameter is finite: one reduction over the
   parameters, cheap beside the step, so the loop can refuse to save a state without reading it back.
+
+  ``axis_name``: under ``jax.pmap`` (or ``shard_map``) over that axis, each device holds an equal share of the
+  batch; the loss and gradients are averaged over it (``lax.pmean``) before the update, so every device applies
+  the update of the whole batch (:func:`distributed.pmap_train_step`).
   """
   rng = jax.random.fold_in(dropout_key, state.step)
   loss, grads = loss_and_grads(state, windows, rng, grad_accum)
+  if axis_name is not None:
+    loss, grads = jax.lax.pmean((loss, grads), axis_name)
   new = state.apply_gradients(grads=grads)
   return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": all_finite(new.params)}
 
