@@ -235,10 +235,17 @@ def _backward(cfg: _Config, res, cotangents):
           None if p is None else dp.astype(p.dtype), None)
 
 
-def _gradients(cfg: _Config, res, cotangents):
+def row_terms(out, d_out, d_lse):
+  """``rowsum(dO * O) - d_lse`` in the accumulation dtype: the per-row term of the softmax gradient."""
+  acc = metrics.accumulation_dtype(out.dtype)
+  return jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1) - d_lse.astype(acc)
+
+
+def _gradients(cfg: _Config, res, cotangents, delta=None):
   """``(dq, dk, dv, dlam, dbias, dp)`` in the accumulation dtype (dbias, dp None when absent); ``out`` and
   ``lse`` in ``res`` are the final ones, so a caller that splits the keys into parts (the ring kernel) gets each
-  part's exact share and sums them."""
+  part's exact share and sums them. Such a caller may pass the row terms ``delta`` (below) instead of ``out``
+  and ``d_lse``."""
   q, k, v, lam5, bias5, mask5, seg, p, rng, out, lse = res
   d_out, d_lse = cotangents
   batch, num_kv, t_pad, _, head_dim = q.shape
@@ -247,7 +254,8 @@ def _gradients(cfg: _Config, res, cotangents):
   num_q_blocks, num_k_blocks = t_pad // cfg.block_q, k.shape[2] // cfg.block_k
   d_out = d_out.astype(acc)
   # D_i = rowsum(dO * O), less the lse cotangent (d lse_i / d logits_ij = P_ij).
-  delta = jnp.sum(d_out * out.astype(acc), axis=-1) - d_lse.astype(acc)
+  if delta is None:
+    delta = row_terms(out, d_out, d_lse)
   lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
 
   def kv_block(carry, j):

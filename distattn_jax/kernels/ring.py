@@ -70,14 +70,6 @@ class _Plan(NamedTuple):
   is_causal: bool
 
 
-def _chunk_order(plan: _Plan) -> np.ndarray:
-  """Global chunk index at each laid-out chunk slot (device-major)."""
-  n, m = plan.size, plan.chunks
-  if m == 1:
-    return np.arange(n)
-  return np.stack([np.arange(n), 2 * n - 1 - np.arange(n)], axis=1).reshape(-1)
-
-
 def _chunk_index(plan: _Plan, device, a: int):
   return device if a == 0 else 2 * plan.size - 1 - device
 
@@ -93,6 +85,11 @@ def _pair_kind(plan: _Plan, q_chunk, kv_chunk):
     kind = jnp.where(kv_last <= q_first, _FULL, jnp.where(kv_first > q_last, _SKIP, _PARTIAL))
   # A chunk made only of padding is hidden from every query.
   return jnp.where(kv_first >= plan.full.kv_len, _SKIP, kind)
+
+
+def _branches(plan: _Plan, skip, compute):
+  branches = [skip, functools.partial(compute, plan.full)]
+  return branches + [functools.partial(compute, plan.partial)] if plan.is_causal else branches
 
 
 def _chunk(x, axis: int, a: int, size: int):
@@ -114,7 +111,49 @@ def _shift(plan: _Plan, tree):
   return jax.tree.map(lambda x: jax.lax.ppermute(x, plan.axis_name, perm), tree)
 
 
+# Names of the per-position arrays and the axis their positions are on.
+_SEQ_AXIS = {"q": 2, "k": 2, "v": 2, "d_out": 2, "delta": 2, "q_ids": 1, "kv_ids": 1}
+
+
+def _zigzag_dest(plan: _Plan, chunk: int) -> int:
+  return chunk if chunk < plan.size else 2 * plan.size - 1 - chunk
+
+
+def _to_ring(plan: _Plan, x: Array, axis: int) -> Array:
+  """A device's contiguous share (chunks ``2i``, ``2i+1``) -> its zig-zag share (chunks ``i``, ``2n-1-i``).
+
+  Chunks ``i`` and ``2n-1-i`` have opposite parities, so a device receives one even chunk (sent from slot 0
+  of its holder) and one odd chunk (slot 1): two ``ppermute``s, each a permutation of the devices."""
+  if plan.chunks == 1:
+    return x
+  n, half = plan.size, x.shape[axis] // 2
+  first, second = jax.lax.split(x, (half, half), axis=axis)
+  from_even = jax.lax.ppermute(first, plan.axis_name, [(e, _zigzag_dest(plan, 2 * e)) for e in range(n)])
+  from_odd = jax.lax.ppermute(second, plan.axis_name, [(e, _zigzag_dest(plan, 2 * e + 1)) for e in range(n)])
+  even = jax.lax.axis_index(plan.axis_name) % 2 == 0
+  return jnp.concatenate([jnp.where(even, from_even, from_odd), jnp.where(even, from_odd, from_even)], axis=axis)
+
+
+def _from_ring(plan: _Plan, x: Array, axis: int) -> Array:
+  """The inverse of :func:`_to_ring`."""
+  if plan.chunks == 1:
+    return x
+  n, half = plan.size, x.shape[axis] // 2
+  low, high = jax.lax.split(x, (half, half), axis=axis)
+  even = jax.lax.axis_index(plan.axis_name) % 2 == 0
+  even_chunk, odd_chunk = jnp.where(even, low, high), jnp.where(even, high, low)
+  home = lambda d, parity: (d if d % 2 == parity else 2 * n - 1 - d) // 2
+  return jnp.concatenate([
+      jax.lax.ppermute(even_chunk, plan.axis_name, [(d, home(d, 0)) for d in range(n)]),
+      jax.lax.ppermute(odd_chunk, plan.axis_name, [(d, home(d, 1)) for d in range(n)])], axis=axis)
+
+
+def _relayout(plan: _Plan, local: dict[str, Array], names) -> dict[str, Array]:
+  return {name: _to_ring(plan, x, _SEQ_AXIS[name]) if name in names else x for name, x in local.items()}
+
+
 def _local_forward(plan: _Plan, local):
+  local = _relayout(plan, local, ("q", "k", "v", "q_ids", "kv_ids"))
   q, lam5, p = local["q"], local["lam5"], local.get("p")
   me = jax.lax.axis_index(plan.axis_name)
   acc = metrics.accumulation_dtype(q.dtype)
@@ -141,8 +180,7 @@ def _local_forward(plan: _Plan, local):
           return blockwise._forward(cfg, q_a, k_b, v_b, lam5, None, None, seg, p, None)
 
         kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
-        out_p, lse_p = jax.lax.switch(kind, [skip, functools.partial(compute, plan.full),
-                                             functools.partial(compute, plan.partial)], *operands)
+        out_p, lse_p = jax.lax.switch(kind, _branches(plan, skip, compute), *operands)
         # Merge two normalised partial results through their log-sum-exp; -inf (nothing seen) on both sides
         # stays -inf with output 0.
         top = jnp.maximum(lses[a], lse_p)
@@ -166,12 +204,17 @@ def _local_forward(plan: _Plan, local):
 
   carry = jax.lax.fori_loop(0, plan.size - 1, hop, init)
   _, _, _, outs, lses = attend(plan.size - 1, carry)
-  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+  lse = jnp.concatenate(lses, axis=2)
+  # The zig-zag q, k, v and lse are the backward pass's residuals, so it does not lay them out again.
+  return (_from_ring(plan, jnp.concatenate(outs, axis=2), 2), _from_ring(plan, lse, 2), local["q"], local["k"],
+          local["v"], lse)
 
 
 def _local_backward(plan: _Plan, local):
+  # q, k, v and lse arrive laid out already; the row terms are computed before the layout (no copy of out).
+  local = _relayout(plan, local, ("d_out", "delta", "q_ids", "kv_ids"))
   q, lam5, p = local["q"], local["lam5"], local.get("p")
-  out, lse, d_out, d_lse = local["out"], local["lse"], local["d_out"], local["d_lse"]
+  lse, d_out, delta = local["lse"], local["d_out"], local["delta"]
   me = jax.lax.axis_index(plan.axis_name)
   acc = metrics.accumulation_dtype(q.dtype)
 
@@ -182,8 +225,8 @@ def _local_backward(plan: _Plan, local):
     for a in range(plan.chunks):
       q_a = _chunk(q, 2, a, plan.q_chunk)
       q_pos = _positions(plan, me, a, plan.q_chunk)
-      rows = (_chunk(out, 2, a, plan.q_chunk), _chunk(lse, 2, a, plan.q_chunk),
-              _chunk(d_out, 2, a, plan.q_chunk), _chunk(d_lse, 2, a, plan.q_chunk))
+      rows = (_chunk(lse, 2, a, plan.q_chunk), _chunk(d_out, 2, a, plan.q_chunk),
+              _chunk(delta, 2, a, plan.q_chunk))
       for b in range(plan.chunks):
         kv_pos = _positions(plan, src, b, plan.kv_chunk)
         k_b, v_b = _chunk(k, 2, b, plan.kv_chunk), _chunk(v, 2, b, plan.kv_chunk)
@@ -194,15 +237,13 @@ def _local_backward(plan: _Plan, local):
                   jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc))
 
         def compute(cfg, q_a, k_b, v_b, seg, rows):
-          o_a, lse_a, do_a, dlse_a = rows
-          res = (q_a, k_b, v_b, lam5, None, None, seg, p, None, o_a, lse_a)
-          g_q, g_k, g_v, g_lam, _, g_p = blockwise._gradients(cfg, res, (do_a, dlse_a))
+          lse_a, do_a, delta_a = rows
+          res = (q_a, k_b, v_b, lam5, None, None, seg, p, None, None, lse_a)
+          g_q, g_k, g_v, g_lam, _, g_p = blockwise._gradients(cfg, res, (do_a, None), delta=delta_a)
           return g_q, g_k, g_v, g_lam, g_p
 
         kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
-        g_q, g_k, g_v, g_lam, g_p = jax.lax.switch(
-            kind, [skip, functools.partial(compute, plan.full), functools.partial(compute, plan.partial)],
-            *operands)
+        g_q, g_k, g_v, g_lam, g_p = jax.lax.switch(kind, _branches(plan, skip, compute), *operands)
         dq[a] = dq[a] + g_q
         dk[b] = dk[b] + g_k
         dv[b] = dv[b] + g_v
@@ -230,14 +271,15 @@ def _local_backward(plan: _Plan, local):
   dk, dv = _shift(plan, (dk, dv))
   dlam = jax.lax.psum(dlam, plan.reduce_axes)
   dp = None if p is None else jax.lax.psum(dp, plan.reduce_axes)
-  return (jnp.concatenate(dq, axis=2).astype(q.dtype), jnp.concatenate(dk, axis=2).astype(k.dtype),
-          jnp.concatenate(dv, axis=2).astype(v.dtype), dlam.astype(lam5.dtype),
+  return (_from_ring(plan, jnp.concatenate(dq, axis=2).astype(q.dtype), 2),
+          _from_ring(plan, jnp.concatenate(dk, axis=2).astype(k.dtype), 2),
+          _from_ring(plan, jnp.concatenate(dv, axis=2).astype(v.dtype), 2), dlam.astype(lam5.dtype),
           None if p is None else dp.astype(p.dtype))
 
 
 def _specs(plan: _Plan, arrays: dict[str, Array]) -> dict[str, P]:
   b, s = plan.batch_spec, plan.axis_name
-  by_name = {"q": P(b, None, s), "k": P(b, None, s), "v": P(b, None, s), "out": P(b, None, s),
+  by_name = {"q": P(b, None, s), "k": P(b, None, s), "v": P(b, None, s), "delta": P(b, None, s),
              "d_out": P(b, None, s), "lse": P(b, None, s), "d_lse": P(b, None, s), "lam5": P(), "p": P(),
              "q_ids": P(b, s), "kv_ids": P(b, s), "q_lengths": P(b), "kv_lengths": P(b)}
   return {name: by_name[name] for name in arrays}
@@ -262,8 +304,8 @@ def _ring_fwd(plan: _Plan, q, k, v, lam5, seg, p):
   arrays = _present(q=q, k=k, v=v, lam5=lam5, p=p, q_ids=q_ids, kv_ids=kv_ids, q_lengths=q_lengths,
                     kv_lengths=kv_lengths)
   row = P(plan.batch_spec, None, plan.axis_name)
-  out, lse = _shard_map(plan, _local_forward, arrays, (row, row))
-  return (out, lse), (q, k, v, lam5, seg, p, out, lse)
+  out, lse, q_z, k_z, v_z, lse_z = _shard_map(plan, _local_forward, arrays, (row,) * 6)
+  return (out, lse), (q_z, k_z, v_z, lam5, seg, p, out, lse_z)
 
 
 def _ring_bwd(plan: _Plan, res, cotangents):
@@ -271,7 +313,7 @@ def _ring_bwd(plan: _Plan, res, cotangents):
   d_out, d_lse = cotangents
   q_ids, kv_ids, q_lengths, kv_lengths = seg
   arrays = _present(q=q, k=k, v=v, lam5=lam5, p=p, q_ids=q_ids, kv_ids=kv_ids, q_lengths=q_lengths,
-                    kv_lengths=kv_lengths, out=out, lse=lse, d_out=d_out, d_lse=d_lse)
+                    kv_lengths=kv_lengths, lse=lse, d_out=d_out, delta=blockwise.row_terms(out, d_out, d_lse))
   row = P(plan.batch_spec, None, plan.axis_name)
   dq, dk, dv, dlam, dp = _shard_map(plan, _local_backward, arrays, (row, row, row, P(), P()))
   return dq, dk, dv, dlam, None, dp
@@ -281,27 +323,16 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Layout: global canonical arrays <-> padded, chunk-permuted arrays whose seq axis shards over the ring.
+# Layout: global canonical arrays <-> padded arrays whose seq axis shards over the ring.
 
 
 def _lay_out(plan: _Plan, x: Array | None, axis: int, chunk: int, fill=0) -> Array | None:
-  """Pads ``axis`` to ``chunks * size * chunk`` and puts the chunks in device order."""
-  if x is None:
-    return None
-  total = plan.chunks * plan.size
-  x = blockwise._pad_axis(x, axis, total * chunk, fill)
-  shape = x.shape
-  x = x.reshape(shape[:axis] + (total, chunk) + shape[axis + 1:])
-  x = jnp.take(x, _chunk_order(plan), axis=axis)
-  return x.reshape(shape)
+  """Pads ``axis`` to ``chunks * size * chunk``; the zig-zag reordering happens inside the ring
+  (:func:`_to_ring`), between neighbours, so no device ever gathers the sequence."""
+  return None if x is None else blockwise._pad_axis(x, axis, plan.chunks * plan.size * chunk, fill)
 
 
 def _restore(plan: _Plan, x: Array, axis: int, chunk: int, length: int) -> Array:
-  """The inverse of :func:`_lay_out`, cut back to ``length``."""
-  total = plan.chunks * plan.size
-  shape = x.shape
-  x = x.reshape(shape[:axis] + (total, chunk) + shape[axis + 1:])
-  x = jnp.take(x, np.argsort(_chunk_order(plan)), axis=axis).reshape(shape)
   return jax.lax.slice_in_dim(x, 0, length, axis=axis)
 
 
