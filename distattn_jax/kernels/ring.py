@@ -70,8 +70,9 @@ class _Plan(NamedTuple):
   is_causal: bool
 
 
-def _chunk_index(plan: _Plan, device, a: int):
-  return device if a == 0 else 2 * plan.size - 1 - device
+def _chunk_index(plan: _Plan, device, a):
+  """Global index of a device's chunk ``a`` (traced): ``i`` and ``2n-1-i`` under zig-zag, ``i`` contiguous."""
+  return device if plan.chunks == 1 else jnp.where(a == 0, device, 2 * plan.size - 1 - device)
 
 
 def _pair_kind(plan: _Plan, q_chunk, kv_chunk):
@@ -92,13 +93,13 @@ def _branches(plan: _Plan, skip, compute):
   return branches + [functools.partial(compute, plan.partial)] if plan.is_causal else branches
 
 
-def _chunk(x, axis: int, a: int, size: int):
-  return None if x is None else jax.lax.slice_in_dim(x, a * size, (a + 1) * size, axis=axis)
+def _chunk(x, axis: int, a, size: int):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, a * size, size, axis=axis)
 
 
-def _seg(plan: _Plan, local, a, b, q_pos, kv_pos, kv_ids):
-  return (_chunk(local.get("q_ids"), 1, a, plan.q_chunk), _chunk(kv_ids, 1, b, plan.kv_chunk),
-          local.get("q_lengths"), local.get("kv_lengths"), q_pos, kv_pos)
+def _add_chunk(x, axis: int, a, tile):
+  size = tile.shape[axis]
+  return jax.lax.dynamic_update_slice_in_dim(x, _chunk(x, axis, a, size) + tile, a * size, axis=axis)
 
 
 def _positions(plan: _Plan, device, a: int, chunk: int):
@@ -161,119 +162,102 @@ def _local_forward(plan: _Plan, local):
   v_dim = local["v"].shape[-1]
   stats_shape = (batch, num_kv, plan.q_chunk, group)
 
-  def attend(step, carry):
-    k, v, kv_ids, outs, lses = carry
-    src = (me - step) % plan.size
-    outs, lses = list(outs), list(lses)
-    for a in range(plan.chunks):
-      q_a = _chunk(q, 2, a, plan.q_chunk)
-      q_pos = _positions(plan, me, a, plan.q_chunk)
-      for b in range(plan.chunks):
-        kv_pos = _positions(plan, src, b, plan.kv_chunk)
-        operands = (q_a, _chunk(k, 2, b, plan.kv_chunk), _chunk(v, 2, b, plan.kv_chunk),
-                    _seg(plan, local, a, b, q_pos, kv_pos, kv_ids))
+  def skip(q_a, k_b, v_b, seg):
+    return jnp.zeros(stats_shape + (v_dim,), acc), jnp.full(stats_shape, -jnp.inf, acc)
 
-        def skip(q_a, k_b, v_b, seg):
-          return (jnp.zeros(stats_shape + (v_dim,), acc), jnp.full(stats_shape, -jnp.inf, acc))
-
-        def compute(cfg, q_a, k_b, v_b, seg):
-          return blockwise._forward(cfg, q_a, k_b, v_b, lam5, None, None, seg, p, None)
-
-        kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
-        out_p, lse_p = jax.lax.switch(kind, _branches(plan, skip, compute), *operands)
-        # Merge two normalised partial results through their log-sum-exp; -inf (nothing seen) on both sides
-        # stays -inf with output 0.
-        top = jnp.maximum(lses[a], lse_p)
-        top = jnp.where(jnp.isneginf(top), 0.0, top)
-        w_old, w_new = jnp.exp(lses[a] - top), jnp.exp(lse_p - top)
-        total = w_old + w_new
-        seen = total > 0
-        safe = jnp.where(seen, total, 1.0)
-        outs[a] = (outs[a] * w_old[..., None] + out_p * w_new[..., None]) / safe[..., None]
-        lses[a] = jnp.where(seen, top + jnp.log(safe), -jnp.inf)
-    return k, v, kv_ids, tuple(outs), tuple(lses)
-
-  init = (local["k"], local["v"], local.get("kv_ids"),
-          tuple(jnp.zeros(stats_shape + (v_dim,), acc) for _ in range(plan.chunks)),
-          tuple(jnp.full(stats_shape, -jnp.inf, acc) for _ in range(plan.chunks)))
+  def compute(cfg, q_a, k_b, v_b, seg):
+    return blockwise._forward(cfg, q_a, k_b, v_b, lam5, None, None, seg, p, None)
 
   def hop(step, carry):
-    k, v, kv_ids, outs, lses = attend(step, carry)
-    k, v, kv_ids = _shift(plan, (k, v, kv_ids))
-    return k, v, kv_ids, outs, lses
+    k, v, kv_ids, out, lse = carry
+    src = (me - step) % plan.size
 
-  carry = jax.lax.fori_loop(0, plan.size - 1, hop, init)
-  _, _, _, outs, lses = attend(plan.size - 1, carry)
-  lse = jnp.concatenate(lses, axis=2)
+    # One loop over the (query chunk, key chunk) pairs, not an unrolled one, so that each branch is traced
+    # (and compiled) once.
+    def pair(index, state):
+      out, lse = state
+      a, b = index // plan.chunks, index % plan.chunks
+      seg = (_chunk(local.get("q_ids"), 1, a, plan.q_chunk), _chunk(kv_ids, 1, b, plan.kv_chunk),
+             local.get("q_lengths"), local.get("kv_lengths"), _positions(plan, me, a, plan.q_chunk),
+             _positions(plan, src, b, plan.kv_chunk))
+      kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
+      out_p, lse_p = jax.lax.switch(kind, _branches(plan, skip, compute), _chunk(q, 2, a, plan.q_chunk),
+                                    _chunk(k, 2, b, plan.kv_chunk), _chunk(v, 2, b, plan.kv_chunk), seg)
+      # Merge two normalised partial results through their log-sum-exp; -inf (nothing seen) on both sides
+      # stays -inf with output 0.
+      out_a, lse_a = _chunk(out, 2, a, plan.q_chunk), _chunk(lse, 2, a, plan.q_chunk)
+      top = jnp.maximum(lse_a, lse_p)
+      top = jnp.where(jnp.isneginf(top), 0.0, top)
+      w_old, w_new = jnp.exp(lse_a - top), jnp.exp(lse_p - top)
+      total = w_old + w_new
+      seen = total > 0
+      safe = jnp.where(seen, total, 1.0)
+      out_a = (out_a * w_old[..., None] + out_p * w_new[..., None]) / safe[..., None]
+      lse_a = jnp.where(seen, top + jnp.log(safe), -jnp.inf)
+      return (jax.lax.dynamic_update_slice_in_dim(out, out_a, a * plan.q_chunk, 2),
+              jax.lax.dynamic_update_slice_in_dim(lse, lse_a, a * plan.q_chunk, 2))
+
+    out, lse = jax.lax.fori_loop(0, plan.chunks ** 2, pair, (out, lse))
+    # The last hop only brings every share home again; it keeps the loop body single (one trace to compile).
+    k, v, kv_ids = _shift(plan, (k, v, kv_ids))
+    return k, v, kv_ids, out, lse
+
+  rows = q.shape[2]
+  init = (local["k"], local["v"], local.get("kv_ids"), jnp.zeros((batch, num_kv, rows, group, v_dim), acc),
+          jnp.full((batch, num_kv, rows, group), -jnp.inf, acc))
+  _, _, _, out, lse = jax.lax.fori_loop(0, plan.size, hop, init)
   # The zig-zag q, k, v and lse are the backward pass's residuals, so it does not lay them out again.
-  return (_from_ring(plan, jnp.concatenate(outs, axis=2), 2), _from_ring(plan, lse, 2), local["q"], local["k"],
-          local["v"], lse)
+  return _from_ring(plan, out, 2), _from_ring(plan, lse, 2), q, local["k"], local["v"], lse
 
 
 def _local_backward(plan: _Plan, local):
   # q, k, v and lse arrive laid out already; the row terms are computed before the layout (no copy of out).
   local = _relayout(plan, local, ("d_out", "delta", "q_ids", "kv_ids"))
-  q, lam5, p = local["q"], local["lam5"], local.get("p")
+  q, k, v, lam5, p = local["q"], local["k"], local["v"], local["lam5"], local.get("p")
   lse, d_out, delta = local["lse"], local["d_out"], local["delta"]
   me = jax.lax.axis_index(plan.axis_name)
   acc = metrics.accumulation_dtype(q.dtype)
 
-  def gradients(step, carry):
-    k, v, kv_ids, dk, dv, dq, dlam, dp = carry
-    src = (me - step) % plan.size
-    dq, dk, dv = list(dq), list(dk), list(dv)
-    for a in range(plan.chunks):
-      q_a = _chunk(q, 2, a, plan.q_chunk)
-      q_pos = _positions(plan, me, a, plan.q_chunk)
-      rows = (_chunk(lse, 2, a, plan.q_chunk), _chunk(d_out, 2, a, plan.q_chunk),
-              _chunk(delta, 2, a, plan.q_chunk))
-      for b in range(plan.chunks):
-        kv_pos = _positions(plan, src, b, plan.kv_chunk)
-        k_b, v_b = _chunk(k, 2, b, plan.kv_chunk), _chunk(v, 2, b, plan.kv_chunk)
-        operands = (q_a, k_b, v_b, _seg(plan, local, a, b, q_pos, kv_pos, kv_ids), rows)
+  def skip(q_a, k_b, v_b, seg, rows):
+    return (jnp.zeros(q_a.shape, acc), jnp.zeros(k_b.shape, acc), jnp.zeros(v_b.shape, acc),
+            jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc))
 
-        def skip(q_a, k_b, v_b, seg, rows):
-          return (jnp.zeros(q_a.shape, acc), jnp.zeros(k_b.shape, acc), jnp.zeros(v_b.shape, acc),
-                  jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc))
-
-        def compute(cfg, q_a, k_b, v_b, seg, rows):
-          lse_a, do_a, delta_a = rows
-          res = (q_a, k_b, v_b, lam5, None, None, seg, p, None, None, lse_a)
-          g_q, g_k, g_v, g_lam, _, g_p = blockwise._gradients(cfg, res, (do_a, None), delta=delta_a)
-          return g_q, g_k, g_v, g_lam, g_p
-
-        kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
-        g_q, g_k, g_v, g_lam, g_p = jax.lax.switch(kind, _branches(plan, skip, compute), *operands)
-        dq[a] = dq[a] + g_q
-        dk[b] = dk[b] + g_k
-        dv[b] = dv[b] + g_v
-        dlam = dlam + g_lam
-        if p is not None:
-          dp = dp + g_p
-    return k, v, kv_ids, tuple(dk), tuple(dv), tuple(dq), dlam, dp
-
-  k, v = local["k"], local["v"]
-
-  def zeros(x, chunk):
-    return tuple(jnp.zeros(_chunk(x, 2, 0, chunk).shape, acc) for _ in range(plan.chunks))
-
-  init = (k, v, local.get("kv_ids"), zeros(k, plan.kv_chunk), zeros(v, plan.kv_chunk), zeros(q, plan.q_chunk),
-          jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc))
+  def compute(cfg, q_a, k_b, v_b, seg, rows):
+    lse_a, do_a, delta_a = rows
+    res = (q_a, k_b, v_b, lam5, None, None, seg, p, None, None, lse_a)
+    g_q, g_k, g_v, g_lam, _, g_p = blockwise._gradients(cfg, res, (do_a, None), delta=delta_a)
+    return g_q, g_k, g_v, g_lam, g_p
 
   def hop(step, carry):
-    k, v, kv_ids, dk, dv, dq, dlam, dp = gradients(step, carry)
+    k, v, kv_ids, dk, dv, dq, dlam, dp = carry
+    src = (me - step) % plan.size
+
+    def pair(index, state):
+      dk, dv, dq, dlam, dp = state
+      a, b = index // plan.chunks, index % plan.chunks
+      seg = (_chunk(local.get("q_ids"), 1, a, plan.q_chunk), _chunk(kv_ids, 1, b, plan.kv_chunk),
+             local.get("q_lengths"), local.get("kv_lengths"), _positions(plan, me, a, plan.q_chunk),
+             _positions(plan, src, b, plan.kv_chunk))
+      rows = tuple(_chunk(x, 2, a, plan.q_chunk) for x in (lse, d_out, delta))
+      kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
+      g_q, g_k, g_v, g_lam, g_p = jax.lax.switch(
+          kind, _branches(plan, skip, compute), _chunk(q, 2, a, plan.q_chunk), _chunk(k, 2, b, plan.kv_chunk),
+          _chunk(v, 2, b, plan.kv_chunk), seg, rows)
+      return (_add_chunk(dk, 2, b, g_k), _add_chunk(dv, 2, b, g_v), _add_chunk(dq, 2, a, g_q), dlam + g_lam,
+              None if p is None else dp + g_p)
+
+    dk, dv, dq, dlam, dp = jax.lax.fori_loop(0, plan.chunks ** 2, pair, (dk, dv, dq, dlam, dp))
+    # Every share travels with its gradient accumulator; after n hops both are home again.
     k, v, kv_ids, dk, dv = _shift(plan, (k, v, kv_ids, dk, dv))
     return k, v, kv_ids, dk, dv, dq, dlam, dp
 
-  carry = jax.lax.fori_loop(0, plan.size - 1, hop, init)
-  _, _, _, dk, dv, dq, dlam, dp = gradients(plan.size - 1, carry)
-  # After the last hop every key share's accumulator has met every query share: one more hop takes it home.
-  dk, dv = _shift(plan, (dk, dv))
+  init = (k, v, local.get("kv_ids"), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc), jnp.zeros(q.shape, acc),
+          jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc))
+  _, _, _, dk, dv, dq, dlam, dp = jax.lax.fori_loop(0, plan.size, hop, init)
   dlam = jax.lax.psum(dlam, plan.reduce_axes)
   dp = None if p is None else jax.lax.psum(dp, plan.reduce_axes)
-  return (_from_ring(plan, jnp.concatenate(dq, axis=2).astype(q.dtype), 2),
-          _from_ring(plan, jnp.concatenate(dk, axis=2).astype(k.dtype), 2),
-          _from_ring(plan, jnp.concatenate(dv, axis=2).astype(v.dtype), 2), dlam.astype(lam5.dtype),
+  return (_from_ring(plan, dq.astype(q.dtype), 2), _from_ring(plan, dk.astype(k.dtype), 2),
+          _from_ring(plan, dv.astype(v.dtype), 2), dlam.astype(lam5.dtype),
           None if p is None else dp.astype(p.dtype))
 
 
