@@ -27,7 +27,7 @@ the sequence length of ``--config``'s TruthGPT (batch 1, learned positions sized
 ``train_step`` (value_and_grad + the optax update) needs more than ``--budget_mib`` of temporaries per device,
 for blockwise on 1 device and for ring on the ``seq`` mesh. Writes the JSON and docs/scaling_cpu.md.
 
-  python experiments/benchmark.py --mode=scaling --out=runs/benchmark/scaling.json
+  python experiments/benchmark.py --mode=scaling --causal --out=runs/benchmark/scaling.json
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -73,7 +74,7 @@ flags.DEFINE_float("max_temp_gib", 8.0, "Do not run a cell whose compiled tempor
 flags.DEFINE_string("out", None, "JSON output path (default runs/benchmark/<mode>.json); the markdown table goes "
                     "beside it.")
 flags.DEFINE_integer("devices", 8, "--mode=scaling: simulated CPU devices (the ring's seq axis).")
-flags.DEFINE_list("scaling_lengths", ["16384", "65536", "262144"], "--mode=scaling: total lengths of the ring table.")
+flags.DEFINE_list("scaling_lengths", ["4096", "16384", "65536", "262144"], "--mode=scaling: total lengths of the ring table.")
 flags.DEFINE_list("scaling_metrics", ["dot", "l1", "lp"], "--mode=scaling: metrics of the ring table.")
 flags.DEFINE_float("budget_mib", 256.0, "--mode=scaling: compiled temporaries per device a train step may use.")
 flags.DEFINE_integer("min_train_length", 1024, "--mode=scaling: the first length of the doubling search.")
@@ -367,6 +368,7 @@ def run_scaling() -> dict[str, Any]:
   budget = int(FLAGS.budget_mib * 2**20)
   m = FLAGS.config.model
   return {"machine": machine(), "mode": "scaling",
+          "command": " ".join(["python experiments/benchmark.py"] + sys.argv[1:]),
           "settings": {"devices": devices, "batch": FLAGS.batch, "heads": FLAGS.heads, "head_dim": FLAGS.head_dim,
                        "dtype": FLAGS.dtype, "p": FLAGS.p, "causal": FLAGS.causal, "budget_mib": FLAGS.budget_mib,
                        "model": {"width": m.width, "depth": m.depth, "heads": m.num_heads, "mlp_dim": m.mlp_dim,
@@ -413,8 +415,8 @@ def main(argv) -> None:
     table = scaling_markdown(report)
     doc = pathlib.Path(FLAGS.scaling_doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("# Sequence-parallel scaling on simulated CPU devices\n\nWritten by `python experiments/"
-                   "benchmark.py --mode=scaling` (see its docstring).\n\n" + table)
+    doc.write_text(f"# Sequence-parallel scaling on simulated CPU devices\n\nWritten by `{report['command']}` "
+                   "(see the docstring of experiments/benchmark.py).\n\n" + table)
     print("\n" + table)
     print(f"wrote {out} and {doc}")
     return
