@@ -1,6 +1,7 @@
 """Ring attention against the reference kernel (the materialised oracle, itself checked against scipy in
-test_attention.py): outputs and the gradients of q, k, v, lam (and a learned p) for every metric, a user's
-included, causal and not, grouped-query, segment ids and sequence lengths, on 2, 4 and 8 of the 8 simulated
+test_attention.py): outputs and the gradients of q, k, v, lam (and a learned p, a bias) for every metric, a
+user's included, causal and not, grouped-query, segment ids, sequence lengths, key biases and masks, on 2, 4 and 8
+of the 8 simulated
 devices, with lengths the layout divides and lengths it pads, the batch split over ``data`` at the same time;
 its per-device memory; its use in the modules; its errors."""
 
@@ -34,17 +35,18 @@ def make_mesh(seq: int, data: int = 1, axis_type=AxisType.Auto):
                        devices=jax.devices()[:data * seq])
 
 
-def outputs_and_grads(impl, q, k, v, cotangent, *, metric, p=None, **kw):
-  """The output and the gradients of <out, cotangent> w.r.t. q, k, v, lam (and p when given), jitted."""
+def outputs_and_grads(impl, q, k, v, cotangent, *, metric, p=None, bias=None, **kw):
+  """The output and the gradients of <out, cotangent> w.r.t. q, k, v, lam (and p, bias when given), jitted."""
   lam = jnp.linspace(0.5, 1.5, q.shape[-2])
-  args = (q, k, v, lam) + (() if p is None else (jnp.float32(p),))
+  args = (q, k, v, lam, bias) + (() if p is None else (jnp.float32(p),))
 
-  def loss(q, k, v, lam, *p):
-    out = da.distance_attention(q, k, v, lam=lam, metric=metric, implementation=impl,
+  def loss(q, k, v, lam, bias, *p):
+    out = da.distance_attention(q, k, v, bias, lam=lam, metric=metric, implementation=impl,
                                 **(dict(p=p[0]) if p else {}), **kw)
     return jnp.sum(out * cotangent), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+  argnums = tuple(i for i, a in enumerate(args) if a is not None)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*args)
   return (out,) + grads
 
 
@@ -82,15 +84,23 @@ def test_every_metric_matches_reference_with_batch_over_data(metric):
   assert_relative_close(got, want, RTOL)
 
 
-@pytest.mark.parametrize("devices,layout,causal,t,s,axis_type,positions", [
-    (2, "zigzag", False, 16, 16, AxisType.Auto, "ids"),           # divides evenly
-    (4, "contiguous", True, 10, 14, AxisType.Explicit, "lengths"),  # cross-attention, padded, causal cut off-diagonal
-    (8, "zigzag", True, 21, 21, AxisType.Explicit, "both"),       # every device, padded, causal
+@pytest.mark.parametrize("devices,layout,causal,t,s,axis_type,positions,operands", [
+    # divides evenly; a per-key bias shared by the batch (its gradient summed over the batch)
+    (2, "zigzag", False, 16, 16, AxisType.Auto, "ids", "key bias"),
+    # cross-attention, padded, the causal mask cutting chunk pairs off the diagonal
+    (4, "contiguous", True, 10, 14, AxisType.Explicit, "lengths", None),
+    # every device, padded, causal; a key padding mask and a per-head bias (constant over keys)
+    (8, "zigzag", True, 21, 21, AxisType.Explicit, "both", "key mask, head bias"),
 ])
-def test_device_counts_layouts_and_positions(devices, layout, causal, t, s, axis_type, positions):
+def test_device_counts_layouts_and_positions(devices, layout, causal, t, s, axis_type, positions, operands):
   q, k, v, cot = case(devices, t=t, s=s)
   rng = np.random.default_rng(devices)
   kw = {}
+  if operands == "key bias":
+    kw["bias"] = normal(devices, (1, 4, 1, s), np.float32)
+  if operands == "key mask, head bias":
+    kw["mask"] = rng.random((2, 1, 1, s)) > 0.3
+    kw["bias"] = normal(devices, (2, 4, 1, 1), np.float32)
   if positions in ("ids", "both"):
     # Packed sequences: ids in runs, so some chunk pairs see nothing of each other.
     kw["q_segment_ids"] = np.sort(rng.integers(0, 3, (2, t)), axis=1).astype(np.int32)
@@ -151,8 +161,11 @@ def test_errors():
   with jax.set_mesh(make_mesh(seq=2)):
     with pytest.raises(ValueError, match="axis_name 'sequence' is not an axis of the mesh"):
       da.distance_attention(q, k, v, implementation=Ring(axis_name="sequence"))
-    with pytest.raises(ValueError, match="cannot add a bias or apply a dense mask"):
+    with pytest.raises(ValueError, match=r"takes a bias only when it is broadcast over the queries, of shape "
+                                         r"\[batch\|1, heads\|1, 1, kv_len\|1\].*got kernel shape \(1, 1, 8, 8\)"):
       da.distance_attention(q, k, v, bias=np.zeros((8, 8), np.float32), implementation="ring")
+    with pytest.raises(ValueError, match="takes a mask only when it is broadcast over the queries"):
+      da.distance_attention(q, k, v, mask=np.tril(np.ones((8, 8), bool)), implementation="ring")
     with pytest.raises(ValueError, match="cannot apply attention dropout"):
       da.distance_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0), implementation="ring")
     with pytest.raises(ValueError, match="cannot evaluate local_window_size"):

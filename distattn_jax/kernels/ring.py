@@ -23,9 +23,11 @@ sequence to a multiple of ``2n`` (zigzag) or ``n`` chunks, padded keys are maske
 are dropped from the result. The batch is split over the mesh axes in ``batch_axes`` that exist, as far as they
 divide it (the longest such prefix), and replicated over every other axis.
 
-Not supported (a clear error names the alternative): returning weights, attention dropout, ``local_window_size``,
-a dense ``mask`` or a ``bias`` (they are ``[T, S]``-shaped and do not travel with a key share; segment ids and
-sequence lengths express padding and packing per position and do).
+A ``bias`` or ``mask`` broadcast over the queries (``[batch|1, heads|1, 1, kv_len|1]``, e.g. a per-key bias or
+key padding mask) is laid out like the keys and travels with them; the bias gradient travels with ``dk``. Not
+supported (a clear error names the alternative): one that varies over queries (a ``[q_len, kv_len]`` array does
+not shard with a key share; segment ids and sequence lengths express padding and packing per position),
+returning weights, attention dropout (its draw is defined over the whole ``[T, S]`` array), ``local_window_size``.
 """
 
 from __future__ import annotations
@@ -153,7 +155,25 @@ def _relayout(plan: _Plan, local: dict[str, Array], names) -> dict[str, Array]:
   return {name: _to_ring(plan, x, _SEQ_AXIS[name]) if name in names else x for name, x in local.items()}
 
 
+def _key_operands(plan: _Plan, local):
+  """``(moving, fixed)`` bias and mask: one that varies over keys is laid out and travels with its key share
+  (``moving``); one broadcast over keys stays (``fixed``)."""
+  moving, fixed = {}, {}
+  for name in ("bias", "mask"):
+    x = local.get(name)
+    if x is not None and x.shape[4] > 1:
+      moving[name] = _to_ring(plan, x, 4)
+    else:
+      fixed[name] = x
+  return moving, fixed
+
+
+def _key_chunk(plan: _Plan, moving, fixed, name, b):
+  return _chunk(moving[name], 4, b, plan.kv_chunk) if name in moving else fixed[name]
+
+
 def _local_forward(plan: _Plan, local):
+  moving, fixed = _key_operands(plan, local)
   local = _relayout(plan, local, ("q", "k", "v", "q_ids", "kv_ids"))
   q, lam5, p = local["q"], local["lam5"], local.get("p")
   me = jax.lax.axis_index(plan.axis_name)
@@ -162,14 +182,14 @@ def _local_forward(plan: _Plan, local):
   v_dim = local["v"].shape[-1]
   stats_shape = (batch, num_kv, plan.q_chunk, group)
 
-  def skip(q_a, k_b, v_b, seg):
+  def skip(q_a, k_b, v_b, seg, bias_b, mask_b):
     return jnp.zeros(stats_shape + (v_dim,), acc), jnp.full(stats_shape, -jnp.inf, acc)
 
-  def compute(cfg, q_a, k_b, v_b, seg):
-    return blockwise._forward(cfg, q_a, k_b, v_b, lam5, None, None, seg, p, None)
+  def compute(cfg, q_a, k_b, v_b, seg, bias_b, mask_b):
+    return blockwise._forward(cfg, q_a, k_b, v_b, lam5, bias_b, mask_b, seg, p, None)
 
   def hop(step, carry):
-    k, v, kv_ids, out, lse = carry
+    k, v, kv_ids, moving, out, lse = carry
     src = (me - step) % plan.size
 
     # One loop over the (query chunk, key chunk) pairs, not an unrolled one, so that each branch is traced
@@ -182,7 +202,9 @@ def _local_forward(plan: _Plan, local):
              _positions(plan, src, b, plan.kv_chunk))
       kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
       out_p, lse_p = jax.lax.switch(kind, _branches(plan, skip, compute), _chunk(q, 2, a, plan.q_chunk),
-                                    _chunk(k, 2, b, plan.kv_chunk), _chunk(v, 2, b, plan.kv_chunk), seg)
+                                    _chunk(k, 2, b, plan.kv_chunk), _chunk(v, 2, b, plan.kv_chunk), seg,
+                                    _key_chunk(plan, moving, fixed, "bias", b),
+                                    _key_chunk(plan, moving, fixed, "mask", b))
       # Merge two normalised partial results through their log-sum-exp; -inf (nothing seen) on both sides
       # stays -inf with output 0.
       out_a, lse_a = _chunk(out, 2, a, plan.q_chunk), _chunk(lse, 2, a, plan.q_chunk)
@@ -199,66 +221,90 @@ def _local_forward(plan: _Plan, local):
 
     out, lse = jax.lax.fori_loop(0, plan.chunks ** 2, pair, (out, lse))
     # The last hop only brings every share home again; it keeps the loop body single (one trace to compile).
-    k, v, kv_ids = _shift(plan, (k, v, kv_ids))
-    return k, v, kv_ids, out, lse
+    k, v, kv_ids, moving = _shift(plan, (k, v, kv_ids, moving))
+    return k, v, kv_ids, moving, out, lse
 
   rows = q.shape[2]
-  init = (local["k"], local["v"], local.get("kv_ids"), jnp.zeros((batch, num_kv, rows, group, v_dim), acc),
+  init = (local["k"], local["v"], local.get("kv_ids"), moving, jnp.zeros((batch, num_kv, rows, group, v_dim), acc),
           jnp.full((batch, num_kv, rows, group), -jnp.inf, acc))
-  _, _, _, out, lse = jax.lax.fori_loop(0, plan.size, hop, init)
+  _, _, _, _, out, lse = jax.lax.fori_loop(0, plan.size, hop, init)
   # The zig-zag q, k, v and lse are the backward pass's residuals, so it does not lay them out again.
   return _from_ring(plan, out, 2), _from_ring(plan, lse, 2), q, local["k"], local["v"], lse
 
 
 def _local_backward(plan: _Plan, local):
   # q, k, v and lse arrive laid out already; the row terms are computed before the layout (no copy of out).
+  moving, fixed = _key_operands(plan, local)
   local = _relayout(plan, local, ("d_out", "delta", "q_ids", "kv_ids"))
   q, k, v, lam5, p = local["q"], local["k"], local["v"], local["lam5"], local.get("p")
   lse, d_out, delta = local["lse"], local["d_out"], local["delta"]
   me = jax.lax.axis_index(plan.axis_name)
   acc = metrics.accumulation_dtype(q.dtype)
 
-  def skip(q_a, k_b, v_b, seg, rows):
+  def skip(q_a, k_b, v_b, seg, bias_b, mask_b, rows):
     return (jnp.zeros(q_a.shape, acc), jnp.zeros(k_b.shape, acc), jnp.zeros(v_b.shape, acc),
-            jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc))
+            jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc),
+            None if bias_b is None else jnp.zeros(bias_b.shape, acc))
 
-  def compute(cfg, q_a, k_b, v_b, seg, rows):
+  def compute(cfg, q_a, k_b, v_b, seg, bias_b, mask_b, rows):
     lse_a, do_a, delta_a = rows
-    res = (q_a, k_b, v_b, lam5, None, None, seg, p, None, None, lse_a)
-    g_q, g_k, g_v, g_lam, _, g_p = blockwise._gradients(cfg, res, (do_a, None), delta=delta_a)
-    return g_q, g_k, g_v, g_lam, g_p
+    res = (q_a, k_b, v_b, lam5, bias_b, mask_b, seg, p, None, None, lse_a)
+    g_q, g_k, g_v, g_lam, g_bias, g_p = blockwise._gradients(cfg, res, (do_a, None), delta=delta_a)
+    return g_q, g_k, g_v, g_lam, g_p, g_bias
+
+  bias = local.get("bias")
+  # A bias's gradient: one that travels accumulates per key chunk and travels with it (like dk); a fixed one
+  # accumulates here and is summed over the mesh at the end.
+  d_moving_bias = None if "bias" not in moving else jnp.zeros(moving["bias"].shape, acc)
+  d_fixed_bias = None if bias is None or "bias" in moving else jnp.zeros(bias.shape, acc)
 
   def hop(step, carry):
-    k, v, kv_ids, dk, dv, dq, dlam, dp = carry
+    k, v, kv_ids, moving, dk, dv, d_moving_bias, dq, dlam, dp, d_fixed_bias = carry
     src = (me - step) % plan.size
 
     def pair(index, state):
-      dk, dv, dq, dlam, dp = state
+      dk, dv, d_moving_bias, dq, dlam, dp, d_fixed_bias = state
       a, b = index // plan.chunks, index % plan.chunks
       seg = (_chunk(local.get("q_ids"), 1, a, plan.q_chunk), _chunk(kv_ids, 1, b, plan.kv_chunk),
              local.get("q_lengths"), local.get("kv_lengths"), _positions(plan, me, a, plan.q_chunk),
              _positions(plan, src, b, plan.kv_chunk))
       rows = tuple(_chunk(x, 2, a, plan.q_chunk) for x in (lse, d_out, delta))
       kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
-      g_q, g_k, g_v, g_lam, g_p = jax.lax.switch(
+      g_q, g_k, g_v, g_lam, g_p, g_bias = jax.lax.switch(
           kind, _branches(plan, skip, compute), _chunk(q, 2, a, plan.q_chunk), _chunk(k, 2, b, plan.kv_chunk),
-          _chunk(v, 2, b, plan.kv_chunk), seg, rows)
-      return (_add_chunk(dk, 2, b, g_k), _add_chunk(dv, 2, b, g_v), _add_chunk(dq, 2, a, g_q), dlam + g_lam,
-              None if p is None else dp + g_p)
+          _chunk(v, 2, b, plan.kv_chunk), seg, _key_chunk(plan, moving, fixed, "bias", b),
+          _key_chunk(plan, moving, fixed, "mask", b), rows)
+      if d_moving_bias is not None:
+        d_moving_bias = _add_chunk(d_moving_bias, 4, b, g_bias)
+      if d_fixed_bias is not None:
+        d_fixed_bias = d_fixed_bias + g_bias
+      return (_add_chunk(dk, 2, b, g_k), _add_chunk(dv, 2, b, g_v), d_moving_bias, _add_chunk(dq, 2, a, g_q),
+              dlam + g_lam, None if p is None else dp + g_p, d_fixed_bias)
 
-    dk, dv, dq, dlam, dp = jax.lax.fori_loop(0, plan.chunks ** 2, pair, (dk, dv, dq, dlam, dp))
-    # Every share travels with its gradient accumulator; after n hops both are home again.
-    k, v, kv_ids, dk, dv = _shift(plan, (k, v, kv_ids, dk, dv))
-    return k, v, kv_ids, dk, dv, dq, dlam, dp
+    dk, dv, d_moving_bias, dq, dlam, dp, d_fixed_bias = jax.lax.fori_loop(
+        0, plan.chunks ** 2, pair, (dk, dv, d_moving_bias, dq, dlam, dp, d_fixed_bias))
+    # Every share travels with its gradient accumulators; after n hops they are home again.
+    k, v, kv_ids, moving, dk, dv, d_moving_bias = _shift(plan, (k, v, kv_ids, moving, dk, dv, d_moving_bias))
+    return k, v, kv_ids, moving, dk, dv, d_moving_bias, dq, dlam, dp, d_fixed_bias
 
-  init = (k, v, local.get("kv_ids"), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc), jnp.zeros(q.shape, acc),
-          jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc))
-  _, _, _, dk, dv, dq, dlam, dp = jax.lax.fori_loop(0, plan.size, hop, init)
+  init = (k, v, local.get("kv_ids"), moving, jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc), d_moving_bias,
+          jnp.zeros(q.shape, acc), jnp.zeros(lam5.shape, acc), None if p is None else jnp.zeros((), acc),
+          d_fixed_bias)
+  _, _, _, _, dk, dv, d_moving_bias, dq, dlam, dp, d_fixed_bias = jax.lax.fori_loop(0, plan.size, hop, init)
   dlam = jax.lax.psum(dlam, plan.reduce_axes)
   dp = None if p is None else jax.lax.psum(dp, plan.reduce_axes)
+  if bias is None:
+    dbias = None
+  else:
+    # Summed over every mesh axis the bias is broadcast along: the seq axis for a fixed one, the batch axes
+    # for one shared by the batch rows.
+    dbias = d_fixed_bias if d_moving_bias is None else _from_ring(plan, d_moving_bias, 4)
+    axes = (() if d_moving_bias is not None else (plan.axis_name,)) + (
+        plan.reduce_axes[1:] if bias.shape[0] == 1 else ())
+    dbias = (jax.lax.psum(dbias, axes) if axes else dbias).astype(bias.dtype)
   return (_from_ring(plan, dq.astype(q.dtype), 2), _from_ring(plan, dk.astype(k.dtype), 2),
           _from_ring(plan, dv.astype(v.dtype), 2), dlam.astype(lam5.dtype),
-          None if p is None else dp.astype(p.dtype))
+          None if p is None else dp.astype(p.dtype), dbias)
 
 
 def _specs(plan: _Plan, arrays: dict[str, Array]) -> dict[str, P]:
@@ -266,7 +312,16 @@ def _specs(plan: _Plan, arrays: dict[str, Array]) -> dict[str, P]:
   by_name = {"q": P(b, None, s), "k": P(b, None, s), "v": P(b, None, s), "delta": P(b, None, s),
              "d_out": P(b, None, s), "lse": P(b, None, s), "d_lse": P(b, None, s), "lam5": P(), "p": P(),
              "q_ids": P(b, s), "kv_ids": P(b, s), "q_lengths": P(b), "kv_lengths": P(b)}
+  for name in ("bias", "mask"):
+    if name in arrays:
+      by_name[name] = _key_operand_spec(plan, arrays[name])
   return {name: by_name[name] for name in arrays}
+
+
+def _key_operand_spec(plan: _Plan, x: Array) -> P:
+  """A ``[B|1, K|1, 1, G|1, S|1]`` bias or mask: split like the batch and the keys where it is not broadcast."""
+  return P(plan.batch_spec if x.shape[0] > 1 else None, None, None, None,
+           plan.axis_name if x.shape[4] > 1 else None)
 
 
 def _present(**arrays) -> dict[str, Array]:
@@ -279,28 +334,30 @@ def _shard_map(plan: _Plan, fn, arrays, out_specs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(plan: _Plan, q, k, v, lam5, seg, p):
-  return _ring_fwd(plan, q, k, v, lam5, seg, p)[0]
+def _ring(plan: _Plan, q, k, v, lam5, bias5, mask5, seg, p):
+  return _ring_fwd(plan, q, k, v, lam5, bias5, mask5, seg, p)[0]
 
 
-def _ring_fwd(plan: _Plan, q, k, v, lam5, seg, p):
+def _ring_fwd(plan: _Plan, q, k, v, lam5, bias5, mask5, seg, p):
   q_ids, kv_ids, q_lengths, kv_lengths = seg
   arrays = _present(q=q, k=k, v=v, lam5=lam5, p=p, q_ids=q_ids, kv_ids=kv_ids, q_lengths=q_lengths,
-                    kv_lengths=kv_lengths)
+                    kv_lengths=kv_lengths, bias=bias5, mask=mask5)
   row = P(plan.batch_spec, None, plan.axis_name)
   out, lse, q_z, k_z, v_z, lse_z = _shard_map(plan, _local_forward, arrays, (row,) * 6)
-  return (out, lse), (q_z, k_z, v_z, lam5, seg, p, out, lse_z)
+  return (out, lse), (q_z, k_z, v_z, lam5, bias5, mask5, seg, p, out, lse_z)
 
 
 def _ring_bwd(plan: _Plan, res, cotangents):
-  q, k, v, lam5, seg, p, out, lse = res
+  q, k, v, lam5, bias5, mask5, seg, p, out, lse = res
   d_out, d_lse = cotangents
   q_ids, kv_ids, q_lengths, kv_lengths = seg
   arrays = _present(q=q, k=k, v=v, lam5=lam5, p=p, q_ids=q_ids, kv_ids=kv_ids, q_lengths=q_lengths,
-                    kv_lengths=kv_lengths, lse=lse, d_out=d_out, delta=blockwise.row_terms(out, d_out, d_lse))
+                    kv_lengths=kv_lengths, bias=bias5, mask=mask5, lse=lse, d_out=d_out,
+                    delta=blockwise.row_terms(out, d_out, d_lse))
   row = P(plan.batch_spec, None, plan.axis_name)
-  dq, dk, dv, dlam, dp = _shard_map(plan, _local_backward, arrays, (row, row, row, P(), P()))
-  return dq, dk, dv, dlam, None, dp
+  bias_spec = P() if bias5 is None else _key_operand_spec(plan, bias5)
+  dq, dk, dv, dlam, dp, dbias = _shard_map(plan, _local_backward, arrays, (row, row, row, P(), P(), bias_spec))
+  return dq, dk, dv, dlam, dbias, None, None, dp
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -374,13 +431,10 @@ class Ring:
     if self.mesh is not None:
       self._check_axis(self.mesh)
 
-  capabilities = base.Capabilities(weights=False, dropout=False, bias=False, mask=False, segments=True,
+  capabilities = base.Capabilities(weights=False, dropout=False, bias=True, mask=True, segments=True,
                                    local_window=False, traced_p=True, memory="linear")
 
   def unsupported(self, request: base.Request) -> str | None:
-    if request.has_bias or request.has_mask:
-      return ("cannot add a bias or apply a dense mask: they are [T, S]-shaped and do not travel with a key share; "
-              "express padding and packing with segment ids or sequence lengths, which do")
     if request.dropout is not None:
       return ("cannot apply attention dropout (its draw is defined over the whole [T, S] array); use "
               "implementation='blockwise' or deterministic=True")
@@ -413,6 +467,13 @@ class Ring:
         local_window=local_window, traced_p=not isinstance(p, float)))
     if reason is not None:
       raise ValueError(f"implementation='ring' {reason}")
+    for name, x in (("bias", bias), ("mask", mask)):
+      if x is not None and x.shape[2] != 1:
+        raise ValueError(
+            f"implementation='ring' takes a {name} only when it is broadcast over the queries, of shape "
+            f"[batch|1, heads|1, 1, kv_len|1] (it then travels with the keys); got kernel shape {tuple(x.shape)}. "
+            "A [q_len, kv_len] one does not shard with a key share: express padding and packing with segment "
+            "ids or sequence lengths, or use implementation='blockwise'")
     self.resolve_mesh()
     # Every array is an argument (none closed over), so that auto_axes below sees them all.
     run = functools.partial(self._attend, metric=metric, p_static=p if isinstance(p, float) else None,
@@ -424,9 +485,9 @@ class Ring:
       spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
       run = jax.sharding.auto_axes(run, out_sharding=common.AttentionResult(
           P(spec[0], spec[1], spec[2], None), P(spec[0], spec[2], spec[1]), None))
-    return run(q, k, v, lam, segments, None if isinstance(p, float) else p)
+    return run(q, k, v, lam, bias, mask, segments, None if isinstance(p, float) else p)
 
-  def _attend(self, q, k, v, lam, segments, p_traced, *, metric, p_static, is_causal,
+  def _attend(self, q, k, v, lam, bias, mask, segments, p_traced, *, metric, p_static, is_causal,
               precision) -> common.AttentionResult:
     p = p_static if p_traced is None else p_traced
     mesh = self.resolve_mesh()
@@ -467,7 +528,10 @@ class Ring:
     seg = (_lay_out(plan, segments.q_ids, 1, q_chunk), _lay_out(plan, segments.kv_ids, 1, kv_chunk),
            segments.q_lengths, segments.kv_lengths)
     p_array = None if isinstance(p, float) else jnp.asarray(p, acc)
-    out, lse = _ring(plan, qg, kt, vt, lam5, seg, p_array)
+    bias5 = blockwise._group_operand(None if bias is None else bias.astype(acc), num_kv, group, 1,
+                                     plan.chunks * size * kv_chunk, 0.0)
+    mask5 = blockwise._group_operand(mask, num_kv, group, 1, plan.chunks * size * kv_chunk, False)
+    out, lse = _ring(plan, qg, kt, vt, lam5, bias5, mask5, seg, p_array)
     out = _restore(plan, out, 2, q_chunk, q_len)
     lse = _restore(plan, lse, 2, q_chunk, q_len)
     out = out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, num_heads, v.shape[-1]).astype(v.dtype)
