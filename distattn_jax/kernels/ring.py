@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from distattn_jax import metrics
@@ -373,10 +372,6 @@ def _lay_out(plan: _Plan, x: Array | None, axis: int, chunk: int, fill=0) -> Arr
   return None if x is None else blockwise._pad_axis(x, axis, plan.chunks * plan.size * chunk, fill)
 
 
-def _restore(plan: _Plan, x: Array, axis: int, chunk: int, length: int) -> Array:
-  return jax.lax.slice_in_dim(x, 0, length, axis=axis)
-
-
 def _chunk_and_block(length: int, pieces: int, default_block: int) -> tuple[int, int]:
   """``(chunk, block)``: the smallest chunk (a multiple of the tile) such that ``pieces`` chunks hold
   ``length``, and the tile."""
@@ -532,8 +527,8 @@ class Ring:
                                      plan.chunks * size * kv_chunk, 0.0)
     mask5 = blockwise._group_operand(mask, num_kv, group, 1, plan.chunks * size * kv_chunk, False)
     out, lse = _ring(plan, qg, kt, vt, lam5, bias5, mask5, seg, p_array)
-    out = _restore(plan, out, 2, q_chunk, q_len)
-    lse = _restore(plan, lse, 2, q_chunk, q_len)
+    out = jax.lax.slice_in_dim(out, 0, q_len, axis=2)  # drops the padded query rows
+    lse = jax.lax.slice_in_dim(lse, 0, q_len, axis=2)
     out = out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, num_heads, v.shape[-1]).astype(v.dtype)
     lse = lse.transpose(0, 1, 3, 2).reshape(batch, num_heads, q_len)
     return common.AttentionResult(out, lse, None)
