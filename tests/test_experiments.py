@@ -19,7 +19,7 @@ def test_selfcheck_passes_and_lists_every_implementation():
   # (a shipped one and the user-registered Huber distance) keep this under a minute.
   proc = run("selfcheck.py", "--metrics=l1,huber", "--dtypes=bfloat16", *SMALL_SELFCHECK)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "implementations: blockwise;" in proc.stdout  # every registered kernel but the reference
+  assert "implementations: blockwise;" in proc.stdout  # every registered kernel but the reference and ring
   rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("blockwise ")]
   assert [(r[1], r[2], r[3]) for r in rows] == [("l1", "bfloat16", "5/5"), ("huber", "bfloat16", "5/5")]
   assert "10/10 cases passed (100.0%)" in proc.stdout
