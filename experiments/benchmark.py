@@ -22,13 +22,22 @@ the headline and the best round is printed beside it.
 
   python experiments/benchmark.py --mode=train --config=configs/lm.py:size=tiny --out=runs/benchmark/train.json
 
-``--mode=scaling``: on ``--devices`` simulated CPU devices (set before JAX starts), how training scales out.
-Data parallel (:func:`data_parallel_step_time`): the train-step time of ``--config``'s TruthGPT on a
-``data=--devices`` mesh beside one device at the same per-device batch (``--per_device_batch``) and beside one
-device at the same global batch, rounds interleaved as in ``--mode=train``, medians reported. Simulated CPU
-devices share the machine's cores, so this bounds the mesh's overhead; it is not a speed-up.
+``--mode=scaling``: on ``--devices`` simulated CPU devices (the mode sets ``jax_num_cpu_devices`` itself, before
+JAX starts its backend); ``--scaling_parts`` picks any of three measurements. (a) ``ring_memory``
+(:func:`ring_memory_table`): the compiled temporaries per device of one attention forward+backward with
+``implementation="ring"`` over a ``seq`` mesh of all devices, beside the unsharded blockwise kernel on one device at
+the same total length. (b) ``longest_trainable`` (:func:`longest_trainable_sequence`): doubling the sequence
+length of ``--config``'s TruthGPT (batch 1, learned positions sized to the length) until one jitted
+``train_step`` (value_and_grad + the optax update) needs more than ``--budget_mib`` of temporaries per device,
+for blockwise on 1 device and for ring on the ``seq`` mesh. (a) and (b) are compiled, never run: the figures are
+``memory_analysis()`` of the compiled programs, per device and deterministic. (c) ``data_parallel``
+(:func:`data_parallel_step_time`): the train-step time of ``--config``'s TruthGPT on a ``data=--devices`` mesh
+beside one device at the same per-device batch (``--per_device_batch``) and at the same global batch, rounds
+interleaved as in ``--mode=train``, medians reported; simulated CPU devices share the machine's cores, so this
+bounds the mesh's overhead, it is not a speed-up. Writes the JSON and ``--scaling_doc`` (docs/scaling_cpu.md).
 
-  python experiments/benchmark.py --mode=scaling --config=configs/lm.py:size=tiny --out=runs/benchmark/scaling.json
+  python experiments/benchmark.py --mode=scaling --causal --config=configs/lm.py:size=tiny --train_steps=10 \
+      --out=runs/benchmark/scaling.json
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -50,16 +60,16 @@ from ml_collections import config_flags
 
 import distattn_jax as da
 from distattn_jax import monitoring, training
+from distattn_jax.models.truthgpt import TruthGPT
 from distattn_jax.training import loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "attention", ["attention", "train", "scaling"],
-                 "Attention kernels, training throughput, or scaling over simulated devices.")
+                  "Attention kernels, training throughput, or scaling over simulated devices.")
 config_flags.DEFINE_config_file("config", "configs/lm.py:size=tiny", "--mode=train: the model and batch to time.",
                                 lock_config=True)
 flags.DEFINE_integer("train_steps", 20, "--mode=train: timed steps per measurement.")
 flags.DEFINE_integer("warmup_steps", 3, "--mode=train: untimed steps before each measurement.")
-flags.DEFINE_integer("devices", 8, "--mode=scaling: simulated CPU devices (jax_num_cpu_devices).")
 flags.DEFINE_integer("per_device_batch", 4, "--mode=scaling: data parallel rows per device.")
 flags.DEFINE_list("metrics", list(da.metrics.available()), "Metrics to measure.")
 flags.DEFINE_list("implementations", ["reference", "blockwise"],
@@ -79,6 +89,16 @@ flags.DEFINE_float("max_seconds_per_cell", 60.0, "Stop repeating a cell once its
 flags.DEFINE_float("max_temp_gib", 8.0, "Do not run a cell whose compiled temporaries exceed this (GiB).")
 flags.DEFINE_string("out", None, "JSON output path (default runs/benchmark/<mode>.json); the markdown table goes "
                     "beside it.")
+flags.DEFINE_integer("devices", 8, "--mode=scaling: simulated CPU devices (jax_num_cpu_devices): the ring's seq "
+                     "axis and the data-parallel mesh.")
+SCALING_PARTS = ("ring_memory", "longest_trainable", "data_parallel")
+flags.DEFINE_list("scaling_parts", list(SCALING_PARTS), "--mode=scaling: which measurements to make.")
+flags.DEFINE_list("scaling_lengths", ["4096", "16384", "65536", "262144"], "--mode=scaling: total lengths of the ring table.")
+flags.DEFINE_list("scaling_metrics", ["dot", "l1", "lp"], "--mode=scaling: metrics of the ring table.")
+flags.DEFINE_float("budget_mib", 256.0, "--mode=scaling: compiled temporaries per device a train step may use.")
+flags.DEFINE_integer("min_train_length", 1024, "--mode=scaling: the first length of the doubling search.")
+flags.DEFINE_integer("max_train_length", 1 << 20, "--mode=scaling: stop the doubling search here.")
+flags.DEFINE_string("scaling_doc", "docs/scaling_cpu.md", "--mode=scaling: where the markdown report goes.")
 flags.DEFINE_bool("plot", False, "Also write a PNG of time and memory against N beside the JSON.")
 
 BASELINE = "jax.nn.dot_product_attention"
@@ -294,6 +314,84 @@ def train_markdown(report: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------------------
+# --mode=scaling
+
+
+def _seq_mesh(devices: int):
+  from jax.sharding import AxisType
+  return jax.make_mesh((devices,), ("seq",), axis_types=(AxisType.Auto,), devices=jax.devices()[:devices])
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  return {"temp_bytes": int(m.temp_size_in_bytes), "argument_bytes": int(m.argument_size_in_bytes),
+          "output_bytes": int(m.output_size_in_bytes)}
+
+
+def ring_memory_table(lengths: list[int], metric_names: list[str], devices: int) -> list[dict[str, Any]]:
+  """Per-device compiled memory of one attention forward+backward: ``"ring"`` on a ``devices``-way ``seq``
+  mesh (inputs sharded over it) beside ``"blockwise"`` on one device, at the same total length."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rows = []
+  for n in lengths:
+    for metric in metric_names:
+      row: dict[str, Any] = {"n": n, "metric": metric, "devices": devices, "causal": FLAGS.causal}
+      for name, impl, size in (("blockwise_1", "blockwise", 1), (f"ring_{devices}", "ring", devices)):
+        mesh = _seq_mesh(size)
+        spec = jax.ShapeDtypeStruct((FLAGS.batch, n, FLAGS.heads, FLAGS.head_dim), jnp.dtype(FLAGS.dtype),
+                                    sharding=NamedSharding(mesh, P(None, "seq")))
+        _, grad = forward_and_backward(functools.partial(
+            da.distance_attention, metric=metric, p=FLAGS.p, is_causal=FLAGS.causal, implementation=impl))
+        with jax.set_mesh(mesh):
+          start = time.perf_counter()
+          row[name] = _memory(jax.jit(grad).lower(spec, spec, spec, spec).compile())
+          row[name]["compile_s"] = time.perf_counter() - start
+      row["temp_ratio"] = row[f"ring_{devices}"]["temp_bytes"] / row["blockwise_1"]["temp_bytes"]
+      total = lambda r: r["temp_bytes"] + r["argument_bytes"] + r["output_bytes"]
+      row["total_ratio"] = total(row[f"ring_{devices}"]) / total(row["blockwise_1"])
+      print(f"N={n:<7} {metric:<6} blockwise/1 temp {_fmt_bytes(row['blockwise_1']['temp_bytes']):>11}  "
+            f"ring/{devices} temp {_fmt_bytes(row[f'ring_{devices}']['temp_bytes']):>11}  "
+            f"ratio {row['temp_ratio']:.3f} (with arguments and outputs {row['total_ratio']:.3f})", flush=True)
+      rows.append(row)
+  return rows
+
+
+def _train_step_temp(config, length: int, implementation: str, devices: int) -> int:
+  """Compiled temporaries per device of one ``train_step`` of ``config``'s TruthGPT at ``length`` tokens."""
+  variant = config.copy_and_resolve_references()
+  variant.data.seq_len = variant.model.max_len = length
+  variant.data.batch_size = 1
+  variant.model.implementation = implementation
+  variant.model.attention_dropout_rate = 0.0  # the ring kernel has no dropout
+  model = TruthGPT(training.validate(variant))
+  tx = training.make_optimizer(variant.optim, variant.train.steps)
+  with jax.set_mesh(_seq_mesh(devices)):
+    # Shapes only: the parameters do not depend on the length of the tokens init sees (max_len sets them).
+    state = jax.eval_shape(lambda: training.create_train_state(model, tx, variant.seed, 8))
+    windows = jax.ShapeDtypeStruct((1, length + 1), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    step = functools.partial(training.train_step, grad_accum=1)
+    return _memory(jax.jit(step).lower(state, windows, key).compile())["temp_bytes"]
+
+
+def longest_trainable_sequence(config, budget_bytes: int, devices: int) -> list[dict[str, Any]]:
+  """For blockwise on 1 device and ring on ``devices``: the longest length of the doubling search from
+  ``--min_train_length`` whose train step fits ``budget_bytes`` of temporaries per device, with every probe."""
+  rows = []
+  for implementation, size in (("blockwise", 1), ("ring", devices)):
+    probes, length, longest = [], FLAGS.min_train_length, None
+    while length <= FLAGS.max_train_length:
+      temp = _train_step_temp(config, length, implementation, size)
+      probes.append({"length": length, "temp_bytes": temp})
+      print(f"{implementation}/{size}: length {length:<8} temp {_fmt_bytes(temp)}", flush=True)
+      if temp > budget_bytes:
+        break
+      longest, length = length, 2 * length
+    rows.append({"implementation": implementation, "devices": size, "longest_length": longest, "probes": probes})
+  return rows
+
+
 def _train_step_timer(config, batch_size: int, data: int, steps: int, warmup: int) -> Callable[[], float]:
   """A function timing ``steps`` of the trainer's own jitted train step (``batch_size`` rows, on a ``data``-way
   mesh, or one device for 1) after ``warmup`` untimed ones; it returns seconds per step."""
@@ -350,26 +448,71 @@ def data_parallel_step_time(config, devices: int, per_device_batch: int, steps: 
 
 
 def run_scaling() -> dict[str, Any]:
+  devices = FLAGS.devices
+  if len(jax.devices()) < devices:
+    raise app.UsageError(f"--mode=scaling needs {devices} devices; JAX has {len(jax.devices())} (the backend "
+                         "started before the mode could set jax_num_cpu_devices)")
+  unknown = sorted(set(FLAGS.scaling_parts) - set(SCALING_PARTS))
+  if unknown:
+    raise app.UsageError(f"--scaling_parts: {', '.join(unknown)} unknown; valid: {', '.join(SCALING_PARTS)}")
   config = FLAGS.config
   m = config.model
   report = {"machine": machine(), "mode": "scaling",
-            "settings": {"width": m.width, "depth": m.depth, "heads": m.num_heads, "seq_len": config.data.seq_len,
-                         "devices": FLAGS.devices, "rounds": FLAGS.repeats, "steps": FLAGS.train_steps}}
-  # Data parallel: the mesh's overhead on simulated devices.
-  report["data_parallel"] = data_parallel_step_time(config, FLAGS.devices, FLAGS.per_device_batch,
-                                                    FLAGS.train_steps, FLAGS.warmup_steps, FLAGS.repeats)
+            "command": " ".join(["python experiments/benchmark.py"] + sys.argv[1:]),
+            "settings": {"devices": devices, "batch": FLAGS.batch, "heads": FLAGS.heads, "head_dim": FLAGS.head_dim,
+                         "dtype": FLAGS.dtype, "p": FLAGS.p, "causal": FLAGS.causal, "budget_mib": FLAGS.budget_mib,
+                         "rounds": FLAGS.repeats, "steps": FLAGS.train_steps, "seq_len": config.data.seq_len,
+                         "model": {"width": m.width, "depth": m.depth, "heads": m.num_heads, "mlp_dim": m.mlp_dim,
+                                   "metric": m.metric}}}
+  if "ring_memory" in FLAGS.scaling_parts:
+    report["ring_memory"] = ring_memory_table([int(n) for n in FLAGS.scaling_lengths], FLAGS.scaling_metrics,
+                                              devices)
+  if "longest_trainable" in FLAGS.scaling_parts:
+    report["longest_trainable"] = longest_trainable_sequence(config, int(FLAGS.budget_mib * 2**20), devices)
+  if "data_parallel" in FLAGS.scaling_parts:
+    report["data_parallel"] = data_parallel_step_time(config, devices, FLAGS.per_device_batch, FLAGS.train_steps,
+                                                      FLAGS.warmup_steps, FLAGS.repeats)
   return report
 
 
 def scaling_markdown(report: dict[str, Any]) -> str:
   m, s = report["machine"], report["settings"]
+  d = s["devices"]
+  mm = s["model"]
   lines = [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['backend']} ({m['device']}), jax {m['jax']}; "
-           f"{s['devices']} simulated CPU devices. TruthGPT width {s['width']}, depth {s['depth']}, {s['heads']} "
-           f"heads, {s['seq_len']} tokens per row; median of {s['rounds']} interleaved rounds x {s['steps']} steps."]
+           f"{d} simulated CPU devices."]
+  if "ring_memory" in report:
+    lines += ["", "## Ring attention: memory per device", "",
+              "Compiled, never run: `memory_analysis()` per device, deterministic. "
+              f"One attention forward+backward, batch {s['batch']}, {s['heads']} heads, head_dim {s['head_dim']}, "
+              f"{s['dtype']}, causal={s['causal']}: `implementation=\"ring\"` on a {d}-way `seq` mesh (inputs "
+              f"sharded over it) against the blockwise kernel on one device at the same total length.", "",
+              f"| N | metric | blockwise, 1 device: temp | ring, {d} devices: temp per device | temp ratio | "
+              "ratio with arguments and outputs |", "|---|---|---|---|---|---|"]
+    for row in report["ring_memory"]:
+      lines.append(f"| {row['n']} | {row['metric']} | {_fmt_bytes(row['blockwise_1']['temp_bytes'])} | "
+                   f"{_fmt_bytes(row[f'ring_{d}']['temp_bytes'])} | {row['temp_ratio']:.3f} | "
+                   f"{row['total_ratio']:.3f} |")
+  if "longest_trainable" in report:
+    lines += ["", "## Longest trainable sequence", "",
+              f"Longest sequence on which TruthGPT (width {mm['width']}, depth {mm['depth']}, {mm['heads']} heads, "
+              f"mlp {mm['mlp_dim']}, metric {mm['metric']}, batch 1) compiles one `train_step` (value_and_grad and "
+              f"the optax update) within {s['budget_mib']:g} MiB of temporaries per device, doubling the length "
+              "(compiled, never run):", "",
+              "| implementation | devices | longest length | probes (length: temp per device) |", "|---|---|---|---|"]
+    for row in report["longest_trainable"]:
+      probes = ", ".join(f"{p['length']}: {_fmt_bytes(p['temp_bytes'])}" for p in row["probes"])
+      lines.append(f"| {row['implementation']} | {row['devices']} | {row['longest_length']} | {probes} |")
   if "data_parallel" in report:
     dp = report["data_parallel"]
     t = dp["median_step_seconds"]
-    lines += ["", "| train step | rows | median step time | mesh / this |", "|---|---|---|---|",
+    lines += ["", "## Data parallel: step time", "",
+              f"The trainer's jitted train step, TruthGPT width {mm['width']}, depth {mm['depth']}, {mm['heads']} "
+              f"heads, {s['seq_len']} tokens per row; median of {s['rounds']} interleaved rounds x {s['steps']} "
+              "steps. Simulated devices share the machine's cores: at the same per-device batch the mesh does "
+              f"{dp['devices']} times the work, so the per-unit-of-work and same-global-batch ratios bound the "
+              "mesh's overhead.", "",
+              "| train step | rows | median step time | mesh / this |", "|---|---|---|---|",
               f"| mesh data={dp['devices']} | {dp['global_batch']} ({dp['per_device_batch']} per device) | "
               f"{_fmt_s(t['mesh'])} | 1.00x |",
               f"| 1 device, same per-device batch | {dp['per_device_batch']} | "
@@ -383,11 +526,22 @@ def scaling_markdown(report: dict[str, Any]) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS.mode == "scaling":  # before anything starts JAX's CPU backend
+  if FLAGS.mode == "scaling":
+    # Before anything asks JAX for its devices (the backend starts then, with this many CPU devices).
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
     report = run_scaling()
-  else:
-    report = run_train() if FLAGS.mode == "train" else run_attention()
+    out = pathlib.Path(FLAGS.out or "runs/benchmark/scaling.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    table = scaling_markdown(report)
+    doc = pathlib.Path(FLAGS.scaling_doc)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(f"# Scaling out on simulated CPU devices\n\nWritten by `{report['command']}` "
+                   "(see the docstring of experiments/benchmark.py).\n\n" + table)
+    print("\n" + table)
+    print(f"wrote {out} and {doc}")
+    return
+  report = run_train() if FLAGS.mode == "train" else run_attention()
   out = pathlib.Path(FLAGS.out or f"runs/benchmark/{FLAGS.mode}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1))

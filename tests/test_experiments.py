@@ -19,7 +19,7 @@ def test_selfcheck_passes_and_lists_every_implementation():
   # (a shipped one and the user-registered Huber distance) keep this under a minute.
   proc = run("selfcheck.py", "--metrics=l1,huber", "--dtypes=bfloat16", *SMALL_SELFCHECK)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "implementations: blockwise;" in proc.stdout  # every registered kernel but the reference
+  assert "implementations: blockwise;" in proc.stdout  # every registered kernel but the reference and ring
   rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("blockwise ")]
   assert [(r[1], r[2], r[3]) for r in rows] == [("l1", "bfloat16", "5/5"), ("huber", "bfloat16", "5/5")]
   assert "10/10 cases passed (100.0%)" in proc.stdout
@@ -79,3 +79,24 @@ def test_benchmark_train_mode_reports_tokens_per_second_beside_dot(tmp_path):
     assert len(row["runs"]) == 2 and row["tokens_per_second"] == statistics.median(row["runs"]) > 0
     assert abs(row["ratio_to_dot"] - row["tokens_per_second"] / rows["dot"]["tokens_per_second"]) < 1e-12
   assert "| l1 |" in out.with_suffix(".md").read_text()
+
+
+def test_benchmark_scaling_mode_reports_ring_memory_and_longest_sequences(tmp_path):
+  # Compile-only on 8 simulated devices (the mode sets them itself): the ring's per-device temporaries are below
+  # the unsharded blockwise kernel's, and its doubling search reaches further under the same budget.
+  out, doc = tmp_path / "scaling.json", tmp_path / "scaling.md"
+  proc = run("benchmark.py", "--mode=scaling", "--causal", "--scaling_lengths=2048", "--scaling_metrics=dot",
+             "--heads=2", "--head_dim=16", "--config=configs/lm.py:size=tiny", "--config.model.depth=1",
+             "--min_train_length=256", "--max_train_length=1024", "--budget_mib=8", f"--out={out}",
+             f"--scaling_doc={doc}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  report = json.loads(out.read_text())
+  [row] = report["ring_memory"]
+  assert row["ring_8"]["temp_bytes"] < row["blockwise_1"]["temp_bytes"]
+  assert row["temp_ratio"] == row["ring_8"]["temp_bytes"] / row["blockwise_1"]["temp_bytes"]
+  longest = {r["implementation"]: r for r in report["longest_trainable"]}
+  for r in longest.values():  # the longest length is the last probe within the budget
+    fitting = [p["length"] for p in r["probes"] if p["temp_bytes"] <= 8 * 2**20]
+    assert r["longest_length"] == (max(fitting) if fitting else None)
+  assert longest["ring"]["longest_length"] > longest["blockwise"]["longest_length"]
+  assert "--mode=scaling" in doc.read_text() and "| 2048 | dot |" in doc.read_text()

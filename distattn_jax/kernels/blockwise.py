@@ -57,6 +57,10 @@ class _Config(NamedTuple):
   broadcast_dropout: bool
   precision: Any
   local_window: tuple[int, int] | None = None
+  # False when the query and key blocks passed in do not start at the same position (a sequence-parallel
+  # caller passes chunks from anywhere in the sequence): block indices then say nothing about the diagonal,
+  # so the causal mask is evaluated on every tile from the positions instead of skipping tiles by index.
+  causal_skip: bool = True
 
 
 def _dropout_multiplier(cfg: _Config, rng: Array, batch: int, num_kv: int, q_start, k_start) -> Array:
@@ -106,9 +110,12 @@ def _tile_scores(cfg: _Config, q_blk, k_blk, p, with_vjp: bool = False):
 def _tile_mask(cfg: _Config, mask_blk, seg, q_start, k_start):
   """Bool ``[B|1, 1, bq, 1, bk]`` (or the user mask's broadcast form) of the tile: user mask, causal, window,
   segment ids, lengths and padded keys."""
-  q_pos = q_start + jnp.arange(cfg.block_q)
-  k_pos = k_start + jnp.arange(cfg.block_k)
-  q_ids, kv_ids, q_lengths, kv_lengths = seg
+  q_ids, kv_ids, q_lengths, kv_lengths = seg[:4]
+  q_positions, kv_positions = seg[4:] if len(seg) > 4 else (None, None)
+  q_pos = q_start + jnp.arange(cfg.block_q) if q_positions is None else \
+      jax.lax.dynamic_slice_in_dim(q_positions, q_start, cfg.block_q)
+  k_pos = k_start + jnp.arange(cfg.block_k) if kv_positions is None else \
+      jax.lax.dynamic_slice_in_dim(kv_positions, k_start, cfg.block_k)
   positions = common.position_mask(
       q_pos, k_pos, is_causal=cfg.is_causal, local_window=cfg.local_window,
       q_ids=None if q_ids is None else jax.lax.dynamic_slice_in_dim(q_ids, q_start, cfg.block_q, 1),
@@ -129,7 +136,7 @@ def _tile_logits(cfg: _Config, scores, lam5, bias_blk, allowed, scale):
 
 def _right_reach(cfg: _Config) -> int | None:
   """How far right of its own position a query may see (None: unbounded)."""
-  if cfg.is_causal:
+  if cfg.is_causal and cfg.causal_skip:
     return 0
   return None if cfg.local_window is None else cfg.local_window[1]
 
@@ -163,7 +170,9 @@ def _q_block_range(cfg: _Config, k_block, num_q_blocks: int):
 # Forward and backward passes over the prepared layout:
 #   q [B, K, Tp, G, D], k [B, K, Sp, D], v [B, K, Sp, Dv], lam [1, K, 1, G, 1],
 #   bias/mask [B|1, K|1, Tp|1, G|1, Sp|1]; seg = (q_ids [B, Tp] | None, kv_ids [B, Sp] | None,
-#   q_lengths [B] | None, kv_lengths [B] | None); Tp, Sp multiples of the block sizes.
+#   q_lengths [B] | None, kv_lengths [B] | None[, q_positions [Tp], kv_positions [Sp]]); Tp, Sp multiples of
+#   the block sizes. The optional positions (int32) replace 0..Tp-1 / 0..Sp-1 in every position-based mask
+#   (causal, window, lengths, padded keys): the ring kernel passes chunks with their global positions.
 
 
 def _forward(cfg: _Config, q, k, v, lam5, bias5, mask5, seg, p, rng):
@@ -218,6 +227,25 @@ def _forward(cfg: _Config, q, k, v, lam5, bias5, mask5, seg, p, rng):
 
 
 def _backward(cfg: _Config, res, cotangents):
+  q, k, v, lam5, bias5 = res[:5]
+  p = res[7]
+  dq, dk, dv, dlam, dbias, dp = _gradients(cfg, res, cotangents)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dlam.astype(lam5.dtype),
+          None if bias5 is None else dbias.astype(bias5.dtype), None, None,
+          None if p is None else dp.astype(p.dtype), None)
+
+
+def row_terms(out, d_out, d_lse):
+  """``rowsum(dO * O) - d_lse`` in the accumulation dtype: the per-row term of the softmax gradient."""
+  acc = metrics.accumulation_dtype(out.dtype)
+  return jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1) - d_lse.astype(acc)
+
+
+def _gradients(cfg: _Config, res, cotangents, delta=None):
+  """``(dq, dk, dv, dlam, dbias, dp)`` in the accumulation dtype (dbias, dp None when absent); ``out`` and
+  ``lse`` in ``res`` are the final ones, so a caller that splits the keys into parts (the ring kernel) gets each
+  part's exact share and sums them. Such a caller may pass the row terms ``delta`` (below) instead of ``out``
+  and ``d_lse``."""
   q, k, v, lam5, bias5, mask5, seg, p, rng, out, lse = res
   d_out, d_lse = cotangents
   batch, num_kv, t_pad, _, head_dim = q.shape
@@ -226,7 +254,8 @@ def _backward(cfg: _Config, res, cotangents):
   num_q_blocks, num_k_blocks = t_pad // cfg.block_q, k.shape[2] // cfg.block_k
   d_out = d_out.astype(acc)
   # D_i = rowsum(dO * O), less the lse cotangent (d lse_i / d logits_ij = P_ij).
-  delta = jnp.sum(d_out * out.astype(acc), axis=-1) - d_lse.astype(acc)
+  if delta is None:
+    delta = row_terms(out, d_out, d_lse)
   lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
 
   def kv_block(carry, j):
@@ -282,9 +311,7 @@ def _backward(cfg: _Config, res, cotangents):
   (dq, dlam, dbias, dp), (dks, dvs) = jax.lax.scan(kv_block, init, jnp.arange(num_k_blocks))
   dk = jnp.moveaxis(dks, 0, 2).reshape(k.shape)
   dv = jnp.moveaxis(dvs, 0, 2).reshape(v.shape)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dlam.astype(lam5.dtype),
-          None if bias5 is None else dbias.astype(bias5.dtype), None, None,
-          None if p is None else dp.astype(p.dtype), None)
+  return dq, dk, dv, dlam, dbias, dp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
