@@ -233,7 +233,7 @@ Q, K, V = inputs(160, dtype=np.float32)
     (dict(metric="manhattan"), None, ValueError,
      r"metric='manhattan' is not a registered metric; valid names: l1, l2, sqeuclidean, lp, cosine, chebyshev"),
     (dict(implementation="flash"), None, ValueError, r"implementation='flash' is not registered; valid names: auto, "
-                                                     r"blockwise, pallas, reference"),
+                                                     r"blockwise, pallas, reference, ring"),
     (dict(metric="lp", p=0.0), None, ValueError, r"p must be > 0 \(inf allowed\); got 0.0"),
     (dict(p=-2.0), None, ValueError, r"p must be > 0 \(inf allowed\); got -2.0"),
     (dict(p=float("nan")), None, ValueError, r"p must be > 0 \(inf allowed\); got nan"),

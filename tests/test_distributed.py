@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import distattn_jax as da
 from distattn_jax import training
 from distattn_jax.data import text
 from distattn_jax.training import distributed, loop, steps
-
-RING = pytest.mark.skipif("ring" not in da.kernels.available(),
-                          reason="the ring attention kernel (da.kernels.Ring) is not registered")
-
 
 def small_config(**overrides):
   config = training.default_config()
@@ -59,7 +54,7 @@ def one_device():
 
 
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=4, fsdp=2),
-                                  pytest.param(dict(data=2, seq=4), marks=RING)], ids=str)
+                                  dict(data=2, seq=4)], ids=str)
 def test_training_on_a_mesh_equals_one_device(one_device, mesh):
   _, want, want_losses = one_device
   placement, got, losses = train(small_config(**{f"mesh.{k}": v for k, v in mesh.items()}))
@@ -163,13 +158,6 @@ def test_a_bad_placement_fails_before_anything_is_built(tmp_path, overrides, mes
   with pytest.raises(ValueError, match=message):
     training.train_and_evaluate(small_config(**overrides), tmp_path / "run")
   assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.skipif("ring" in da.kernels.available(), reason="the ring kernel is registered")
-def test_a_sequence_axis_without_the_ring_kernel_is_a_clear_error(tmp_path):
-  with pytest.raises(ValueError, match=r"config.mesh.seq=4 needs the 'ring' attention kernel, which is not "
-                                       r"registered"):
-    training.train_and_evaluate(small_config(**{"mesh.data": 2, "mesh.seq": 4}), tmp_path / "run")
 
 
 def test_a_process_id_outside_the_processes_fails_before_joining():

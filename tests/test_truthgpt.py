@@ -167,7 +167,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():
     (dict(width=36, num_heads=4, positions="rotary"), r"'rotary' needs an even head dimension; width/num_heads = 9"),
     (dict(depth=0), r"model.depth=0 is invalid: must be a positive int"),
     (dict(learnable_p=True), r"model.learnable_p=True is invalid: needs a model.metric with an order p, such as 'lp'"),
-    (dict(implementation="fast"), r"model.implementation='fast' is invalid: must be one of auto, blockwise, pallas, reference"),
+    (dict(implementation="fast"), r"model.implementation='fast' is invalid: must be one of auto, blockwise, pallas, reference, ring"),
     (dict(dtype="float16"), r"model.dtype='float16' is invalid: must be one of float32, bfloat16"),
     (dict(p=0.0), r"model.p must be > 0"),
 ])
