@@ -9,8 +9,8 @@
 
 Results go to results/<suite>.json (one record per cell), results/<suite>.md and results/<suite>_*.png; a rerun
 skips finished cells. Any field can be overridden by flag, e.g. ``--config.metrics=dot,l1,huber`` (a metric
-registered before the run joins by name) or ``--config.seeds=5``; a changed definition needs a new ``suite``
-name (``--config.suite=mine``), since one results file never mixes grids. Fashion-MNIST needs
+registered by the file ``--config.register=my_metrics.py`` joins by name) or ``--config.seeds=5``; a changed
+definition needs a new ``suite`` name (``--config.suite=mine``), since one results file never mixes grids. Fashion-MNIST needs
 ``apt-get install dataset-fashion-mnist``; the UCR series need ``pip install -e .[tasks]``.
 """
 
@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.metrics = ",".join(ablation.SHIPPED_METRICS)
   c.lambda_modes = "learned,fixed"
   c.seeds = 3
+  c.register = ""  # a Python file that registers user metrics (da.metrics.register) before the grid runs
   c.p = 3.0  # the order of lp (and of any registered parametric metric)
   c.pooling = "mean"
   c.budget = ml_collections.ConfigDict(dict(

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import runpy
 import tempfile
 import time
 from typing import Any
@@ -42,12 +43,27 @@ def _names(value: str | tuple | list) -> list[str]:
   return list(value)
 
 
+_REGISTERED_FILES: set[str] = set()
+
+
+def register_metrics(path: str) -> None:
+  """Runs the Python file ``path`` once per process: it registers the user's metrics
+  (``da.metrics.register``), so their names join the grid, here and in every worker process."""
+  if path and path not in _REGISTERED_FILES:
+    if not pathlib.Path(path).is_file():
+      raise ValueError(f"register={path!r}: no such file (a Python file that calls da.metrics.register)")
+    runpy.run_path(path)
+    _REGISTERED_FILES.add(path)
+
+
 def definition(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The grid's definition as plain JSON values: everything in the config but where and how fast it runs.
   Checks the task, metric and lambda-mode names (a ValueError lists the valid ones)."""
   d = json.loads(config.to_json())
   for key in NOT_DEFINITION:
     d.pop(key, None)
+  if not d.get("register"):  # no user metrics: the definition of a grid of shipped metrics only
+    d.pop("register", None)
   d["tasks"], d["metrics"], d["lambda_modes"] = (_names(config.tasks), _names(config.metrics),
                                                  _names(config.lambda_modes))
   for t in d["tasks"]:
@@ -128,9 +144,10 @@ def _cell_path(cell_dir: pathlib.Path, cell: tuple[str, str, str, int]) -> pathl
 
 
 def _run_group(group: list[tuple[str, str, str, int]], budget: dict[str, Any], cache_dir: str | None,
-               cell_dir: str) -> list[dict[str, Any]]:
+               cell_dir: str, register: str = "") -> list[dict[str, Any]]:
   """Runs cells that share a compiled model one after another in this process; each record is saved to its own
   file as soon as it exists, so a killed grid loses at most the running cell."""
+  register_metrics(register)
   out = []
   for cell in group:
     record = cells.run_cell(*cell, budget, cache_dir=cache_dir)
@@ -145,6 +162,7 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
   Cells that share a model (task, metric, lambda mode) form a group run by one process, so its seeds reuse one
   compilation; ``config.workers`` processes run groups in parallel. Each finished cell is first saved under
   ``<suite>.cells/`` and then merged into ``<suite>.json``."""
+  register_metrics(config.register)
   d = definition(config)
   results_dir = pathlib.Path(results_dir)
   path = results_dir / f"{config.suite}.json"
@@ -189,7 +207,7 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
   elif groups:
     context = multiprocessing.get_context("spawn")  # JAX's threads do not survive fork
     with concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
-      futures = [pool.submit(_run_group, group, budget, cache_dir, str(cell_dir)) for group in groups.values()]
+      futures = [pool.submit(_run_group, group, budget, cache_dir, str(cell_dir), config.register) for group in groups.values()]
       for future in concurrent.futures.as_completed(futures):
         for record in future.result():
           merge(record)
