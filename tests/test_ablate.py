@@ -101,3 +101,23 @@ def test_a_registered_metric_joins_the_grid_by_name(tmp_path):
     assert d["metrics"] == ["dot", "ablate_test_sq"] and d["register"] == str(script)
   finally:
     record._REGISTRY.pop("ablate_test_sq", None)
+
+
+def test_suite_configs_check_their_arguments():
+  import importlib.util
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  modules = {}
+  for name in ("ablate", "task"):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", root / f"{name}.py")
+    modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modules[name])
+  with pytest.raises(ValueError, match="suite='huge' is not a suite; valid suites: quick, cpu, full"):
+    modules["ablate"].get_config("suite=huge")
+  for suite in ("quick", "cpu", "full"):
+    d = ablation.definition(modules["ablate"].get_config(f"suite={suite}"))
+    assert d["metrics"] == list(ablation.SHIPPED_METRICS) and d["seeds"] >= 3
+    assert d["lambda_modes"] == ["learned", "fixed"]
+  one = ablation.definition(modules["task"].get_config("task=gunpoint,metric=cosine,lam=fixed,size=quick"))
+  assert (one["tasks"], one["metrics"], one["lambda_modes"], one["suite"]) == (
+      ["gunpoint"], ["cosine"], ["fixed"], "gunpoint_cosine_fixed_quick")
