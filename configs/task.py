@@ -20,8 +20,11 @@ def _ablate():
 
 
 def get_config(arg=None):
-  arg = dict(task="listops_cpu", metric="dot", lam="learned", size="cpu",
-             **dict(s.split("=", 1) for s in (arg or "").split(",") if s))
+  given = dict(s.split("=", 1) for s in (arg or "").split(",") if s)
+  unknown = sorted(set(given) - {"task", "metric", "lam", "size"})
+  if unknown:
+    raise ValueError(f"config arguments {unknown} are unknown; valid: task, metric, lam, size")
+  arg = {"task": "listops_cpu", "metric": "dot", "lam": "learned", "size": "cpu", **given}
   c = _ablate().get_config(f"suite={arg['size']}")
   c.suite = f"{arg['task']}_{arg['metric']}_{arg['lam']}_{arg['size']}"
   c.tasks, c.metrics, c.lambda_modes = arg["task"], arg["metric"], arg["lam"]
