@@ -1,8 +1,8 @@
 """The ablation suites: every metric x {learned lam, fixed calibrated lam} x tasks x 3 seeds at a fixed budget.
 
-  # about 10 minutes on 2 cores: MNIST-1D and ItalyPowerDemand, 84 cells
+  # MNIST-1D and ItalyPowerDemand, 84 cells (21 min on a shared, busy 2-core machine; see README)
   .venv/bin/python experiments/ablate.py --config=configs/ablate.py:suite=quick --workers=2
-  # the CPU-sized suite (ListOps 100-500 tokens, MNIST-1D, Fashion-MNIST, GunPoint, ItalyPowerDemand, text)
+  # the CPU-sized suite (ListOps 50-150 tokens, MNIST-1D, Fashion-MNIST, GunPoint, ItalyPowerDemand, text)
   .venv/bin/python experiments/ablate.py --config=configs/ablate.py:suite=cpu --workers=2
   # LRA-length ListOps (500-2000 tokens, 96k training examples): an accelerator's job
   .venv/bin/python experiments/ablate.py --config=configs/ablate.py:suite=full
@@ -21,7 +21,7 @@ from distattn_jax.training import ablation
 SUITES = {
     "quick": dict(tasks="mnist1d,italypowerdemand", steps=150, batch_size=32, eval_every=50,
                   width=64, depth=2, num_heads=4, mlp_dim=128),
-    "cpu": dict(tasks="listops_cpu,mnist1d,fashion_mnist,gunpoint,italypowerdemand,text", steps=600,
+    "cpu": dict(tasks="listops_cpu,mnist1d,fashion_mnist,gunpoint,italypowerdemand,text", steps=400,
                 batch_size=32, eval_every=100, width=64, depth=2, num_heads=4, mlp_dim=128),
     "full": dict(tasks="listops_full,mnist1d,fashion_mnist,gunpoint,italypowerdemand,text", steps=5000,
                  batch_size=32, eval_every=500, width=256, depth=4, num_heads=4, mlp_dim=1024),
