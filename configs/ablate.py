@@ -21,7 +21,7 @@ from distattn_jax.training import ablation
 SUITES = {
     "quick": dict(tasks="mnist1d,italypowerdemand", steps=150, batch_size=32, eval_every=50,
                   width=64, depth=2, num_heads=4, mlp_dim=128),
-    "cpu": dict(tasks="listops_cpu,mnist1d,fashion_mnist,gunpoint,italypowerdemand,text", steps=400,
+    "cpu": dict(tasks="listops_cpu,mnist1d,fashion_mnist,gunpoint,italypowerdemand,text", steps=300,
                 batch_size=32, eval_every=100, width=64, depth=2, num_heads=4, mlp_dim=128),
     "full": dict(tasks="listops_full,mnist1d,fashion_mnist,gunpoint,italypowerdemand,text", steps=5000,
                  batch_size=32, eval_every=500, width=256, depth=4, num_heads=4, mlp_dim=1024),
