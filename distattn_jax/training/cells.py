@@ -1,0 +1,188 @@
+"""One cell of an ablation grid: train a model on a task at a fixed budget and measure it.
+
+A cell is (task, metric, lambda mode, seed) plus the suite's budget (model size, steps, batch, learning rates).
+Classification tasks train :class:`~distattn_jax.models.Encoder` with cross-entropy and report test accuracy;
+``text`` trains the decoder :class:`~distattn_jax.models.TruthGPT` and reports validation bits per byte. The
+optimizer is the trainer's (:func:`~distattn_jax.training.optim.make_optimizer`, with its lambda group). Lambda
+mode ``learned`` learns one lam per head; ``fixed`` keeps every head at the calibrated default
+(``initializers.default_lambda``).
+
+The record holds the final metric, the learning curve (train loss and a held-out metric at every
+``eval_every`` steps), lam per layer and head over training, the attention entropy per layer at the end
+(nats, over real queries and keys), steps per second (excluding compilation and evaluation) and wall time.
+Compiled steps are cached per process by the cell's shapes and hyperparameters, so seeds reuse them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from distattn_jax import layers
+from distattn_jax.data import tasks
+from distattn_jax.models import Encoder, TruthGPT, TruthGPTConfig
+from distattn_jax.training import optim
+
+LAMBDA_MODES = ("learned", "fixed")
+
+
+def model_for(task_name: str, data: Any, metric: str, lambda_mode: str, budget: dict[str, Any]):
+  if lambda_mode not in LAMBDA_MODES:
+    raise ValueError(f"lambda mode {lambda_mode!r} is unknown; valid: {', '.join(LAMBDA_MODES)}")
+  spec = tasks.spec(task_name)
+  config = TruthGPTConfig(
+      vocab_size=getattr(data, "vocab_size", None) or 1, width=budget["width"], depth=budget["depth"],
+      num_heads=budget["num_heads"], mlp_dim=budget["mlp_dim"], max_len=data.max_len + 1, metric=metric,
+      learnable_lambda=lambda_mode == "learned", p=float(budget["p"]))
+  if spec.kind == "lm":
+    return TruthGPT(config)
+  return Encoder(config, num_classes=data.num_classes, embedding=spec.embedding, pooling=budget["pooling"])
+
+
+def _optim_config(budget: dict[str, Any]) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      learning_rate=budget["learning_rate"], lambda_learning_rate=budget["lambda_learning_rate"],
+      warmup_steps=budget["warmup_steps"], end_learning_rate_fraction=0.1, weight_decay=budget["weight_decay"],
+      b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0))
+
+
+def _model_inputs(batch: dict[str, Any]) -> tuple:
+  if "windows" in batch:
+    return (batch["windows"][:, :-1],)
+  return batch["inputs"], batch["lengths"]
+
+
+def _loss(logits, batch):
+  """Mean loss and (summed correct or summed nats, count) for the held-out metric."""
+  if "windows" in batch:
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["windows"][:, 1:])
+    return jnp.mean(nll), (jnp.sum(nll), jnp.asarray(nll.size, jnp.float32))
+  w = batch["weights"]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0), (jnp.sum(correct * w), jnp.sum(w))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(model, optim_key: tuple, steps: int):
+  """Jitted init, train step and eval step for a model (Linen modules with frozen configs hash by value)."""
+  tx = optim.make_optimizer(ml_collections.ConfigDict(dict(optim_key)), steps)
+
+  def init(key, batch):
+    params = model.init(key, *_model_inputs(batch))["params"]
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, *_model_inputs(batch), deterministic=True)
+      return _loss(logits.astype(jnp.float32), batch)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+  def eval_step(params, batch):
+    logits = model.apply({"params": params}, *_model_inputs(batch), deterministic=True)
+    return _loss(logits.astype(jnp.float32), batch)[1]
+
+  def weights(params, batch):
+    _, state = model.apply({"params": params}, *_model_inputs(batch), sow_weights=True, mutable=["intermediates"])
+    blocks = state["intermediates"]["trunk"]
+    return [blocks[f"block_{i}"]["attention"]["attention_weights"][0] for i in range(len(blocks))]
+
+  return jax.jit(init), jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), jax.jit(weights)
+
+
+def evaluate(eval_step, params, batches, kind: str) -> float:
+  """Accuracy (classification) or bits per byte (text) over ``batches``."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    s, n = eval_step(params, batch)
+    total, count = total + float(s), count + float(n)
+  return total / count if kind == "classify" else total / count / math.log(2)
+
+
+def lambda_table(params: Any, model, depth: int) -> list[list[float]]:
+  """lam ``[layer][head]``: the learned values, or the fixed calibrated default each head keeps."""
+  out = []
+  for i in range(depth):
+    attention = params["trunk"][f"block_{i}"]["attention"]
+    if "log_lambda" in attention:
+      out.append(np.exp(np.asarray(attention["log_lambda"], np.float64)).reshape(-1).tolist())
+    else:
+      c = model.config
+      lam = layers.initial_lambda(c.metric, c.head_dim, c.p, c.lambda_init)
+      out.append([float(lam)] * c.num_heads)
+  return out
+
+
+def attention_entropy(weights: list, batch: dict[str, Any]) -> list[float]:
+  """Mean entropy (nats) of each layer's attention rows over the batch's real queries (and real examples)."""
+  out = []
+  for w in weights:
+    w = np.asarray(w, np.float64)  # [batch, heads, T, S]
+    h = -np.sum(np.where(w > 0, w * np.log(np.where(w > 0, w, 1.0)), 0.0), axis=-1)  # [batch, heads, T]
+    if "lengths" in batch:
+      offset = w.shape[-1] - batch["inputs"].shape[1]  # 1 with a CLS token
+      real = np.arange(w.shape[-2])[None, :] < (np.asarray(batch["lengths"]) + offset)[:, None]
+      real = real & (np.asarray(batch["weights"]) > 0)[:, None]
+      out.append(float(np.sum(h * real[:, None, :]) / (np.sum(real) * w.shape[1])))
+    else:
+      out.append(float(np.mean(h)))
+  return out
+
+
+def run_cell(task_name: str, metric: str, lambda_mode: str, seed: int, budget: dict[str, Any],
+             cache_dir: str | None = None) -> dict[str, Any]:
+  """Trains one cell and returns its record (JSON-ready)."""
+  start = time.perf_counter()
+  data = tasks.load(task_name, cache_dir=cache_dir)
+  kind = tasks.spec(task_name).kind
+  model = model_for(task_name, data, metric, lambda_mode, budget)
+  steps, batch_size = budget["steps"], budget["batch_size"]
+  init, train_step, eval_step, weights_fn = _compiled(model, tuple(sorted(_optim_config(budget).items())), steps)
+  curve_batches = data.eval_batches(budget["eval_batch_size"], limit=budget["curve_eval_examples"])
+  final_batches = data.eval_batches(budget["eval_batch_size"], limit=budget["eval_examples"] or None)
+
+  state = init(jax.random.key(seed), data.train_batch(0, batch_size, seed))
+  curve = {"step": [], "train_loss": [], "eval": [], "lambda": []}
+  losses, train_time, timed_steps, finite, shapes = [], 0.0, 0, True, set()
+  for step in range(steps):
+    batch = data.train_batch(step, batch_size, seed)
+    shape = tuple(v.shape for v in batch.values())
+    t0 = time.perf_counter()
+    state, loss = train_step(state, batch)
+    loss = float(loss)
+    if shape in shapes:  # a new bucket's first step compiles
+      train_time += time.perf_counter() - t0
+      timed_steps += 1
+    shapes.add(shape)
+    losses.append(loss)
+    if not math.isfinite(loss):
+      finite = False
+      break
+    if (step + 1) % budget["eval_every"] == 0 or step + 1 == steps:
+      curve["step"].append(step + 1)
+      curve["train_loss"].append(float(np.mean(losses[-budget["eval_every"]:])))
+      curve["eval"].append(evaluate(eval_step, state.params, curve_batches, kind))
+      curve["lambda"].append(lambda_table(state.params, model, model.config.depth))
+  final = evaluate(eval_step, state.params, final_batches, kind) if finite else float("nan")
+  entropy = attention_entropy(weights_fn(state.params, final_batches[0]), final_batches[0]) if finite else []
+  return {
+      "task": task_name, "metric": metric, "lambda_mode": lambda_mode, "seed": seed,
+      "score_name": "accuracy" if kind == "classify" else "bits_per_byte",
+      "final": final, "finite": finite, "steps_done": len(losses),
+      "steps_per_s": timed_steps / train_time if train_time > 0 else None,
+      "final_lambda": lambda_table(state.params, model, model.config.depth),
+      "attention_entropy": entropy, "curve": curve, "wall_s": time.perf_counter() - start,
+      "eval_examples": int(sum(float(np.sum(b["weights"])) if "weights" in b else b["windows"].shape[0]
+                              for b in final_batches)),
+  }

@@ -1,0 +1,123 @@
+"""The ablation grid end to end on a shrunk quick suite (a subprocess, as a user runs it): the files it writes
+against their own records, resumption, and the errors for bad grids."""
+
+import json
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+
+from distattn_jax import initializers
+from distattn_jax.training import ablation
+from scripts import run_script
+
+GRID = ["--config=configs/ablate.py:suite=quick", "--config.suite=tiny", "--config.tasks=mnist1d",
+        "--config.metrics=dot,l1", "--config.lambda_modes=learned,fixed", "--config.seeds=2",
+        "--config.budget.steps=6", "--config.budget.eval_every=3", "--config.budget.warmup_steps=2",
+        "--config.budget.width=16", "--config.budget.depth=1", "--config.budget.num_heads=2",
+        "--config.budget.mlp_dim=32", "--config.budget.eval_examples=200",
+        "--config.budget.curve_eval_examples=100"]
+
+
+def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monkeypatch):
+  monkeypatch.setenv("DISTATTN_DATA_DIR", str(tmp_path / "data"))
+  out = tmp_path / "results"
+  first = run_script("ablate.py", *GRID, f"--results_dir={out}", "--workers=2")
+  assert first.returncode == 0, first.stderr[-3000:]
+  doc = json.loads((out / "tiny.json").read_text())
+  records = doc["records"]
+  keys = {(r["task"], r["metric"], r["lambda_mode"], r["seed"]) for r in records}
+  assert keys == {("mnist1d", m, mode, s) for m in ("dot", "l1") for mode in ("learned", "fixed") for s in (0, 1)}
+  for r in records:
+    assert r["finite"] and 0.0 <= r["final"] <= 1.0 and r["eval_examples"] == 200
+    assert r["steps_done"] == 6 and r["curve"]["step"] == [3, 6] and r["steps_per_s"] > 0
+    assert len(r["final_lambda"]) == 1 and len(r["final_lambda"][0]) == 2  # [layer][head]
+    # Entropy of a softmax row over the 40 steps lies in [0, ln 40].
+    assert len(r["attention_entropy"]) == 1 and 0.0 <= r["attention_entropy"][0] <= math.log(40) + 1e-6
+    if r["lambda_mode"] == "fixed":  # fixed lam is the calibrated default, untouched by training
+      want = initializers.default_lambda(r["metric"], 8, 3.0)
+      np.testing.assert_allclose(r["final_lambda"][0], [want] * 2, rtol=1e-6)
+      assert all(np.allclose(l, r["final_lambda"]) for l in r["curve"]["lambda"])
+    else:
+      assert not np.allclose(r["curve"]["lambda"][0], r["final_lambda"], rtol=0, atol=0)
+  # The table: mean +- std of each cell group recomputed from the records, the best per row in bold.
+  md = (out / "tiny.md").read_text()
+  for mode in ("learned", "fixed"):
+    stats = {}
+    for m in ("dot", "l1"):
+      v = [r["final"] * 100 for r in records if r["metric"] == m and r["lambda_mode"] == mode]
+      stats[m] = f"{np.mean(v):.2f} +- {np.std(v, ddof=1):.2f}"
+    best = max(stats, key=lambda m: float(stats[m].split()[0]))
+    row = next(line for line in md.splitlines() if line.startswith(f"| mnist1d | {mode} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][2:]
+    assert cells == [f"**{stats[m]}**" if m == best else stats[m] for m in ("dot", "l1")]
+  assert "exceed" in md and "Non-finite cells: none." in md
+  for name in ("curves", "bars", "lambda", "entropy"):
+    png = (out / f"tiny_{name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+  # A rerun trains nothing; so does one whose JSON was lost (the per-cell files remain).
+  (out / "tiny.json").unlink()
+  again = run_script("ablate.py", *GRID, f"--results_dir={out}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "8 cells done, 0 to run" in again.stdout + again.stderr
+  assert json.loads((out / "tiny.json").read_text())["records"] == records
+
+  # Another grid definition under the same suite name is refused, naming the fields.
+  mixed = run_script("ablate.py", *GRID, f"--results_dir={out}", "--config.seeds=3", "--config.budget.steps=7")
+  assert mixed.returncode != 0
+  assert "refusing to mix" in mixed.stderr and "seeds: 2 (file) vs 3 (this run)" in mixed.stderr
+  assert "budget.steps: 6 (file) vs 7 (this run)" in mixed.stderr
+
+
+def _config(**overrides):
+  c = ml_collections.ConfigDict(dict(suite="x", tasks="mnist1d", metrics="dot", lambda_modes="learned", seeds=3,
+                                     p=3.0, pooling="mean", register="", budget={}, workers=1, cache_dir=""))
+  c.update(overrides)
+  return c
+
+
+def test_bad_grids_name_the_valid_choices(tmp_path):
+  with pytest.raises(ValueError, match="unknown task 'imagenet'; valid tasks: text, listops_full"):
+    ablation.definition(_config(tasks="mnist1d,imagenet"))
+  with pytest.raises(ValueError, match=r"unknown metric 'hamming'.*l1, l2.*dot"):
+    ablation.definition(_config(metrics="dot,hamming"))
+  with pytest.raises(ValueError, match="unknown lambda mode 'frozen'; valid: learned, fixed"):
+    ablation.definition(_config(lambda_modes="frozen"))
+  with pytest.raises(ValueError, match="seeds=0 must be a positive int"):
+    ablation.definition(_config(seeds=0))
+
+
+def test_a_registered_metric_joins_the_grid_by_name(tmp_path):
+  from distattn_jax.metrics import record
+  script = tmp_path / "my_metrics.py"
+  script.write_text("import jax.numpy as jnp\nimport distattn_jax as da\n"
+                    "da.metrics.register(da.metrics.Metric('ablate_test_sq', da.metrics.Elementwise("
+                    "phi=jnp.square), translation_invariant=True))\n")
+  try:
+    ablation.register_metrics(str(script))
+    d = ablation.definition(_config(metrics="dot,ablate_test_sq", register=str(script)))
+    assert d["metrics"] == ["dot", "ablate_test_sq"] and d["register"] == str(script)
+  finally:
+    record._REGISTRY.pop("ablate_test_sq", None)
+
+
+def test_suite_configs_check_their_arguments():
+  import importlib.util
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  modules = {}
+  for name in ("ablate", "task"):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", root / f"{name}.py")
+    modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modules[name])
+  with pytest.raises(ValueError, match="suite='huge' is not a suite; valid suites: quick, cpu, full"):
+    modules["ablate"].get_config("suite=huge")
+  for suite in ("quick", "cpu", "full"):
+    d = ablation.definition(modules["ablate"].get_config(f"suite={suite}"))
+    assert d["metrics"] == list(ablation.SHIPPED_METRICS) and d["seeds"] >= 3
+    assert d["lambda_modes"] == ["learned", "fixed"]
+  one = ablation.definition(modules["task"].get_config("task=gunpoint,metric=cosine,lam=fixed,size=quick"))
+  assert (one["tasks"], one["metrics"], one["lambda_modes"], one["suite"]) == (
+      ["gunpoint"], ["cosine"], ["fixed"], "gunpoint_cosine_fixed_quick")
