@@ -16,6 +16,9 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	# The UCR series of the time-series task are files in aeon's wheel; only the files are read, so aeon comes
+	# without its dependencies (which would pin numpy back). `pip install -e .[tasks]` installs it whole.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps aeon==1.6.0
 	touch $(STAMP)
 
 run: $(STAMP)
