@@ -95,3 +95,44 @@ def load(name: str, *, folder: str | pathlib.Path | None = None) -> classificati
       name=f"ucr_{name}", train=train, test=test, num_classes=len(names), buckets=(max_len,),
       features=train.inputs.shape[-1],
       info={"source": str(folder / name), "classes": names, "train": len(train), "test": len(test)})
+
+
+def dtw_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Dynamic time warping distance, unconstrained window, between every series of ``x`` [N, T, C] and of ``y``
+  [M, U, C]: the smallest sum of squared pointwise differences (summed over channels) along a warping path, as
+  in the UCR archive's 1-NN DTW baseline. Returns [N, M] float64.
+
+  The recurrence runs over the steps of ``x`` and ``y`` with every pair at once, keeping one row of the cost
+  table: O(N M T U) arithmetic in O(N M U) memory.
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.ndim != 3 or y.ndim != 3 or x.shape[2] != y.shape[2]:
+    raise ValueError(f"dtw_distances: x {x.shape} and y {y.shape} must be [N, T, C] and [M, U, C] with equal C")
+  n, t, _ = x.shape
+  m, u, _ = y.shape
+  previous = np.full((n, m, u + 1), np.inf)
+  previous[:, :, 0] = 0.0  # the corner (0, 0) of the table; the rest of row 0 is unreachable
+  for i in range(t):
+    cost = ((x[:, None, i, None, :] - y[None, :, :, :]) ** 2).sum(-1)  # [N, M, U]
+    current = np.full((n, m, u + 1), np.inf)
+    # Diagonal and vertical moves come from the previous row; the horizontal one from this row, in order.
+    from_previous = np.minimum(previous[:, :, :-1], previous[:, :, 1:])
+    for j in range(u):
+      current[:, :, j + 1] = cost[:, :, j] + np.minimum(from_previous[:, :, j], current[:, :, j])
+    previous = current
+  return previous[:, :, u]
+
+
+def nearest_neighbour_accuracy(data: classification.ClassificationData, distance: str = "dtw") -> float:
+  """Test accuracy of the 1-nearest-neighbour classifier under ``distance`` ("dtw", unconstrained window, or
+  "euclidean"): the UCR archive's standard baselines, computed on the data this module loads."""
+  if distance not in ("dtw", "euclidean"):
+    raise ValueError(f"nearest_neighbour_accuracy: distance={distance!r}; valid: dtw, euclidean")
+  train, test = data.train, data.test
+  if len(set(train.lengths.tolist()) | set(test.lengths.tolist())) != 1:
+    raise ValueError(f"nearest_neighbour_accuracy: {data.name} has series of unequal length")
+  if distance == "dtw":
+    d = dtw_distances(test.inputs, train.inputs)
+  else:
+    d = ((test.inputs[:, None] - train.inputs[None]) ** 2).sum((-1, -2))
+  return float(np.mean(train.labels[np.argmin(d, axis=1)] == test.labels))
