@@ -420,6 +420,15 @@ def _q_begin(cfg: _Config, j):
   return (j * cfg.tiles.block_k) // cfg.tiles.block_q
 
 
+def _store_chunks(ref, chunks, parts, dim: int) -> None:
+  """Writes a gradient accumulated per feature chunk (``_chunks``) into its output tile."""
+  for (c, size), part in zip(chunks, parts):
+    if size == dim:
+      ref[...] = part
+    else:
+      ref[:, pl.ds(c, size)] = part
+
+
 def _dq_kernel(*refs, cfg: _Config, names: list[str]):
   names = names + ["do", "lse", "delta"]
   r = dict(zip(names, refs))
@@ -476,11 +485,7 @@ def _dq_kernel(*refs, cfg: _Config, names: list[str]):
           jnp.zeros((bq,), jnp.float32) if params else None)
   end = _k_end(cfg, i, num_k)
   dq, dlam, dp = jax.lax.fori_loop(0, end, body, init)
-  for (c, size), part in zip(chunks, dq):
-    if size == dim:
-      dq_ref[...] = part
-    else:
-      dq_ref[:, pl.ds(c, size)] = part
+  _store_chunks(dq_ref, chunks, dq, dim)
   dlam_ref[...] = dlam
   if dp_ref is not None:
     dp_ref[...] = dp
@@ -536,11 +541,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: list[str]):
   init = (tuple(jnp.zeros((bk, size), jnp.float32) for _, size in chunks),
           jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
   dk, dv = jax.lax.fori_loop(_q_begin(cfg, j), num_q, body, init)
-  for (c, size), part in zip(chunks, dk):
-    if size == dim:
-      dk_ref[...] = part
-    else:
-      dk_ref[:, pl.ds(c, size)] = part
+  _store_chunks(dk_ref, chunks, dk, dim)
   dv_ref[...] = dv
 
 
