@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from distattn_jax import initializers
+from distattn_jax.data import tasks
 from distattn_jax.training import ablation
 from scripts import run_script
 
@@ -53,16 +54,30 @@ def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monke
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
     assert cells == [f"**{stats[m]}**" if m == best else stats[m] for m in ("dot", "l1")]
   assert "exceed" in md and "Non-finite cells: none." in md
+  # The input-blind baselines, recomputed from the 200 scored test labels.
+  labels = tasks.load("mnist1d", cache_dir=tmp_path / "data").test.labels[:200]
+  majority = np.bincount(labels).max() / 200
+  worst = min(records, key=lambda r: r["final"])
+  line = next(line for line in md.splitlines() if line.startswith("- **mnist1d**: 10 classes"))
+  assert f"uniform 10.00%, majority class {100 * majority:.2f}%" in line
+  assert f"weakest cell mnist1d/{worst['metric']}/{worst['lambda_mode']}/{worst['seed']} " in line
+  assert ("does not beat" in line) == (worst["final"] <= max(majority, 0.1))
+  assert len(doc["runs"]) == 1 and doc["runs"][0]["cells"] == 8 and doc["runs"][0]["wall_s"] > 0
   for name in ("curves", "bars", "lambda", "entropy"):
     png = (out / f"tiny_{name}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
-  # A rerun trains nothing; so does one whose JSON was lost (the per-cell files remain).
+  # A rerun trains nothing and keeps the record of the run that trained; so does one whose JSON was lost (the
+  # per-cell files remain).
+  again = run_script("ablate.py", *GRID, f"--results_dir={out}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((out / "tiny.json").read_text())["runs"] == doc["runs"]
   (out / "tiny.json").unlink()
   again = run_script("ablate.py", *GRID, f"--results_dir={out}")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "8 cells done, 0 to run" in again.stdout + again.stderr
-  assert json.loads((out / "tiny.json").read_text())["records"] == records
+  rerun = json.loads((out / "tiny.json").read_text())
+  assert rerun["records"] == records and "runs" not in rerun  # the lost file's run record went with it
 
   # Another grid definition under the same suite name is refused, naming the fields.
   mixed = run_script("ablate.py", *GRID, f"--results_dir={out}", "--config.seeds=3", "--config.budget.steps=7")

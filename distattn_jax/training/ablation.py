@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from distattn_jax import initializers
 from distattn_jax import metrics as metrics_lib
 from distattn_jax.data import tasks as tasks_lib
 from distattn_jax.training import cells
@@ -104,10 +105,31 @@ def machine() -> dict[str, Any]:
           "jax": jax.__version__}
 
 
+def _now() -> str:
+  return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def baseline(data: Any, budget: dict[str, Any]) -> dict[str, Any]:
+  """What a model that ignores its input scores on the examples a cell is scored on: for classification the
+  uniform guess (1 / classes) and always answering the most frequent class of those test examples; for text a
+  uniform guess over the 256 byte values (8 bits per byte)."""
+  if getattr(data, "kind", "classify") == "lm":
+    return {"kind": "lm", "uniform": float(np.log2(data.vocab_size))}
+  labels = np.asarray(data.test.labels)
+  if budget.get("eval_examples"):
+    labels = labels[:budget["eval_examples"]]
+  counts = np.bincount(labels, minlength=data.num_classes)
+  return {"kind": "classify", "classes": int(data.num_classes), "uniform": 1.0 / data.num_classes,
+          "majority": float(counts.max() / counts.sum()), "majority_class": int(counts.argmax())}
+
+
 def write_atomic(path: pathlib.Path, text: str) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+  umask = os.umask(0)
+  os.umask(umask)
   try:
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; results are shared like any other file
     with os.fdopen(fd, "w") as f:
       f.write(text)
     os.replace(tmp, path)
@@ -168,8 +190,9 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
   path = results_dir / f"{config.suite}.json"
   cell_dir = results_dir / f"{config.suite}.cells"
   doc = load_results(path, d)
-  for t in d["tasks"]:  # a task whose data is missing fails now, naming its package, not hours later
-    tasks_lib.load(t, cache_dir=config.cache_dir or None)
+  # A task whose data is missing fails now, naming its package, not hours later.
+  doc["baselines"] = {t: baseline(tasks_lib.load(t, cache_dir=config.cache_dir or None), d["budget"])
+                      for t in d["tasks"]}
   doc["machine"] = machine()
   order = grid_cells(d)
   have = {cell_key(r["task"], r["metric"], r["lambda_mode"], r["seed"]) for r in doc["records"]}
@@ -196,7 +219,7 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
     groups.setdefault(cell[:3], []).append(cell)
   log(f"{config.suite}: {len(have)} cells done, {len(todo)} to run in {len(groups)} groups, "
       f"{config.workers} worker(s)")
-  start = time.perf_counter()
+  start, started = time.perf_counter(), _now()
   budget = dict(d["budget"], p=d["p"], pooling=d["pooling"])
   cache_dir = config.cache_dir or None
   if config.workers <= 1:
@@ -211,7 +234,10 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
       for future in concurrent.futures.as_completed(futures):
         for record in future.result():
           merge(record)
-  doc["wall_s_last_run"] = time.perf_counter() - start
+  if todo:  # a rerun that only rewrites the reports keeps the record of the runs that trained
+    doc.setdefault("runs", []).append({"started": started, "finished": _now(), "cells": len(todo),
+                                       "workers": config.workers, "wall_s": time.perf_counter() - start})
+    doc["wall_s_last_run"] = doc["runs"][-1]["wall_s"]
   write_atomic(path, json.dumps(doc, indent=1))
   write_atomic(results_dir / f"{config.suite}.md", table(doc))
   plot(doc, results_dir, config.suite)
@@ -268,6 +294,14 @@ def table(doc: dict[str, Any]) -> str:
                       f"({k2[2]} lam) {m2 * scale:.2f}; margin {margin:.2f} "
                       + ("exceeds" if exceeds else "does not exceed")
                       + f" the seed spread ({(s1 + s2) * scale:.2f} = sum of the two stds).")
+  floor = _floor_lines(doc)
+  if floor:
+    verdicts += ["", "Against a model that ignores its input (uniform guess; always the most frequent class of the "
+                 "scored test examples), the weakest cell of each task:", "", *floor]
+  verdicts += ["", "Was the budget enough? The held-out metric of the learning curve over the last "
+               f"{g['budget']['eval_every']} steps, the training loss, and how far learned lam moved from its "
+               "calibrated start:", "",
+               *_budget_lines(doc)]
   nonfinite = [cell_key(r["task"], r["metric"], r["lambda_mode"], r["seed"]) for r in doc["records"]
                if not r["finite"]]
   lines += ["", *verdicts, "", "Non-finite cells: " + (", ".join(nonfinite) if nonfinite else "none") + "."]
@@ -276,6 +310,58 @@ def table(doc: dict[str, Any]) -> str:
   lines.append(f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('backend')}); summed cell wall time "
                f"{walls / 60:.1f} min over {len(doc['records'])} cells.")
   return "\n".join(lines) + "\n"
+
+
+def _floor_lines(doc: dict[str, Any]) -> list[str]:
+  """Per task: the weakest cell against the uniform and majority-class baselines (results files written before
+  baselines were recorded have none, and get no lines)."""
+  out = []
+  for task, b in doc.get("baselines", {}).items():
+    rs = [r for r in doc["records"] if r["task"] == task and r["finite"]]
+    if not rs:
+      continue
+    if b["kind"] == "lm":
+      worst = max(rs, key=lambda r: r["final"])
+      out.append(f"- **{task}**: uniform over bytes {b['uniform']:.2f} bits per byte; weakest cell "
+                 f"{cell_key(worst['task'], worst['metric'], worst['lambda_mode'], worst['seed'])} "
+                 f"{worst['final']:.4f} ({'beats' if worst['final'] < b['uniform'] else 'does not beat'} it).")
+    else:
+      worst = min(rs, key=lambda r: r["final"])
+      floor = max(b["uniform"], b["majority"])
+      out.append(f"- **{task}**: {b['classes']} classes; uniform {100 * b['uniform']:.2f}%, majority class "
+                 f"{100 * b['majority']:.2f}%; weakest cell "
+                 f"{cell_key(worst['task'], worst['metric'], worst['lambda_mode'], worst['seed'])} "
+                 f"{100 * worst['final']:.2f}% ({'beats' if worst['final'] > floor else 'does not beat'} both).")
+  return out
+
+
+def _budget_lines(doc: dict[str, Any]) -> list[str]:
+  """Per task: in how many cells the learning curve still improved over its last interval (and the median
+  improvement), the median training loss over that interval (near 0: the training set is memorised), and the
+  largest factor by which any learned lam ended away from ``initializers.default_lambda``."""
+  g = doc["grid"]
+  head_dim = g["budget"]["width"] // g["budget"]["num_heads"]
+  out = []
+  for task in g["tasks"]:
+    rs = [r for r in doc["records"] if r["task"] == task and r["finite"] and len(r["curve"]["eval"]) >= 2]
+    if not rs:
+      continue
+    higher = _higher_is_better(doc, task)
+    scale, unit = (100.0, " points") if higher else (1.0, " bits per byte")
+    change = np.array([r["curve"]["eval"][-1] - r["curve"]["eval"][-2] for r in rs]) * (1 if higher else -1)
+    loss = np.median([r["curve"]["train_loss"][-1] for r in rs])
+    text = (f"- **{task}**: improved in {int(np.sum(change > 0))} of {len(rs)} cells (median improvement "
+            f"{np.median(change) * scale:+.2f}{unit}); median training loss over those steps {loss:.3f} nats")
+    moves = []
+    for r in rs:
+      if r["lambda_mode"] == "learned":
+        start = initializers.default_lambda(r["metric"], head_dim, float(g["p"]))
+        moves.append(float(np.max(np.abs(np.log(np.asarray(r["final_lambda"]) / start)))))
+    if moves:
+      text += (f"; learned lam ended within a factor {np.exp(max(moves)):.2f} of its start in every head "
+               f"(median over cells of the largest factor {np.exp(np.median(moves)):.2f})")
+    out.append(text + ".")
+  return out
 
 
 def plot(doc: dict[str, Any], results_dir: pathlib.Path, suite: str) -> list[pathlib.Path]:
