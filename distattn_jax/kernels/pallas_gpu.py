@@ -356,6 +356,31 @@ def _params(r: dict) -> tuple:
   return (r["p"][0],) if "p" in r else ()
 
 
+def _loader(ref, dim: int, rows=None):
+  """``load(c, size)``: features ``[c, c + size)`` of a tile. The kernel's own tile (``rows=None``) is read once
+  and stays on chip for the whole loop; the loop's tiles are read as sliced."""
+  if rows is None:
+    tile = ref[...]
+    return lambda c, size: tile if size == dim else ref[:, pl.ds(c, size)]
+  return lambda c, size: ref[rows, pl.ds(c, size)]
+
+
+def _pair(cfg: _Config, r: dict, load_q, load_k, dim: int, params: tuple, lam, q_start, k_start, q_slice,
+          k_slice):
+  """One (query tile, key tile) pair as all three kernels see it: the form's residuals, the score (the negated
+  distance, or the similarity) and the masked logits, ``[block_q, block_k]``."""
+  bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
+  value, aux = _form_value(cfg, load_q, load_k, dim, params, (bq, bk))
+  allowed = _tile_allowed(cfg, r, q_start, k_start, q_slice, k_slice, bq, bk)
+  score, logits = _logits(cfg, r, value, lam, q_slice, k_slice, allowed, bq, bk)
+  return aux, score, logits
+
+
+def _logits_to_values(cfg: _Config) -> float:
+  """``d logits / d value`` per unit lam: the scale, signed by whether the form is a similarity."""
+  return (1.0 if metrics.get(cfg.metric).similarity else -1.0) / math.sqrt(cfg.head_dim)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Kernels.
 
@@ -371,22 +396,14 @@ def _forward_kernel(*refs, cfg: _Config, names: list[str]):
   q_start = i * bq
   lam = r["lam"][0].astype(jnp.float32)
   params = _params(r)
-  q_tile = q_ref[...]  # stays on chip for the whole key loop
-
-  def load_q(c, size):
-    return q_tile if size == dim else q_ref[:, pl.ds(c, size)]
+  load_q = _loader(q_ref, dim)
 
   def body(j, carry):
     o, m, l = carry
     k_start = j * bk
     k_slice = pl.ds(k_start, bk)
-
-    def load_k(c, size):
-      return k_ref[k_slice, pl.ds(c, size)]
-
-    value, _ = _form_value(cfg, load_q, load_k, dim, params, (bq, bk))
-    allowed = _tile_allowed(cfg, r, q_start, k_start, slice(None), k_slice, bq, bk)
-    _, logits = _logits(cfg, r, value, lam, slice(None), k_slice, allowed, bq, bk)
+    _, _, logits = _pair(cfg, r, load_q, _loader(k_ref, dim, k_slice), dim, params, lam, q_start, k_start,
+                         slice(None), k_slice)
     m_new = jnp.maximum(m, jnp.max(logits, axis=1))
     m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
     probs = jnp.exp(logits - m_safe[:, None])
@@ -445,28 +462,19 @@ def _dq_kernel(*refs, cfg: _Config, names: list[str]):
   lam = r["lam"][0].astype(jnp.float32)
   params = _params(r)
   scale = 1.0 / math.sqrt(cfg.head_dim)
-  sign = 1.0 if metrics.get(cfg.metric).similarity else -1.0
-  q_tile = q_ref[...]
+  load_q = _loader(q_ref, dim)
   do = r["do"][...]
   lse = r["lse"][...]
   lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
   delta = r["delta"][...]
   chunks = _chunks(cfg, dim)
 
-  def load_q(c, size):
-    return q_tile if size == dim else q_ref[:, pl.ds(c, size)]
-
   def body(j, carry):
     dq, dlam, dp = carry
     k_start = j * bk
     k_slice = pl.ds(k_start, bk)
-
-    def load_k(c, size):
-      return k_ref[k_slice, pl.ds(c, size)]
-
-    value, aux = _form_value(cfg, load_q, load_k, dim, params, (bq, bk))
-    allowed = _tile_allowed(cfg, r, q_start, k_start, slice(None), k_slice, bq, bk)
-    score, logits = _logits(cfg, r, value, lam, slice(None), k_slice, allowed, bq, bk)
+    load_k = _loader(k_ref, dim, k_slice)
+    aux, score, logits = _pair(cfg, r, load_q, load_k, dim, params, lam, q_start, k_start, slice(None), k_slice)
     probs = jnp.exp(logits - lse_safe[:, None])
     v = v_ref[k_slice, :]
     d_probs = _dot(do, v, trans_b=True, precision=cfg.precision)
@@ -474,7 +482,7 @@ def _dq_kernel(*refs, cfg: _Config, names: list[str]):
     dlam = dlam + jnp.sum(d_logits * score, axis=1) * scale
     if dbias_ref is not None:
       dbias_ref[:, k_slice] = d_logits
-    g = d_logits * (lam * scale * sign)
+    g = d_logits * (lam * _logits_to_values(cfg))
     dqs, _, dp_rows = _form_vjp(cfg, load_q, load_k, dim, params, aux, g, want_q=True, want_k=False)
     dq = tuple(a + b for a, b in zip(dq, dqs))
     if dp is not None:
@@ -508,33 +516,23 @@ def _dkv_kernel(*refs, cfg: _Config, names: list[str]):
   k_start = j * bk
   lam = r["lam"][0].astype(jnp.float32)
   params = _params(r)
-  scale = 1.0 / math.sqrt(cfg.head_dim)
-  sign = 1.0 if metrics.get(cfg.metric).similarity else -1.0
-  k_tile = k_ref[...]
+  load_k = _loader(k_ref, dim)
   v = v_ref[...]
   chunks = _chunks(cfg, dim)
-
-  def load_k(c, size):
-    return k_tile if size == dim else k_ref[:, pl.ds(c, size)]
 
   def body(i, carry):
     dk, dv = carry
     q_start = i * bq
     q_slice = pl.ds(q_start, bq)
-
-    def load_q(c, size):
-      return q_ref[q_slice, pl.ds(c, size)]
-
-    value, aux = _form_value(cfg, load_q, load_k, dim, params, (bq, bk))
-    allowed = _tile_allowed(cfg, r, q_start, k_start, q_slice, slice(None), bq, bk)
-    _, logits = _logits(cfg, r, value, lam, q_slice, slice(None), allowed, bq, bk)
+    load_q = _loader(q_ref, dim, q_slice)
+    aux, _, logits = _pair(cfg, r, load_q, load_k, dim, params, lam, q_start, k_start, q_slice, slice(None))
     lse = r["lse"][q_slice]
     probs = jnp.exp(logits - jnp.where(jnp.isneginf(lse), 0.0, lse)[:, None])
     do = r["do"][q_slice, :]
     dv = dv + _dot(probs.astype(do.dtype), do, trans_a=True, precision=cfg.precision)
     d_probs = _dot(do, v, trans_b=True, precision=cfg.precision)
     d_logits = probs * (d_probs - r["delta"][q_slice][:, None])
-    g = d_logits * (lam * scale * sign)
+    g = d_logits * (lam * _logits_to_values(cfg))
     _, dks, _ = _form_vjp(cfg, load_q, load_k, dim, params, aux, g, want_q=False, want_k=True)
     return tuple(a + b for a, b in zip(dk, dks)), dv
 
