@@ -127,9 +127,9 @@ def test_suite_configs_check_their_arguments():
     spec = importlib.util.spec_from_file_location(f"config_{name}", root / f"{name}.py")
     modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(modules[name])
-  with pytest.raises(ValueError, match="suite='huge' is not a suite; valid suites: quick, cpu, full"):
+  with pytest.raises(ValueError, match="suite='huge' is not a suite; valid suites: quick, cpu, long, full"):
     modules["ablate"].get_config("suite=huge")
-  for suite in ("quick", "cpu", "full"):
+  for suite in ("quick", "cpu", "long", "full"):
     d = ablation.definition(modules["ablate"].get_config(f"suite={suite}"))
     assert d["metrics"] == list(ablation.SHIPPED_METRICS) and d["seeds"] >= 3
     assert d["lambda_modes"] == ["learned", "fixed"]
