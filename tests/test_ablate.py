@@ -54,6 +54,19 @@ def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monke
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
     assert cells == [f"**{stats[m]}**" if m == best else stats[m] for m in ("dot", "l1")]
   assert "exceed" in md and "Non-finite cells: none." in md
+  # The verdict: the winning cell group against the other metric's better lam mode, by the sum of the two stds.
+  groups = {(m, mode): [r["final"] * 100 for r in records if r["metric"] == m and r["lambda_mode"] == mode]
+            for m in ("dot", "l1") for mode in ("learned", "fixed")}
+  stats = {k: (np.mean(v), np.std(v, ddof=1)) for k, v in groups.items()}
+  winner = max(stats, key=lambda k: stats[k][0])
+  loser = max((k for k in stats if k[0] != winner[0]), key=lambda k: stats[k][0])
+  separated = stats[winner][0] - stats[loser][0] > stats[winner][1] + stats[loser][1]
+  verdict = next(line for line in md.splitlines() if line.startswith("- **mnist1d**:") and "wins" in line)
+  assert verdict.startswith(f"- **mnist1d**: {winner[0]} ({winner[1]} lam) wins with {stats[winner][0]:.2f}")
+  assert verdict.endswith(f"{loser[0]} ({loser[1]} lam, {stats[loser][0]:.2f})." if separated else ": none.")
+  apart = [m for m in ("dot", "l1") if abs(stats[(m, "learned")][0] - stats[(m, "fixed")][0])
+           > stats[(m, "learned")][1] + stats[(m, "fixed")][1]]
+  assert f"differences beyond the seed spread in {len(apart)} of 2 pairs" in md
   # The input-blind baselines, recomputed from the 200 scored test labels.
   labels = tasks.load("mnist1d", cache_dir=tmp_path / "data").test.labels[:200]
   majority = np.bincount(labels).max() / 200

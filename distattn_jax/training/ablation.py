@@ -290,10 +290,19 @@ def table(doc: dict[str, Any]) -> str:
       (k1, (m1, s1, _)), (k2, (m2, s2, _)) = ranked[0], others[0]
       margin = abs(m1 - m2) * scale
       exceeds = abs(m1 - m2) > s1 + s2
+      # Every other metric at its best lam mode, and whether the winner clears it by more than the spread.
+      best_of = {}
+      for (_, metric, mode), v in ranked:
+        best_of.setdefault(metric, (mode, v))
+      beaten = [f"{metric} ({mode} lam, {m * scale:.2f})" for metric, (mode, (m, sd, _)) in best_of.items()
+                if metric != k1[1] and abs(m1 - m) > s1 + sd]
       verdicts.append(f"- **{task}**: {k1[1]} ({k1[2]} lam) wins with {m1 * scale:.2f}; best other metric {k2[1]} "
                       f"({k2[2]} lam) {m2 * scale:.2f}; margin {margin:.2f} "
                       + ("exceeds" if exceeds else "does not exceed")
-                      + f" the seed spread ({(s1 + s2) * scale:.2f} = sum of the two stds).")
+                      + f" the seed spread ({(s1 + s2) * scale:.2f} = sum of the two stds). Metrics it beats by more "
+                      "than the seed spread, each at its better lam mode: " + (", ".join(beaten) or "none") + ".")
+  if len(g["lambda_modes"]) == 2:
+    verdicts += ["", _modes_line(doc, s)]
   floor = _floor_lines(doc)
   if floor:
     verdicts += ["", "Against a model that ignores its input (uniform guess; always the most frequent class of the "
@@ -310,6 +319,22 @@ def table(doc: dict[str, Any]) -> str:
   lines.append(f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('backend')}); summed cell wall time "
                f"{walls / 60:.1f} min over {len(doc['records'])} cells.")
   return "\n".join(lines) + "\n"
+
+
+def _modes_line(doc: dict[str, Any], s: dict) -> str:
+  """The (task, metric) pairs whose two lam modes differ by more than the seed spread."""
+  g = doc["grid"]
+  a, b = g["lambda_modes"]
+  out = []
+  for task in g["tasks"]:
+    scale = 100.0 if any(r["task"] == task for r in doc["records"]) and _higher_is_better(doc, task) else 1.0
+    for metric in g["metrics"]:
+      va, vb = s.get((task, metric, a)), s.get((task, metric, b))
+      if va and vb and abs(va[0] - vb[0]) > va[1] + vb[1]:
+        out.append(f"{task}/{metric} ({a} {va[0] * scale:.2f}, {b} {vb[0] * scale:.2f})")
+  return (f"{a.capitalize()} against {b} lam, same metric: differences beyond the seed spread in {len(out)} of "
+          f"{sum(1 for t in g['tasks'] for m in g['metrics'] if (t, m, a) in s and (t, m, b) in s)} pairs"
+          + (": " + ", ".join(out) if out else "") + ".")
 
 
 def _floor_lines(doc: dict[str, Any]) -> list[str]:
