@@ -327,7 +327,9 @@ def _modes_line(doc: dict[str, Any], s: dict) -> str:
   a, b = g["lambda_modes"]
   out = []
   for task in g["tasks"]:
-    scale = 100.0 if any(r["task"] == task for r in doc["records"]) and _higher_is_better(doc, task) else 1.0
+    if not any(r["task"] == task for r in doc["records"]):
+      continue
+    scale = 100.0 if _higher_is_better(doc, task) else 1.0
     for metric in g["metrics"]:
       va, vb = s.get((task, metric, a)), s.get((task, metric, b))
       if va and vb and abs(va[0] - vb[0]) > va[1] + vb[1]:
@@ -352,7 +354,7 @@ def _floor_lines(doc: dict[str, Any]) -> list[str]:
                  f"{worst['final']:.4f} ({'beats' if worst['final'] < b['uniform'] else 'does not beat'} it).")
     else:
       worst = min(rs, key=lambda r: r["final"])
-      floor = max(b["uniform"], b["majority"])
+      floor = b["majority"]  # never below uniform: the most frequent class holds at least 1 / classes
       out.append(f"- **{task}**: {b['classes']} classes; uniform {100 * b['uniform']:.2f}%, majority class "
                  f"{100 * b['majority']:.2f}%; weakest cell "
                  f"{cell_key(worst['task'], worst['metric'], worst['lambda_mode'], worst['seed'])} "
