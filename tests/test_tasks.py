@@ -145,6 +145,68 @@ def test_ts_parser_reads_multivariate_variable_length_cases():
   np.testing.assert_array_equal(series[1], [[-1.5, 0], [0.2, 0]])
 
 
+UCR_HEADER = "@problemName GunPoint\n@classLabel true 1 2\n@data\n"
+
+
+def _write_ucr(folder, train, test="1,2,3:1\n", header=UCR_HEADER):
+  (folder / "GunPoint").mkdir(exist_ok=True)
+  for split, cases in (("TRAIN", train), ("TEST", test)):
+    (folder / "GunPoint" / f"GunPoint_{split}.ts").write_text(header + cases)
+
+
+@pytest.mark.parametrize("train,test,where,message", [
+    ("1,nan,3:1\n", None, "TRAIN.ts, line 4", r"value 'nan' \(dimension 0, position 1\) is not finite; values must "
+     "be finite numbers"),
+    ("1,2,3:1\n4,-inf,6:2\n", None, "TRAIN.ts, line 5", r"value '-inf' \(dimension 0, position 1\) is not finite"),
+    ("1,2,3:1\n1,2,3:7\n", None, "TRAIN.ts, line 5", r"class label '7' is not one of the header's @classLabel list; "
+     "allowed: 1, 2"),
+    ("1,2,3:1\n1,x,3:2\n", None, "TRAIN.ts, line 5", r"value 'x' \(dimension 0, position 1\) is not a number; a case "
+     "is one line: each dimension's values comma-separated"),
+    ("", None, "TRAIN.ts", "the @data section holds no cases"),
+    ("1,2:1\n", "1,2:1\n1,2:3:1\n", "TEST.ts, line 5", "case has 2 dimensions, but the first case has 1"),
+], ids=["nan", "inf", "undeclared_label", "not_a_number", "empty", "dimensions"])
+def test_bad_ucr_files_are_errors_naming_the_file_line_value_and_what_is_allowed(tmp_path, train, test, where,
+                                                                                  message):
+  _write_ucr(tmp_path, train, *([test] if test else []))
+  with pytest.raises(ValueError, match=message) as error:
+    timeseries.load("GunPoint", folder=tmp_path)
+  assert str(error.value).startswith(f"{tmp_path}/GunPoint/GunPoint_{where}: "), str(error.value)
+
+
+def test_a_test_label_the_training_file_lacks_is_an_error_without_a_header_list(tmp_path):
+  _write_ucr(tmp_path, "1,2,3:a\n4,5,6:b\n", "1,2,3:c\n", header="@problemName GunPoint\n@data\n")
+  with pytest.raises(ValueError, match=r"GunPoint_TEST.ts, line 3: class label 'c' is not one of the training "
+                     r"file's classes; allowed: a, b"):
+    timeseries.load("GunPoint", folder=tmp_path)
+
+
+def _write_idx(path, array):
+  array = np.asarray(array, np.uint8)
+  with gzip.open(path, "wb") as f:
+    f.write(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+@pytest.mark.parametrize("split,field,array,message", [
+    ("train", 1, [0, 1, 200], r"train-labels-idx1-ubyte.gz: label 200 at index 2 is out of range \(1 of 3 labels "
+     r"are\); allowed: 0 to 9 \(10 classes\)"),
+    ("train", 1, [[0], [1], [2]], r"train-labels-idx1-ubyte.gz: labels have shape \(3, 1\); allowed: \[n\]"),
+    ("test", 0, np.zeros((3, 14, 14)), "t10k-images-idx3-ubyte.gz: images are 14x14, but the training images are "
+     "28x28"),
+    ("train", 0, np.zeros((3, 784)), r"train-images-idx3-ubyte.gz: images have shape \(3, 784\); allowed: "
+     r"\[n, height, width\]"),
+    ("test", 1, [0, 1], "t10k-labels-idx1-ubyte.gz: 2 labels for the 3 images of"),
+], ids=["label_200", "labels_n_by_1", "test_14x14", "images_2d", "count"])
+def test_bad_fashion_mnist_files_are_errors_naming_the_file_value_and_what_is_allowed(tmp_path, split, field,
+                                                                                      array, message):
+  good = {0: np.zeros((3, 28, 28)), 1: [0, 1, 2]}
+  for name, files in fashion_mnist.FILES.items():
+    for i, file in enumerate(files):
+      _write_idx(tmp_path / file, array if (name, i) == (split, field) else good[i])
+  with pytest.raises(ValueError, match=message) as error:
+    fashion_mnist.load(root=tmp_path)
+  assert str(error.value).startswith(str(tmp_path / fashion_mnist.FILES[split][field])), str(error.value)
+
+
 def test_ucr_sets_have_the_archives_sizes():
   try:
     importlib.metadata.distribution("aeon")

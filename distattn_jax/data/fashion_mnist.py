@@ -18,6 +18,7 @@ from distattn_jax.data import classification
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 INSTALL = "sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu package; files in " + DEFAULT_ROOT + ")"
+NUM_CLASSES = 10
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
@@ -26,14 +27,38 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
   """An IDX file (gzipped): magic ``0 0 dtype ndim``, ``ndim`` big-endian int32 sizes, then uint8 data."""
   with gzip.open(path, "rb") as f:
     raw = f.read()
-  if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-    raise ValueError(f"{path}: not an unsigned-byte IDX file (header {raw[:4].hex()})")
+  if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    raise ValueError(f"{path}: not an unsigned-byte IDX file (header {raw[:4].hex()}; allowed: 0000 08 then the "
+                     "number of dimensions)")
   ndim = raw[3]
+  if len(raw) < 4 + 4 * ndim:
+    raise ValueError(f"{path}: the header declares {ndim} dimensions but the file ends within their sizes")
   shape = tuple(int(s) for s in np.frombuffer(raw, ">i4", count=ndim, offset=4))
   data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
   if data.size != int(np.prod(shape)):
     raise ValueError(f"{path}: header says shape {shape} but holds {data.size} values")
   return data.reshape(shape)
+
+
+def check_split(images_path: pathlib.Path, images: np.ndarray, labels_path: pathlib.Path, labels: np.ndarray,
+                image_shape: tuple[int, ...] | None = None) -> None:
+  """One split's arrays as read: images ``[n, H, W]`` (of ``image_shape`` when given: the training images'),
+  labels ``[n]`` in ``[0, NUM_CLASSES)``; a ValueError names the file, the field, the value and what is
+  allowed."""
+  if images.ndim != 3:
+    raise ValueError(f"{images_path}: images have shape {images.shape}; allowed: [n, height, width] (3 dimensions)")
+  if image_shape is not None and images.shape[1:] != tuple(image_shape):
+    raise ValueError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, but the training images are "
+                     f"{image_shape[0]}x{image_shape[1]}; both splits must have one image size")
+  if labels.ndim != 1:
+    raise ValueError(f"{labels_path}: labels have shape {labels.shape}; allowed: [n] (one label per image)")
+  if len(labels) != len(images):
+    raise ValueError(f"{labels_path}: {len(labels)} labels for the {len(images)} images of {images_path}; each "
+                     "image needs one label")
+  bad = np.flatnonzero(labels >= NUM_CLASSES)  # uint8: never negative
+  if bad.size:
+    raise ValueError(f"{labels_path}: label {int(labels[bad[0]])} at index {int(bad[0])} is out of range ({bad.size} "
+                     f"of {len(labels)} labels are); allowed: 0 to {NUM_CLASSES - 1} ({NUM_CLASSES} classes)")
 
 
 def patchify(images: np.ndarray, patch: int) -> np.ndarray:
@@ -58,8 +83,9 @@ def load(*, patch: int = 7, root: str | pathlib.Path = DEFAULT_ROOT, train_limit
                      f"install them with {INSTALL}")
   splits = {}
   for name, (images, labels) in FILES.items():
-    x = read_idx(root / images).astype(np.float32) / 255.0
-    y = read_idx(root / labels).astype(np.int32)
+    x, y = read_idx(root / images), read_idx(root / labels)
+    check_split(root / images, x, root / labels, y, splits["train"][0].shape[1:] if splits else None)
+    x, y = x.astype(np.float32) / 255.0, y.astype(np.int32)
     limit = train_limit if name == "train" else test_limit
     splits[name] = (x[:limit], y[:limit])
   mean, std = float(splits["train"][0].mean()), float(splits["train"][0].std())
@@ -70,6 +96,6 @@ def load(*, patch: int = 7, root: str | pathlib.Path = DEFAULT_ROOT, train_limit
 
   train, test = split(*splits["train"]), split(*splits["test"])
   return classification.ClassificationData(
-      name="fashion_mnist", train=train, test=test, num_classes=10, buckets=(train.inputs.shape[1],),
+      name="fashion_mnist", train=train, test=test, num_classes=NUM_CLASSES, buckets=(train.inputs.shape[1],),
       features=patch * patch,
       info={"source": str(root), "patch": patch, "train": len(train), "test": len(test)})

@@ -24,32 +24,76 @@ INSTALL = "pip install -e .[tasks] (installs aeon, whose installed data folder s
 DATASETS = ("GunPoint", "ItalyPowerDemand", "ArrowHead", "BasicMotions")
 
 
-def parse_ts(text: str) -> tuple[list[np.ndarray], list[str], list[str]]:
+CASE_FORMAT = ("a case is one line: each dimension's values comma-separated, dimensions separated by ':', the "
+               "class label last")
+
+
+def parse_ts(text: str, source: str = "<text>", class_names: list[str] | None = None
+             ) -> tuple[list[np.ndarray], list[str], list[str]]:
   """``(series, labels, class_names)``: each series ``[length, dims]`` float64, labels as written, and the
-  header's class labels (in order; the labels seen, sorted, if the header lists none)."""
+  header's class labels (in order; the labels seen, sorted, if the header lists none).
+
+  A label must be one of the header's, if it lists any, and of ``class_names`` if given (a test file's labels are
+  the training file's classes). Every value must be a finite number, every case must have the first case's
+  number of dimensions, each of one length, and there must be at least one case; a ValueError names ``source``,
+  the line, the value and what is allowed.
+  """
   header, series, labels = {}, [], []
   in_data = False
-  for line in text.splitlines():
+  declared: list[str] | None = None
+  dims_first = None
+  for number, line in enumerate(text.splitlines(), 1):
     line = line.strip()
     if not line or line.startswith("#"):
       continue
+    where = f"{source}, line {number}"
     if not in_data:
       if line.lower() == "@data":
         in_data = True
+        words = header.get("classlabel", "").split()
+        declared = words[1:] if words[:1] == ["true"] else None
       elif line.startswith("@"):
         key, _, value = line[1:].partition(" ")
         header[key.lower()] = value.strip()
       continue
     *dims, label = line.split(":")
-    values = [np.asarray([float(v) for v in d.split(",")], np.float64) for d in dims]
+    label = label.strip()
+    if not dims:
+      raise ValueError(f"{where}: case {line!r} has no values before its class label; {CASE_FORMAT}")
+    for allowed, said in ((declared, "the header's @classLabel list"),
+                          (class_names, "the training file's classes")):
+      if allowed is not None and label not in allowed:
+        raise ValueError(f"{where}: class label {label!r} is not one of {said}; allowed: {', '.join(allowed)}")
+    values = []
+    for d, text_values in enumerate(dims):
+      row = []
+      for i, v in enumerate(text_values.split(",")):
+        try:
+          x = float(v)
+        except ValueError:
+          raise ValueError(f"{where}: value {v.strip()!r} (dimension {d}, position {i}) is not a number; "
+                           f"{CASE_FORMAT}") from None
+        if not np.isfinite(x):
+          raise ValueError(f"{where}: value {v.strip()!r} (dimension {d}, position {i}) is not finite; values "
+                           "must be finite numbers (missing values are not supported)")
+        row.append(x)
+      values.append(np.asarray(row, np.float64))
+    if dims_first is None:
+      dims_first = len(values)
+    elif len(values) != dims_first:
+      raise ValueError(f"{where}: case has {len(values)} dimensions, but the first case has {dims_first}; every "
+                       "case must have the same number")
     if len({len(v) for v in values}) != 1:
-      raise ValueError(f".ts case {len(series)}: dimensions of unequal length {[len(v) for v in values]}")
+      raise ValueError(f"{where}: dimensions of unequal length {[len(v) for v in values]}; every dimension of a "
+                       "case must have the same number of values")
     series.append(np.stack(values, axis=-1))
-    labels.append(label.strip())
+    labels.append(label)
   if not in_data:
-    raise ValueError(".ts text has no @data line")
-  declared = header.get("classlabel", "").split()
-  names = declared[1:] if declared[:1] == ["true"] else sorted(set(labels))
+    raise ValueError(f"{source}: has no @data line; a .ts file is @key value header lines, then @data, then one "
+                     "case per line")
+  if not series:
+    raise ValueError(f"{source}: the @data section holds no cases; {CASE_FORMAT}")
+  names = declared if declared is not None else sorted(set(labels))
   return series, labels, names
 
 
@@ -76,13 +120,18 @@ def load(name: str, *, folder: str | pathlib.Path | None = None) -> classificati
   if name not in DATASETS:
     raise ValueError(f"UCR dataset {name!r} is not one this module reads; valid: {', '.join(DATASETS)}")
   folder = pathlib.Path(folder) if folder else data_folder()
-  parsed = {}
+  parsed, names = {}, None
   for split in ("TRAIN", "TEST"):
     path = folder / name / f"{name}_{split}.ts"
     if not path.exists():
       raise ValueError(f"UCR file {str(path)!r} is missing: {INSTALL}")
-    parsed[split] = parse_ts(path.read_text())
-  names = parsed["TRAIN"][2]
+    # The test file's labels must be the training file's classes (a label seen only in testing has no output).
+    parsed[split] = parse_ts(path.read_text(), str(path), class_names=names)
+    names = parsed[split][2] if names is None else names
+  dims = {split: p[0][0].shape[1] for split, p in parsed.items()}
+  if dims["TRAIN"] != dims["TEST"]:
+    raise ValueError(f"{folder / name / f'{name}_TEST.ts'}: cases have {dims['TEST']} dimensions, but the training "
+                     f"file's have {dims['TRAIN']}; both files must have the same number")
   index = {c: i for i, c in enumerate(names)}
   max_len = max(len(s) for series, _, _ in parsed.values() for s in series)
 
