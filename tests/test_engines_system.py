@@ -110,6 +110,19 @@ def test_forward_with_optimization_levels_match_basic_and_respect_the_mask():
     system.forward_with_optimization(ids, None, "turbo")
 
 
+def test_token_ids_outside_the_vocabulary_are_an_error_naming_the_id_and_the_range():
+  system = engines.TruthGPTCompleteSystem(_config("business"))
+  vocab = system.model_config.vocab_size
+  ids = np.zeros((2, 8), np.int32)
+  for bad in (vocab, vocab + 100, -1):
+    ids[1, 5] = bad
+    with pytest.raises(ValueError, match=rf"input_ids\[1, 5\]={bad} is outside the vocabulary \(1 of 16 ids are\); "
+                       rf"allowed: 0 to {vocab - 1} \(model.vocab_size={vocab}\)"):
+      system.forward_with_optimization(ids)
+  ids[1, 5] = vocab - 1
+  assert system.forward_with_optimization(ids).shape == (2, 8, vocab)  # the largest id is in range
+
+
 def test_demo_runs_end_to_end_and_writes_the_report(tmp_path):
   out = tmp_path / "eco.json"
   proc = scripts.run_script("ecosystem_demo.py",

@@ -63,7 +63,8 @@ class TruthGPTCompleteSystem:
     """Logits ``[batch, length, vocab]`` of ``input_ids [batch, length]`` through the preset's pipeline.
 
     ``attention_mask`` (1 = token, 0 = padding) must be right padding: the model is causal, so padding after a
-    row's tokens cannot change their logits; the padded positions' logits are returned as 0.
+    row's tokens cannot change their logits; the padded positions' logits are returned as 0. Every id, padded
+    positions' too, must be in ``[0, model.vocab_size)`` (checked when ``input_ids`` are concrete, not traced).
     """
     tokens = jnp.asarray(input_ids)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -72,6 +73,14 @@ class TruthGPTCompleteSystem:
     if tokens.shape[1] > self.model_config.max_len:
       raise ValueError(f"forward_with_optimization: length {tokens.shape[1]} exceeds model.max_len="
                        f"{self.model_config.max_len}")
+    vocab = self.model_config.vocab_size
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:  # values are known unless traced
+      ids = np.asarray(tokens)
+      bad = np.argwhere((ids < 0) | (ids >= vocab))
+      if bad.size:
+        row, col = (int(i) for i in bad[0])
+        raise ValueError(f"forward_with_optimization: input_ids[{row}, {col}]={int(ids[row, col])} is outside the "
+                         f"vocabulary ({len(bad)} of {ids.size} ids are); allowed: 0 to {vocab - 1} (model.vocab_size={vocab})")
     if attention_mask is not None:
       mask = np.asarray(attention_mask).astype(bool)
       if mask.shape != tokens.shape:
