@@ -8,6 +8,7 @@ import chex
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -137,6 +138,8 @@ def test_a_run_checkpointed_on_data_8_resumes_on_data_2_fsdp_4_with_the_same_rec
     ({"mesh.data": 3}, r"config.mesh data=3 x fsdp=1 x seq=1 = 3 devices, but there are 8 devices"),
     ({"mesh.data": 2, "mesh.fsdp": 2}, r"= 4 devices, but there are 8 devices \(jax.device_count\(\)\)"),
     ({"mesh.data": 3, "mesh.fsdp": -1}, r"the sized axes take 3 devices, which does not divide the 8 devices"),
+    ({"mesh.data": 4, "mesh.seq": 4}, r"= 16 devices, but there are 8 devices .* To simulate 16 devices on CPU, set "
+     r"JAX_NUM_CPU_DEVICES=16 in the environment before starting"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, r"config.mesh has 2 axes set to -1 \(data, fsdp\)"),
     ({"mesh.seq": 0}, r"config.mesh.seq=0 is invalid: must be a positive int, or -1"),
     ({"mesh.data": 8, "data.batch_size": 12},
@@ -158,6 +161,19 @@ def test_a_bad_placement_fails_before_anything_is_built(tmp_path, overrides, mes
   with pytest.raises(ValueError, match=message):
     training.train_and_evaluate(small_config(**overrides), tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mesh,devices", [(dict(data=16, fsdp=1, seq=1), 16), (dict(data=32, fsdp=-1, seq=1), 32)],
+                         ids=str)
+def test_a_mesh_larger_than_the_devices_says_how_to_simulate_them_on_cpu(mesh, devices):
+  with pytest.raises(ValueError) as error:
+    distributed.mesh_axes(ml_collections.ConfigDict(mesh), 8)
+  assert (f"To simulate {devices} devices on CPU, set JAX_NUM_CPU_DEVICES={devices} in the environment before "
+          "starting") in str(error.value)
+  assert f'jax.config.update("jax_num_cpu_devices", {devices}) right after importing jax' in str(error.value)
+  with pytest.raises(ValueError) as error:  # fewer than there are: simulating more would not help
+    distributed.mesh_axes(ml_collections.ConfigDict(dict(data=2, fsdp=2, seq=1)), 8)
+  assert "simulate" not in str(error.value)
 
 
 def test_a_process_id_outside_the_processes_fails_before_joining():

@@ -103,7 +103,8 @@ def mesh_axes(mesh: ml_collections.ConfigDict, device_count: int) -> dict[str, i
   if free:
     if device_count % known:
       raise ValueError(f"config.mesh={sizes}: the sized axes take {known} devices, which does not divide the "
-                       f"{device_count} devices there are (jax.device_count()), so mesh.{free[0]}=-1 has no size")
+                       f"{device_count} devices there are (jax.device_count()), so mesh.{free[0]}=-1 has no size"
+                       f"{_simulate_hint(known) if known > device_count else ''}")
     sizes[free[0]] = device_count // known
   if math.prod(sizes.values()) == 1:
     return None
@@ -111,8 +112,16 @@ def mesh_axes(mesh: ml_collections.ConfigDict, device_count: int) -> dict[str, i
   if total != device_count:
     raise ValueError(f"config.mesh data={sizes['data']} x fsdp={sizes['fsdp']} x seq={sizes['seq']} = {total} "
                      f"devices, but there are {device_count} devices (jax.device_count()); the product must equal "
-                     "the device count (set one axis to -1 to take the remaining devices)")
+                     "the device count (set one axis to -1 to take the remaining devices)"
+                     f"{_simulate_hint(total) if total > device_count else ''}")
   return sizes
+
+
+def _simulate_hint(devices: int) -> str:
+  return (f". To simulate {devices} devices on CPU, set JAX_NUM_CPU_DEVICES={devices} in the environment before "
+          "starting (with several processes, each one's share), or call "
+          f"jax.config.update(\"jax_num_cpu_devices\", {devices}) right after importing jax, before JAX initialises "
+          "its backend")
 
 
 def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
