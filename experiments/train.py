@@ -20,14 +20,18 @@ devices each (``distributed.*``: process 0 listens at the coordinator address; r
       --config.distributed.num_processes=2 --config.distributed.process_id=0 --workdir=runs/lm_tiny_l1_2p &
   (the same with --config.distributed.process_id=1)
 
-All logic is in ``distattn_jax.training`` (``train_and_evaluate``); this is the absl shell around it. JAX's
-distributed runtime starts first (``training.initialize_distributed``): nothing before it touches a device.
+All logic is in ``distattn_jax.training`` (``train_and_evaluate``); this is the absl shell around it. A mistake in
+the flags (an unknown key, a value of the wrong type or out of range, a missing config file) is a usage error
+with exit status 2, found before anything starts (``cli.run``). JAX's distributed runtime starts first
+(``training.initialize_distributed``): nothing before it touches a device.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from distattn_jax import training
+
+import cli  # experiments/cli.py, beside this file
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:metric=l1,size=tiny.",
                                 lock_config=True)
@@ -36,8 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # flags only: cli.run refuses positional arguments
   training.initialize_distributed(flags.FLAGS.config)  # first: before anything touches a device
   logging.set_verbosity(logging.INFO)
   training.hide_orbax_info_logs()
@@ -50,4 +53,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, validate=training.validate)
