@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 from absl import app, flags
+from ml_collections import config_flags
 
 EXIT_USAGE = 2
 RUN_CONFIG = "config.json"  # the resolved config training.train_and_evaluate writes into the workdir
@@ -41,8 +42,25 @@ _TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true or false)", 
 _PARSERS = {int: flags.IntegerParser(), float: flags.FloatParser(), bool: flags.BooleanParser()}
 
 
+_DEFAULT_CONFIGS: dict[tuple[int, str], str] = {}  # (id of the FlagValues, flag name) -> default config file
+
+
 class UsageError(Exception):
   """A mistake on the command line; :func:`parse_flags` prints it and exits with status 2."""
+
+
+def define_config_file(name: str, default: str, help_string: str, flag_values: flags.FlagValues = flags.FLAGS,
+                       **kwargs) -> flags.FlagHolder:
+  """``config_flags.DEFINE_config_file`` with a default file that :func:`parse_flags` loads. (ml_collections loads a
+  default and applies its overrides as the flag is defined, when the main is imported: a mistake there would be
+  a traceback before any parsing.)"""
+  _DEFAULT_CONFIGS[(id(flag_values), name)] = default
+  holder = config_flags.DEFINE_config_file(name, None, f"{help_string} Default: {default}", flag_values=flag_values,
+                                           **kwargs)
+  caller = sys._getframe(1).f_globals.get("__name__")  # pylint: disable=protected-access
+  # Listed with the main's own flags (--helpshort), as if the main had defined it.
+  flag_values.register_flag_by_module(sys.argv[0] if caller == "__main__" else caller, flag_values[name])
+  return holder
 
 
 def run(main: Callable[[list[str]], Any], *, validate: Callable[[ml_collections.ConfigDict], Any] | None = None,
@@ -83,6 +101,9 @@ def _parse(argv, validate, run_config, name, flag_values) -> list[str]:
                        "not exist; name the config the run was trained with, e.g. --config=configs/lm.py:size=tiny")
     if spec is None:
       argv.insert(1, f"--{name}={pathlib.Path(__file__).resolve()}:{workdir}")
+  elif spec is None and (id(flag_values), name) in _DEFAULT_CONFIGS:
+    spec = _DEFAULT_CONFIGS[(id(flag_values), name)]
+    argv.insert(1, f"--{name}={spec}")
   base = saved if spec is None and saved is not None else (
       load_config_file(spec, name) if spec is not None else _default(flag_values, name))
   overrides = check_overrides(argv, base, name)

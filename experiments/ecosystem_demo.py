@@ -12,12 +12,12 @@ import sys
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from distattn_jax import engines, monitoring
 
-config_flags.DEFINE_config_file("config", "configs/engines/ecosystem.py", "Engine or system config file.",
-                                lock_config=True)
+import cli  # experiments/cli.py, beside this file
+
+cli.define_config_file("config", "configs/engines/ecosystem.py", "Engine or system config file.", lock_config=True)
 flags.DEFINE_string("out", None, "Write the whole report here as JSON.")
 flags.DEFINE_integer("forward_repeats", 3, "forward_with_optimization calls per level (system configs only).")
 
@@ -124,4 +124,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(lambda argv: sys.exit(main(argv)))

@@ -74,6 +74,23 @@ def test_good_flags_reach_the_config():
   assert (config.train.steps, config.model.learnable_lambda, config.train.allow_steps_change) == (5, False, True)
 
 
+def test_a_default_config_file_is_loaded_and_checked_when_the_flags_are_parsed(capsys):
+  values = flags.FlagValues()
+  cli.define_config_file("config", LM, "the config", flag_values=values)  # nothing is loaded yet
+  assert values["config"].value is None
+
+  def run(*argv):
+    try:
+      return cli.parse_flags(["prog.py", *argv], flag_values=values)
+    except SystemExit as e:
+      return e.code
+
+  assert run("--config.train.stpes=5") == 2
+  assert "config.train has no key 'stpes' (did you mean 'steps'?)" in capsys.readouterr().err
+  assert run("--config.train.steps=5") == ["prog.py"]
+  assert (values.config.train.steps, values.config.model.width) == (5, 128)
+
+
 def fake_run(tmp_path, **model):
   """A run folder as the trainer leaves it, as far as flag parsing looks: checkpoints/ and config.json."""
   config = training.default_config()
