@@ -7,10 +7,12 @@ Resumable: finished cells in results/<suite>.json are skipped.
 
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from distattn_jax.training import ablation
+
+import cli  # experiments/cli.py, beside this file
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ablate.py:suite=quick", "ablation suite config")
 _RESULTS = flags.DEFINE_string("results_dir", "results", "folder for <suite>.json, .md and the plots")
@@ -30,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

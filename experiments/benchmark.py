@@ -56,18 +56,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 import distattn_jax as da
 from distattn_jax import monitoring, training
 from distattn_jax.models.truthgpt import TruthGPT
 from distattn_jax.training import loop
 
+import cli  # experiments/cli.py, beside this file
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "attention", ["attention", "train", "scaling"],
                   "Attention kernels, training throughput, or scaling over simulated devices.")
-config_flags.DEFINE_config_file("config", "configs/lm.py:size=tiny", "--mode=train: the model and batch to time.",
-                                lock_config=True)
+cli.define_config_file("config", "configs/lm.py:size=tiny", "--mode=train: the model and batch to time.",
+                       lock_config=True)
 flags.DEFINE_integer("train_steps", 20, "--mode=train: timed steps per measurement.")
 flags.DEFINE_integer("warmup_steps", 3, "--mode=train: untimed steps before each measurement.")
 flags.DEFINE_integer("per_device_batch", 4, "--mode=scaling: data parallel rows per device.")
@@ -555,4 +556,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
