@@ -11,17 +11,38 @@ import json
 import math
 import os
 import pathlib
+import tempfile
 from typing import Any
 
 import numpy as np
 from tensorboardX import SummaryWriter
 
 
-def write_text_atomically(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` through a temporary file and a rename, so a reader never sees half a file."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+def write_text_atomically(path: str | pathlib.Path, text: str, mode: int = 0o644) -> None:
+  """Writes ``text`` (UTF-8) to ``path`` so that a reader sees the old file or the new one, never half of one.
+
+  The text goes to a temporary file of a name of its own in the same folder (two writers never share one),
+  reaches the disk (fsync) and is renamed over ``path``; the file gets permissions ``mode`` explicitly (the
+  process umask is neither read nor changed). The folder is created if missing. On an error the temporary file
+  is removed and ``path`` is untouched."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      os.fchmod(f.fileno(), mode)  # mkstemp makes the file private (0600)
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  folder = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk with the folder's entry
+  try:
+    os.fsync(folder)
+  finally:
+    os.close(folder)
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
