@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -61,6 +59,7 @@ import distattn_jax as da
 from distattn_jax import monitoring, training
 from distattn_jax.models.truthgpt import TruthGPT
 from distattn_jax.training import loop
+from distattn_jax.training.host import machine
 
 import cli  # experiments/cli.py, beside this file
 
@@ -103,13 +102,6 @@ flags.DEFINE_string("scaling_doc", "docs/scaling_cpu.md", "--mode=scaling: where
 flags.DEFINE_bool("plot", False, "Also write a PNG of time and memory against N beside the JSON.")
 
 BASELINE = "jax.nn.dot_product_attention"
-
-
-def machine() -> dict[str, Any]:
-  device = jax.devices()[0]
-  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "backend": jax.default_backend(), "device": device.device_kind,
-          "jax": jax.__version__, "distattn_jax": da.__version__}
 
 
 def inputs(n: int, dtype) -> tuple[jax.Array, ...]:
