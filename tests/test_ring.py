@@ -121,6 +121,30 @@ def test_mesh_passed_to_the_kernel_needs_no_context():
   assert_relative_close(got, want, RTOL)
 
 
+@pytest.mark.parametrize("shape", [(4,), (2, 4)])
+def test_kernel_mesh_from_plain_make_mesh(shape):
+  # jax.make_mesh gives Explicit axes by default. Ring(mesh=...) takes it as it comes: plain arrays eagerly,
+  # under jit and under grad; explicitly sharded arrays (sharded along any axis) eagerly and under jit; and the
+  # registered "ring" inside jax.set_mesh, with one array as query, key and value (their three cotangents meet).
+  mesh = jax.make_mesh(shape, ("data", "seq")[-len(shape):], devices=jax.devices()[:int(np.prod(shape))])
+  assert all(t == AxisType.Explicit for t in mesh.axis_types)
+  x = normal(41, (2, 12, 4, 8), np.float32)
+  self_attention = lambda impl: lambda x: da.distance_attention(x, x, x, metric="l1", implementation=impl)
+  want_out = self_attention("reference")(x)
+  want_grad = jax.grad(lambda x: jnp.sum(self_attention("reference")(x) ** 2))(x)
+  ring = self_attention(Ring(mesh=mesh))
+  got = [ring(x), jax.jit(ring)(x)]
+  for spec in (P(None, "seq"), P(None, None, "seq")):
+    sharded = jax.device_put(x, NamedSharding(mesh, spec))
+    got += [ring(sharded), jax.jit(ring)(sharded)]
+  assert_relative_close(got, [want_out] * len(got), RTOL)
+  grads = [jax.grad(lambda x: jnp.sum(ring(x) ** 2))(x)]
+  with jax.set_mesh(mesh):
+    grads.append(jax.jit(jax.grad(lambda x: jnp.sum(self_attention("ring")(x) ** 2)))(x))
+    grads.append(jax.grad(lambda x: jnp.sum(self_attention(Ring(mesh=mesh))(x) ** 2))(x))
+  assert_relative_close(grads, [want_grad] * len(grads), RTOL)
+
+
 def test_compiled_memory_per_device_shrinks_with_devices():
   # memory_analysis() of the compiled forward+backward is per device and deterministic. At this length the
   # sequence-sized arrays dominate the fixed tiles, so going from 2 to 8 ring devices must at least halve it.

@@ -393,6 +393,48 @@ def _is_mesh(mesh: Any) -> bool:
   return isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh))
 
 
+def _auto_axes_mesh(mesh):
+  """``mesh`` with every axis Auto. The ring lays out and exchanges its own shards inside ``shard_map``; with
+  Explicit axes (``jax.make_mesh``'s default) shard_map would demand that the inputs already carry exactly its
+  in_specs, while with Auto axes it reshards whatever it is given."""
+  auto = jax.sharding.AxisType.Auto
+  if all(t == auto for t in mesh.axis_types):
+    return mesh
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return mesh.update_axis_types({name: auto for name in mesh.axis_names})
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _typed_identity(x, spec):
+  return x
+
+
+def _typed_identity_bwd(spec, _, cotangent):
+  return (jax.sharding.reshard(cotangent, spec),)
+
+
+_typed_identity.defvjp(lambda x, spec: (x, None), _typed_identity_bwd)
+
+
+def _with_typed_cotangent(x):
+  """``x``, whose cotangent is given ``x``'s own sharding type on the way back. Cotangents leaving
+  ``auto_axes`` through a ``jax.jit`` boundary keep the Auto axes, and adding them to another cotangent of the
+  same input (self-attention passes one array as query, key and value) then fails under an Explicit mesh."""
+  if x is None or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+    return x
+  return _typed_identity(x, jax.typeof(x).sharding.spec)
+
+
+def _has_explicit_axes(mesh) -> bool:
+  return mesh is not None and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def _explicitly_typed(*arrays) -> bool:
+  """Whether an array's type carries an Explicit sharding (set by ``jax.device_put`` on an Explicit mesh)."""
+  return any(_has_explicit_axes(getattr(jax.typeof(x).sharding, "mesh", None)) for x in arrays)
+
+
 def _context_mesh():
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh is None or mesh.empty else mesh
@@ -478,23 +520,31 @@ class Ring:
             f"[batch|1, heads|1, 1, kv_len|1] (it then travels with the keys); got kernel shape {tuple(x.shape)}. "
             "A [q_len, kv_len] one does not shard with a key share: express padding and packing with segment "
             "ids or sequence lengths, or use implementation='blockwise'")
-    self.resolve_mesh()
+    mesh = self.resolve_mesh()
     # Every array is an argument (none closed over), so that auto_axes below sees them all.
     run = functools.partial(self._attend, metric=metric, p_static=p if isinstance(p, float) else None,
                             is_causal=is_causal, precision=precision)
+    args = (q, k, v, lam, bias, mask, segments, None if isinstance(p, float) else p)
     context = _context_mesh()
-    if self.mesh is None and any(t == jax.sharding.AxisType.Explicit for t in context.axis_types):
-      # The layout gathers chunks across the sequence, which Explicit sharding types cannot express: run it
-      # with the mesh's axes as Auto, and give the result q's sharding.
-      spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
-      run = jax.sharding.auto_axes(run, out_sharding=common.AttentionResult(
-          P(spec[0], spec[1], spec[2], None), P(spec[0], spec[2], spec[1]), None))
-    return run(q, k, v, lam, bias, mask, segments, None if isinstance(p, float) else p)
+    if not (_has_explicit_axes(context) or _explicitly_typed(q, k, v)):
+      return run(*args)  # shard_map on the mesh with Auto axes (_attend) reshards whatever it is given
+    # The layout gathers chunks across the sequence, which Explicit sharding types cannot express: run it with
+    # the mesh's axes as Auto (shard_map then reshards whatever it is given), and give the result q's sharding.
+    spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4 if _explicitly_typed(q) else (None,) * 4
+    args = tuple(_with_typed_cotangent(a) if i in (0, 1, 2, 3, 4, 7) else a for i, a in enumerate(args))
+    run = jax.sharding.auto_axes(run, out_sharding=common.AttentionResult(
+        P(spec[0], spec[1], spec[2], None), P(spec[0], spec[2], spec[1]), None))
+    if context is not None:
+      return run(*args)
+    # Explicitly sharded inputs outside jax.set_mesh: auto_axes and shard_map read the context, so the kernel's
+    # own mesh becomes it for the call.
+    with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
+      return run(*args)
 
   def _attend(self, q, k, v, lam, bias, mask, segments, p_traced, *, metric, p_static, is_causal,
               precision) -> common.AttentionResult:
     p = p_static if p_traced is None else p_traced
-    mesh = self.resolve_mesh()
+    mesh = _auto_axes_mesh(self.resolve_mesh())
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv = k.shape[1], k.shape[2]
     group = num_heads // num_kv
