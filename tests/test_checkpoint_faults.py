@@ -138,3 +138,52 @@ def test_no_readable_checkpoint_stays_an_error_on_every_later_try(tmp_path):
                      r"\S*ckpt.corrupt holds steps 3, 6 set aside as unreadable"):
     _resume(tmp_path / "ckpt", fresh, config)
 
+
+# --- through the trainer --------------------------------------------------------------------------------------
+
+
+def _run_with_checkpoints(run: pathlib.Path, config) -> bytes:
+  """A workdir as a 4-step run leaves it, without the training: checkpoints at steps 2 and 4 (the initial state
+  under those steps, with the fingerprint), records in metrics.jsonl up to step 4, config.json. Returns the
+  metrics.jsonl bytes up to step 2."""
+  fresh = loop.build(config)[1]
+  ckpts = checkpoint.Checkpoints(run / "checkpoints", keep=3)
+  for step in (2, 4):
+    ckpts.save(fresh.replace(step=jnp.asarray(step)), {"config": training.fingerprint(config)})
+  ckpts.close()
+  lines = [{"step": 0, "split": "eval", "bits_per_byte": 8.0}]
+  lines += [{"step": s, "split": split, "loss": 5.0 - s / 10} for s in (2, 4) for split in ("train", "eval")]
+  text = [json.dumps(r) + "\n" for r in lines]
+  (run / "metrics.jsonl").write_text("".join(text))
+  loop.write_json(run / "config.json", json.loads(config.to_json_best_effort()))
+  return "".join(text[:3]).encode()
+
+
+def test_a_run_whose_newest_checkpoint_lost_its_metadata_resumes_from_the_previous_one(tmp_path, caplog):
+  config, run = small_config(), tmp_path / "run"
+  kept = _run_with_checkpoints(run, config)
+  (run / "checkpoints" / "4" / STEP_METADATA).unlink()
+  summary = training.train_and_evaluate(config, run)  # not a ConfigChangedError
+  assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+  assert "checkpoints/4 could not be restored (UnreadableCheckpoint: its _CHECKPOINT_METADATA is missing)" in (
+      caplog.text)
+  assert "holds 2 records past step 2, where this run resumes; they are replaced" in caplog.text  # said, not silent
+  assert (run / "metrics.jsonl").read_bytes().startswith(kept)  # the records up to the resumed step, as they were
+  after = [(r["step"], r["split"]) for r in training.read_jsonl(run / "metrics.jsonl") if r["split"] != "perf"]
+  assert after == [(0, "eval"), (2, "train"), (2, "eval"), (4, "train"), (4, "eval")]
+
+
+def test_a_run_with_no_readable_checkpoint_is_refused_and_its_records_are_left_byte_for_byte(tmp_path):
+  config, run = small_config(), tmp_path / "run"
+  _run_with_checkpoints(run, config)
+  for step in ("2", "4"):
+    _truncate_largest_file(run / "checkpoints" / step)
+  records = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+  for attempt in range(2):  # the first try sets every step aside; an identical rerun must not start at step 0
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+      training.train_and_evaluate(config, run)
+    message = str(refused.value)
+    assert f"no readable checkpoint in {run / 'checkpoints'}" in message
+    assert f"To start this run over from step 0, delete {run}" in message
+    assert {name: (run / name).read_bytes() for name in records} == records
+  assert sorted(p.name for p in (run / "checkpoints.corrupt").iterdir()) == ["2", "4"]

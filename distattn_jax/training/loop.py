@@ -4,7 +4,12 @@ Files in ``workdir``: ``config.json`` (the resolved config), ``data.json`` (the 
 split), ``checkpoints/`` (orbax), ``metrics.jsonl`` and ``tensorboard/`` (train, eval and perf records) and
 ``summary.json`` at the end. Starting again in the same ``workdir`` resumes from the newest readable
 checkpoint; batches and dropout are functions of the step, so the resumed run computes what an uninterrupted
-run computes.
+run computes. An unreadable checkpoint (:mod:`checkpoint`: damaged files or metadata, an array that differs from
+its recorded SHA-256) is set aside and the previous one resumed; the records ``metrics.jsonl`` holds past the
+resumed step are then replaced by the recomputed ones, with a warning saying how many. When checkpoints were
+saved and none is readable, the run is refused (:class:`checkpoint.NoReadableCheckpoint`, naming the folder and
+how to start over) with ``metrics.jsonl`` and every other record left as they are: it never silently starts
+again at step 0.
 
 Resuming is refused (:class:`config.ConfigChangedError`, before the corpus is read or ``config.json``
 rewritten) when the checkpoint's config fingerprint (:func:`config.fingerprint`: model, optimizer, data, seed
@@ -42,7 +47,7 @@ from distattn_jax.data import text
 from distattn_jax.models import TruthGPT, count_params
 from distattn_jax.training import checkpoint, distributed, optim, steps
 from distattn_jax.training.config import check_resume, fingerprint, validate
-from distattn_jax.training.writers import MetricWriter, write_text_atomically
+from distattn_jax.training.writers import MetricWriter, read_jsonl, write_text_atomically
 
 
 class NonFiniteError(RuntimeError):
@@ -196,6 +201,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   checkpoints = checkpoint.Checkpoints(workdir / "checkpoints", train_cfg.keep_checkpoints)
   try:
     state = checkpoints.restore_latest(fresh, resume_check(config, checkpoints.directory)) or fresh
+  except checkpoint.NoReadableCheckpoint as e:
+    checkpoints.close()
+    raise checkpoint.NoReadableCheckpoint(
+        f"{e}\nTo start this run over from step 0, delete {workdir} (or train in another workdir); its "
+        "metrics.jsonl and other records are left as they were") from None
   except BaseException:
     checkpoints.close()
     raise
@@ -215,6 +225,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   del fresh
   logging.info("%s at step %d of %d in %s; %d parameters%s", "resuming" if start else "starting", start, total,
                workdir, count_params(state.params), f" on mesh {placement.axes}" if placement.axes else "")
+  if main_process:
+    past = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["step"] > start]
+    if past:  # written after the checkpoint this run resumes from: the writer replaces them as they recur
+      logging.warning("%s holds %d records past step %d, where this run resumes; they are replaced by the "
+                      "recomputed ones (steps %d to %d)", workdir / "metrics.jsonl", len(past), start,
+                      min(r["step"] for r in past), max(r["step"] for r in past))
   writer = MetricWriter(workdir, start) if main_process else NoWriter()
   if placement.mesh is None:
     train_batch = data.train_batch
