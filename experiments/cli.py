@@ -2,18 +2,22 @@
 
 ``run(main)`` stands in for ``absl.app.run(main)``. Before absl parses the flags, each ``--config.<path>=value``
 override is checked against the config it changes (the file ``--config`` names, or the flag's default): a path
-with an unknown key names the key and lists the valid keys at its level (the closest one first, by difflib); a
+with an unknown key names the key, suggests the closest (difflib) and lists the valid keys at its level; a
 value absl cannot read as the field's type, a value given to a group of fields, a config file that does not
 exist and a ``get_config`` that refuses its argument are refused the same way, and so is any other error of
 absl's flag parsing (an unknown flag, a required one missing) and a positional argument. ``validate``
-(``training.validate``) then checks the values the run would use, so ``--config.train.steps=-1`` stops here too.
-Each mistake prints one paragraph on stderr and exits with status 2 (``EXIT_USAGE``).
+(``training.validate``) then checks the values the run would use, so ``--config.train.steps=-1`` stops here too,
+and an ``app.UsageError`` the main raises about a flag is reported alike. Each mistake prints one paragraph on
+stderr and exits with status 2 (``EXIT_USAGE``).
 
 ``run(main, run_config=True)`` (generate.py, analyze.py) reads a run's own config: without ``--config``, the
 resolved config the trainer saved as ``<workdir>/config.json`` is used (``--config.*`` flags still override
 it), so sampling repeats no training flag. A ``--config`` given as well, or a ``--config.model.*`` flag, must
 agree with it on the model (``model.*``: what the checkpoint's weights were trained as), unless
 ``--config.train.allow_config_change=True`` asks to load the weights into another model on purpose.
+
+A main whose ``--config`` has a default file defines it with :func:`define_config_file`, which loads it when the
+flags are parsed: ml_collections would load it, and apply its overrides, when the main is imported.
 
 This file is also the config file of a run folder: ``get_config(workdir)`` is what ``run_config`` uses when
 ``--config`` is absent, so ``--config=experiments/cli.py:runs/lm_tiny_l1`` equals no ``--config``.
@@ -65,9 +69,28 @@ def define_config_file(name: str, default: str, help_string: str, flag_values: f
 
 def run(main: Callable[[list[str]], Any], *, validate: Callable[[ml_collections.ConfigDict], Any] | None = None,
         run_config: bool = False, config_flag: str = "config") -> None:
-  """``absl.app.run(main)`` with :func:`parse_flags` as its flags parser."""
-  app.run(main, flags_parser=lambda argv: parse_flags(argv, validate=validate, run_config=run_config,
-                                                       config_flag=config_flag))
+  """``absl.app.run(main)`` with :func:`parse_flags` as its flags parser; an ``app.UsageError`` that ``main``
+  raises is the same kind of usage error (absl would print the whole docstring and exit with status 1)."""
+  app.run(usage_errors(main), flags_parser=lambda argv: parse_flags(
+      argv, validate=validate, run_config=run_config, config_flag=config_flag))
+
+
+def usage_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """``main`` with its ``app.UsageError`` (a bad flag value it found) printed as :func:`parse_flags` prints one."""
+
+  def wrapped(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      _exit(str(e), argv[0] if argv else None)
+
+  return wrapped
+
+
+def _exit(message: str, argv0: str | None) -> None:
+  program = os.path.basename(argv0) if argv0 else "program"
+  sys.stderr.write(f"{program}: error: {message}\n(run {program} --helpshort for its flags)\n")
+  sys.exit(EXIT_USAGE)
 
 
 def parse_flags(argv: Sequence[str], *, validate: Callable[[ml_collections.ConfigDict], Any] | None = None,
@@ -76,12 +99,10 @@ def parse_flags(argv: Sequence[str], *, validate: Callable[[ml_collections.Confi
   """Parses ``argv`` into ``flag_values``; returns ``[program]`` (positional arguments are a mistake). A mistake
   prints ``<program>: error: <what>`` on stderr and exits with status 2."""
   argv = list(argv)
-  program = os.path.basename(argv[0]) if argv else "program"
   try:
     return _parse(argv, validate, run_config, config_flag, flag_values)
   except UsageError as e:
-    sys.stderr.write(f"{program}: error: {e}\n(run {program} --helpshort for its flags)\n")
-    sys.exit(EXIT_USAGE)
+    _exit(str(e), argv[0] if argv else None)
 
 
 def _parse(argv, validate, run_config, name, flag_values) -> list[str]:

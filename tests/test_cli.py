@@ -6,7 +6,7 @@ import json
 import cli  # experiments/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 import scripts
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from distattn_jax import training
@@ -89,6 +89,17 @@ def test_a_default_config_file_is_loaded_and_checked_when_the_flags_are_parsed(c
   assert "config.train has no key 'stpes' (did you mean 'steps'?)" in capsys.readouterr().err
   assert run("--config.train.steps=5") == ["prog.py"]
   assert (values.config.train.steps, values.config.model.width) == (5, 128)
+
+
+def test_a_usage_error_the_main_raises_is_printed_the_same_way(capsys):
+  def main(argv):
+    raise app.UsageError(f"--devices=3 but JAX has 8 devices ({argv[0]})")
+
+  with pytest.raises(SystemExit) as exit_:
+    cli.usage_errors(main)(["/somewhere/prog.py"])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.startswith("prog.py: error: --devices=3 but JAX has 8 devices (/somewhere/prog.py)\n")
+  assert cli.usage_errors(lambda argv: len(argv))(["prog.py", "x"]) == 2  # a main that returns keeps its value
 
 
 def fake_run(tmp_path, **model):
