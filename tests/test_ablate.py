@@ -1,6 +1,7 @@
 """The ablation grid end to end on a shrunk quick suite (a subprocess, as a user runs it): the files it writes
 against their own records, resumption, and the errors for bad grids."""
 
+import ast
 import json
 import math
 
@@ -10,8 +11,8 @@ import pytest
 
 from distattn_jax import initializers
 from distattn_jax.data import tasks
-from distattn_jax.training import ablation
-from scripts import run_script
+from distattn_jax.training import ablation, host
+from scripts import ROOT, run_script
 
 GRID = ["--config=configs/ablate.py:suite=quick", "--config.suite=tiny", "--config.tasks=mnist1d",
         "--config.metrics=dot,l1", "--config.lambda_modes=learned,fixed", "--config.seeds=2",
@@ -149,3 +150,27 @@ def test_suite_configs_check_their_arguments():
   one = ablation.definition(modules["task"].get_config("task=gunpoint,metric=cosine,lam=fixed,size=quick"))
   assert (one["tasks"], one["metrics"], one["lambda_modes"], one["suite"]) == (
       ["gunpoint"], ["cosine"], ["fixed"], "gunpoint_cosine_fixed_quick")
+
+
+def test_one_machine_description_for_benchmarks_and_ablations():
+  m = host.machine()
+  assert ablation.machine is host.machine
+  assert {"processor", "cpu_count", "backend", "device", "jax", "python"} <= set(m) and m["processor"]
+  tree = ast.parse((ROOT / "experiments" / "benchmark.py").read_text())
+  assert not any(isinstance(n, ast.FunctionDef) and n.name == "machine" for n in tree.body)
+  assert any(isinstance(n, ast.ImportFrom) and n.module == "distattn_jax.training.host"
+             and [a.name for a in n.names] == ["machine"] for n in tree.body)
+
+
+def test_ablation_modules_use_each_others_public_names_only():
+  folder = ROOT / "distattn_jax" / "training" / "ablation"
+  modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+  assert {"grid", "store", "runner", "report", "plots"} <= modules
+  for path in folder.glob("*.py"):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("distattn_jax"):
+        assert not [a.name for a in node.names if a.name.startswith("_")], (path.name, node.module)
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+          and node.attr.startswith("_")):
+        raise AssertionError(f"{path.name} uses {node.value.id}.{node.attr}")
