@@ -1,9 +1,13 @@
 """The ablation grid end to end on a shrunk quick suite (a subprocess, as a user runs it): the files it writes
-against their own records, resumption, and the errors for bad grids."""
+against their own records, resumption, stale cells, and the errors for bad grids."""
 
 import ast
+import dataclasses
 import json
 import math
+import re
+import shlex
+import subprocess
 
 import ml_collections
 import numpy as np
@@ -22,8 +26,14 @@ GRID = ["--config=configs/ablate.py:suite=quick", "--config.suite=tiny", "--conf
         "--config.budget.curve_eval_examples=100"]
 
 
-def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monkeypatch):
-  monkeypatch.setenv("DISTATTN_DATA_DIR", str(tmp_path / "data"))
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """One generated MNIST-1D for the module's runs (a fresh folder, so no installed copy is read)."""
+  return tmp_path_factory.mktemp("data")
+
+
+def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monkeypatch, data_dir):
+  monkeypatch.setenv("DISTATTN_DATA_DIR", str(data_dir))
   out = tmp_path / "results"
   first = run_script("ablate.py", *GRID, f"--results_dir={out}", "--workers=2")
   assert first.returncode == 0, first.stderr[-3000:]
@@ -69,7 +79,7 @@ def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monke
            > stats[(m, "learned")][1] + stats[(m, "fixed")][1]]
   assert f"differences beyond the seed spread in {len(apart)} of 2 pairs" in md
   # The input-blind baselines, recomputed from the 200 scored test labels.
-  labels = tasks.load("mnist1d", cache_dir=tmp_path / "data").test.labels[:200]
+  labels = tasks.load("mnist1d", cache_dir=data_dir).test.labels[:200]
   majority = np.bincount(labels).max() / 200
   worst = min(records, key=lambda r: r["final"])
   line = next(line for line in md.splitlines() if line.startswith("- **mnist1d**: 10 classes"))
@@ -93,11 +103,26 @@ def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monke
   rerun = json.loads((out / "tiny.json").read_text())
   assert rerun["records"] == records and "runs" not in rerun  # the lost file's run record went with it
 
-  # Another grid definition under the same suite name is refused, naming the fields.
-  mixed = run_script("ablate.py", *GRID, f"--results_dir={out}", "--config.seeds=3", "--config.budget.steps=7")
+  # Cells saved by another grid are never merged: with the results file deleted, a grid that differs in its
+  # budget (here the examples in the final score) retrains the cell it shares with the saved ones.
+  saved = json.loads((out / "tiny.cells" / "mnist1d__dot__learned__0.json").read_text())
+  (out / "tiny.json").unlink()
+  other = run_script("ablate.py", *GRID, f"--results_dir={out}", "--config.metrics=dot",
+                     "--config.lambda_modes=learned", "--config.seeds=1", "--config.budget.eval_examples=100")
+  assert other.returncode == 0, other.stderr[-3000:]
+  assert "0 cells done, 1 to run" in other.stdout + other.stderr
+  (record,) = json.loads((out / "tiny.json").read_text())["records"]
+  assert record["eval_examples"] == 100 and record["fingerprint"] != saved["fingerprint"]
+
+  # Another grid definition under the same suite name is refused, naming the fields and the one command that
+  # starts over.
+  mixed = run_script("ablate.py", *GRID, f"--results_dir={out}")
   assert mixed.returncode != 0
-  assert "refusing to mix" in mixed.stderr and "seeds: 2 (file) vs 3 (this run)" in mixed.stderr
-  assert "budget.steps: 6 (file) vs 7 (this run)" in mixed.stderr
+  assert "refusing to mix" in mixed.stderr and "seeds: 1 (file) vs 2 (this run)" in mixed.stderr
+  assert "budget.eval_examples: 100 (file) vs 200 (this run)" in mixed.stderr
+  command = re.search(r"rm -rf \S+ \S+", mixed.stderr).group(0)
+  subprocess.run(shlex.split(command), check=True)
+  assert not (out / "tiny.json").exists() and not (out / "tiny.cells").exists()
 
 
 def _config(**overrides):
@@ -150,6 +175,21 @@ def test_suite_configs_check_their_arguments():
   one = ablation.definition(modules["task"].get_config("task=gunpoint,metric=cosine,lam=fixed,size=quick"))
   assert (one["tasks"], one["metrics"], one["lambda_modes"], one["suite"]) == (
       ["gunpoint"], ["cosine"], ["fixed"], "gunpoint_cosine_fixed_quick")
+
+
+def test_cell_fingerprints_cover_budget_data_and_registered_metrics(data_dir):
+  cell, budget = ("mnist1d", "l1", "learned", 0), {"steps": 6, "p": 3.0, "pooling": "mean"}
+  base = ablation.cell_fingerprint(cell, budget, "data", None)
+  assert base == ablation.cell_fingerprint(cell, dict(budget), "data", None)
+  assert len({base, ablation.cell_fingerprint(("mnist1d", "l1", "learned", 1), budget, "data", None),
+              ablation.cell_fingerprint(cell, dict(budget, steps=7), "data", None),
+              ablation.cell_fingerprint(cell, dict(budget, pooling="cls"), "data", None),
+              ablation.cell_fingerprint(cell, budget, "other data", None),
+              ablation.cell_fingerprint(cell, budget, "data", "metrics file")}) == 6
+  data = tasks.load("mnist1d", cache_dir=data_dir)  # the data's hash follows its content
+  assert ablation.data_fingerprint(data) == ablation.data_fingerprint(tasks.load("mnist1d", cache_dir=data_dir))
+  other = dataclasses.replace(data, test=dataclasses.replace(data.test, labels=(data.test.labels + 1) % 10))
+  assert ablation.data_fingerprint(other) != ablation.data_fingerprint(data)
 
 
 def test_one_machine_description_for_benchmarks_and_ablations():

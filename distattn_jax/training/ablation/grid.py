@@ -1,7 +1,14 @@
-"""What an ablation grid is: its definition from a config, its cells and their order, and input-blind baselines."""
+"""What an ablation grid is: its definition from a config, its cells, and the fingerprint of each cell.
+
+A cell's fingerprint hashes everything that decides what the cell computes: its task, metric, lambda mode and
+seed, the budget (model size, steps, batch, learning rates, ``p``, pooling), the task's data as loaded (a hash
+of its arrays, so another data variant or version differs) and the content of the file that registers user
+metrics. A saved cell whose fingerprint differs from the one this grid would compute is never reused.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import runpy
@@ -95,3 +102,38 @@ def baseline(data: Any, budget: dict[str, Any]) -> dict[str, Any]:
   counts = np.bincount(labels, minlength=data.num_classes)
   return {"kind": "classify", "classes": int(data.num_classes), "uniform": 1.0 / data.num_classes,
           "majority": float(counts.max() / counts.sum()), "majority_class": int(counts.argmax())}
+
+
+def data_fingerprint(data: Any) -> str:
+  """A hash of a loaded task's data: every array of its splits (dtype, shape and bytes) and the sizes a model
+  is built from, so another variant, version or corpus of a task hashes differently wherever its files lie."""
+  h = hashlib.sha256()
+
+  def add(array) -> None:
+    array = np.ascontiguousarray(array)
+    h.update(f"{array.dtype.str}{array.shape}".encode())
+    h.update(array.tobytes())
+
+  if getattr(data, "kind", "classify") == "lm":
+    h.update(json.dumps({"vocab_size": data.vocab_size, "max_len": data.max_len}).encode())
+    add(data.corpus.train)
+    add(data.corpus.validation)
+  else:
+    h.update(json.dumps({"num_classes": data.num_classes, "buckets": list(data.buckets),
+                         "vocab_size": data.vocab_size, "features": data.features}).encode())
+    for split in (data.train, data.test):
+      for array in (split.inputs, split.lengths, split.labels):
+        add(array)
+  return h.hexdigest()
+
+
+def file_fingerprint(path: str) -> str | None:
+  """A hash of the content of the file at ``path`` (None for no file)."""
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() if path else None
+
+
+def cell_fingerprint(cell: Cell, budget: dict[str, Any], data: str, register: str | None) -> str:
+  """The hash of what defines ``cell``: its coordinates, ``budget`` (:func:`cell_budget`), the data's
+  :func:`data_fingerprint` and the registering file's :func:`file_fingerprint`."""
+  fields = {"cell": list(cell), "budget": budget, "data": data, "register": register}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

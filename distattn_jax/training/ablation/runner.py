@@ -15,19 +15,19 @@ from distattn_jax.data import tasks as tasks_lib
 from distattn_jax.training import cells, host, writers
 from distattn_jax.training.ablation import grid, plots, report, store
 
-
 def _now() -> str:
   return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _run_group(group: list[grid.Cell], budget: dict[str, Any], cache_dir: str | None, cell_dir: str,
-               register: str = "") -> list[dict[str, Any]]:
-  """Runs cells that share a compiled model one after another in this process; each record is saved to its own
-  file as soon as it exists, so a killed grid loses at most the running cell."""
+               fingerprints: dict[str, str], register: str = "") -> list[dict[str, Any]]:
+  """Runs cells that share a compiled model one after another in this process; each record, with its cell's
+  fingerprint, is saved to its own file as soon as it exists, so a killed grid loses at most the running cell."""
   grid.register_metrics(register)
   out = []
   for cell in group:
     record = cells.run_cell(*cell, budget, cache_dir=cache_dir)
+    record["fingerprint"] = fingerprints[grid.cell_key(*cell)]
     store.save_cell(pathlib.Path(cell_dir), cell, record)
     out.append(record)
   return out
@@ -38,7 +38,9 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
 
   Cells that share a model (task, metric, lambda mode) form a group run by one process, so its seeds reuse one
   compilation; ``config.workers`` processes run groups in parallel. Each finished cell is first saved under
-  ``<suite>.cells/`` and then merged into ``<suite>.json``."""
+  ``<suite>.cells/`` and then merged into ``<suite>.json``. A cell already in the results, or saved by a run
+  that was killed, is reused only when its fingerprint (:func:`grid.cell_fingerprint`) is this grid's (records
+  written before fingerprints existed are kept when the file's grid definition matches)."""
   results_dir = pathlib.Path(results_dir)
   grid.register_metrics(config.register)
   d = grid.definition(config)
@@ -48,8 +50,21 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
   budget = grid.cell_budget(d)
   cache_dir = config.cache_dir or None
   # A task whose data is missing fails now, naming its package, not hours later.
-  doc["baselines"] = {t: grid.baseline(tasks_lib.load(t, cache_dir=cache_dir), d["budget"]) for t in d["tasks"]}
+  data = {t: tasks_lib.load(t, cache_dir=cache_dir) for t in d["tasks"]}
+  doc["baselines"] = {t: grid.baseline(data[t], d["budget"]) for t in d["tasks"]}
+  data_prints = {t: grid.data_fingerprint(data[t]) for t in d["tasks"]}
+  del data
+  register = grid.file_fingerprint(config.register)
   order = grid.grid_cells(d)
+  fingerprints = {grid.cell_key(*c): grid.cell_fingerprint(c, budget, data_prints[c[0]], register) for c in order}
+
+  kept = []
+  for r in doc["records"]:
+    if r.get("fingerprint", fingerprints[grid.record_key(r)]) == fingerprints[grid.record_key(r)]:
+      kept.append(r)
+    else:
+      log(f"{grid.record_key(r)}: the record in {path} was made with other data or settings; training it again")
+  doc["records"] = kept
   have = {grid.record_key(r) for r in doc["records"]}
   this_machine = host.machine()
 
@@ -68,9 +83,11 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
 
   for cell in order:  # cells a killed run finished but did not merge
     if grid.cell_key(*cell) not in have:
-      record = store.saved_cell(cell_dir, cell)
+      record, why = store.saved_cell(cell_dir, cell, fingerprints[grid.cell_key(*cell)])
       if record is not None:
         merge(record)
+      elif why:
+        log(f"{grid.cell_key(*cell)}: not reusing {why}; training it again")
   todo = [c for c in order if grid.cell_key(*c) not in have]
   groups: dict[tuple[str, str, str], list] = {}
   for cell in todo:
@@ -81,12 +98,12 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
   if config.workers <= 1:
     for group in groups.values():
       for cell in group:
-        for record in _run_group([cell], budget, cache_dir, str(cell_dir)):
+        for record in _run_group([cell], budget, cache_dir, str(cell_dir), fingerprints):
           merge(record)
   elif groups:
     context = multiprocessing.get_context("spawn")  # JAX's threads do not survive fork
     with concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
-      futures = [pool.submit(_run_group, group, budget, cache_dir, str(cell_dir), config.register)
+      futures = [pool.submit(_run_group, group, budget, cache_dir, str(cell_dir), fingerprints, config.register)
                  for group in groups.values()]
       for future in concurrent.futures.as_completed(futures):
         for record in future.result():

@@ -1,20 +1,21 @@
-"""Where an ablation grid's results live.
+"""Where an ablation grid's results live, and who may write them.
 
 ``<dir>/<suite>.json`` holds the grid's definition and one record per finished cell; ``<dir>/<suite>.cells/``
 one file per cell, written by the process that trained it as soon as it finished (so a killed grid loses at
 most the running cells). Every write goes through :func:`writers.write_text_atomically`. A results file of
-another grid definition is refused (:class:`GridMismatchError`).
+another grid definition is refused (:class:`GridMismatchError`, whose message holds the one command that starts
+over); a saved cell is reused only when its fingerprint matches.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import shlex
 from typing import Any
 
 from distattn_jax.training import writers
 from distattn_jax.training.ablation import grid
-
 
 class GridMismatchError(ValueError):
   """A results file holds cells of a different grid definition."""
@@ -30,6 +31,13 @@ def cell_dir(results_dir: pathlib.Path, suite: str) -> pathlib.Path:
 
 def cell_path(cells: pathlib.Path, cell: grid.Cell) -> pathlib.Path:
   return pathlib.Path(cells) / (grid.cell_key(*cell).replace("/", "__") + ".json")
+
+
+def start_over_command(results_dir: pathlib.Path, suite: str) -> str:
+  """The shell command that deletes a suite's results and saved cells (its reports are rewritten by the next
+  run)."""
+  return "rm -rf " + " ".join(shlex.quote(str(p)) for p in (results_path(results_dir, suite),
+                                                           cell_dir(results_dir, suite)))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -50,9 +58,11 @@ def load_results(path: pathlib.Path, d: dict[str, Any]) -> dict[str, Any]:
   doc = json.loads(path.read_text())
   diffs = _differences(doc.get("grid", {}), d)
   if diffs:
-    raise GridMismatchError(f"{path} holds results of a different grid definition; refusing to mix them. "
-                            f"Differing fields: {'; '.join(diffs)}. Use another suite name or results dir, "
-                            "or delete the file to start over.")
+    suite = path.name[:-len(".json")]
+    raise GridMismatchError(
+        f"{path} holds results of a different grid definition; refusing to mix them. Differing fields: "
+        f"{'; '.join(diffs)}. Use another suite name (--config.suite) or --results_dir, or start over, deleting "
+        f"this suite's results and saved cells: {start_over_command(path.parent, suite)}")
   return doc
 
 
@@ -60,7 +70,18 @@ def save_cell(cells: pathlib.Path, cell: grid.Cell, record: dict[str, Any]) -> N
   writers.write_text_atomically(cell_path(cells, cell), json.dumps(record))
 
 
-def saved_cell(cells: pathlib.Path, cell: grid.Cell) -> dict[str, Any] | None:
-  """The record a killed run saved for ``cell`` (None when there is none)."""
+def saved_cell(cells: pathlib.Path, cell: grid.Cell, fingerprint: str) -> tuple[dict[str, Any] | None, str]:
+  """``(record, "")`` for a saved cell of this fingerprint; ``(None, why)`` when there is none to reuse: no
+  file (``why`` empty), or one that is unreadable or made by another grid (data, budget, code-relevant
+  settings)."""
   path = cell_path(cells, cell)
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None, ""
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    return None, f"{path} is unreadable ({e})"
+  if record.get("fingerprint") != fingerprint:
+    return None, (f"{path} was made by another grid (its fingerprint {record.get('fingerprint')!r} is not this "
+                  "grid's: budget, data or registered metrics differ)")
+  return record, ""
