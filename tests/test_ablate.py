@@ -1,13 +1,17 @@
 """The ablation grid end to end on a shrunk quick suite (a subprocess, as a user runs it): the files it writes
-against their own records, resumption, stale cells, and the errors for bad grids."""
+against their own records, resumption, stale cells, a killed runner, and the errors for bad grids."""
 
 import ast
 import dataclasses
 import json
 import math
+import os
+import pathlib
 import re
 import shlex
 import subprocess
+import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -30,6 +34,13 @@ GRID = ["--config=configs/ablate.py:suite=quick", "--config.suite=tiny", "--conf
 def data_dir(tmp_path_factory):
   """One generated MNIST-1D for the module's runs (a fresh folder, so no installed copy is read)."""
   return tmp_path_factory.mktemp("data")
+
+
+def _ablate(*args: str, cwd: pathlib.Path, **popen) -> subprocess.Popen:
+  """experiments/ablate.py as a user starts it, from ``cwd``."""
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+  return subprocess.Popen([sys.executable, str(ROOT / "experiments" / "ablate.py"), *args], cwd=cwd, env=env,
+                          **popen)
 
 
 def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monkeypatch, data_dir):
@@ -175,6 +186,66 @@ def test_suite_configs_check_their_arguments():
   one = ablation.definition(modules["task"].get_config("task=gunpoint,metric=cosine,lam=fixed,size=quick"))
   assert (one["tasks"], one["metrics"], one["lambda_modes"], one["suite"]) == (
       ["gunpoint"], ["cosine"], ["fixed"], "gunpoint_cosine_fixed_quick")
+
+
+def _children(pid: int) -> dict[int, str]:
+  """``{pid: command line}`` of the live (not zombie) child processes of ``pid`` (Linux /proc)."""
+  out = {}
+  for entry in pathlib.Path("/proc").iterdir():
+    if entry.name.isdigit():
+      try:
+        state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+          out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+      except (OSError, ValueError):
+        pass  # it ended while being read
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_workers_end_with_a_killed_runner_and_a_live_runner_holds_its_suite(tmp_path, monkeypatch, data_dir):
+  monkeypatch.setenv("DISTATTN_DATA_DIR", str(data_dir))
+  out = tmp_path / "results"
+  # Groups long enough that a worker left behind would still be training when the test looks.
+  runner = _ablate(*GRID, "--config.budget.steps=100000", "--config.budget.eval_every=100000",
+                   f"--results_dir={out}", "--workers=2", cwd=ROOT, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+  workers: dict[int, str] = {}
+  try:
+    deadline = time.monotonic() + 300
+    while len(workers) < 2:  # the two workers, once they have imported JAX (their watch starts right after)
+      assert runner.poll() is None and time.monotonic() < deadline, "the runner never started its workers"
+      time.sleep(0.2)
+      workers = {pid: cmd for pid, cmd in _children(runner.pid).items() if "spawn_main" in cmd
+                 and any("jaxlib" in line for line in pathlib.Path(f"/proc/{pid}/maps").read_text().splitlines())}
+    # A second runner on the same folder is refused while the first lives.
+    with pytest.raises(ablation.RunnerBusyError, match=f"pid {runner.pid}"):
+      ablation.run_grid(_config(suite="tiny"), out)
+    time.sleep(1)
+    children = _children(runner.pid)  # the workers and multiprocessing's resource tracker
+    runner.kill()
+    runner.wait()
+    killed = time.monotonic()
+    while any(_alive(pid) for pid in children) and time.monotonic() < killed + 10:
+      time.sleep(0.1)
+    left = [pid for pid in children if _alive(pid)]
+    assert not left, f"processes of the killed runner still alive 10 s later: {left}"
+    with ablation.results_lock(out, "tiny"):  # the dead runner's lock went with it
+      pass
+  finally:
+    runner.kill()
+    for pid in workers:
+      try:
+        os.kill(pid, 9)
+      except ProcessLookupError:
+        pass
 
 
 def test_cell_fingerprints_cover_budget_data_and_registered_metrics(data_dir):

@@ -1,11 +1,21 @@
-"""Runs an ablation grid's missing cells, in this process or in worker processes, and writes its reports."""
+"""Runs an ablation grid's missing cells, in this process or in worker processes, and writes its reports.
+
+Workers never outlive the runner: each asks the kernel to kill it when its parent dies (Linux'
+``PR_SET_PDEATHSIG``) and watches its parent's pid from a thread (any POSIX system), exiting as soon as it
+changes.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import json
 import multiprocessing
+import os
 import pathlib
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -15,8 +25,30 @@ from distattn_jax.data import tasks as tasks_lib
 from distattn_jax.training import cells, host, writers
 from distattn_jax.training.ablation import grid, plots, report, store
 
+PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _now() -> str:
   return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _exit_when_parent_dies(parent_pid: int) -> None:
+  """A worker's initializer: from here on the worker ends when the process that started it does."""
+  if sys.platform.startswith("linux"):
+    try:
+      ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+      pass  # the watcher below still ends the worker
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(PARENT_POLL_S)
+    os._exit(1)  # pylint: disable=protected-access
+
+  if os.getppid() != parent_pid:  # the parent died before the watch began
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _run_group(group: list[grid.Cell], budget: dict[str, Any], cache_dir: str | None, cell_dir: str,
@@ -36,12 +68,18 @@ def _run_group(group: list[grid.Cell], budget: dict[str, Any], cache_dir: str | 
 def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path, log=print) -> dict[str, Any]:
   """Runs the grid's missing cells and writes ``<suite>.json``, ``<suite>.md`` and ``<suite>_*.png``.
 
-  Cells that share a model (task, metric, lambda mode) form a group run by one process, so its seeds reuse one
+  Holds the suite's results for its whole run (:func:`store.results_lock`: a second runner is refused). Cells
+  that share a model (task, metric, lambda mode) form a group run by one process, so its seeds reuse one
   compilation; ``config.workers`` processes run groups in parallel. Each finished cell is first saved under
   ``<suite>.cells/`` and then merged into ``<suite>.json``. A cell already in the results, or saved by a run
   that was killed, is reused only when its fingerprint (:func:`grid.cell_fingerprint`) is this grid's (records
   written before fingerprints existed are kept when the file's grid definition matches)."""
   results_dir = pathlib.Path(results_dir)
+  with store.results_lock(results_dir, config.suite):
+    return _run_locked(config, results_dir, log)
+
+
+def _run_locked(config: ml_collections.ConfigDict, results_dir: pathlib.Path, log) -> dict[str, Any]:
   grid.register_metrics(config.register)
   d = grid.definition(config)
   path = store.results_path(results_dir, config.suite)
@@ -102,7 +140,9 @@ def run_grid(config: ml_collections.ConfigDict, results_dir: str | pathlib.Path,
           merge(record)
   elif groups:
     context = multiprocessing.get_context("spawn")  # JAX's threads do not survive fork
-    with concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=context,
+                                                initializer=_exit_when_parent_dies,
+                                                initargs=(os.getpid(),)) as pool:
       futures = [pool.submit(_run_group, group, budget, cache_dir, str(cell_dir), fingerprints, config.register)
                  for group in groups.values()]
       for future in concurrent.futures.as_completed(futures):

@@ -4,21 +4,33 @@
 one file per cell, written by the process that trained it as soon as it finished (so a killed grid loses at
 most the running cells). Every write goes through :func:`writers.write_text_atomically`. A results file of
 another grid definition is refused (:class:`GridMismatchError`, whose message holds the one command that starts
-over); a saved cell is reused only when its fingerprint matches.
+over); a saved cell is reused only when its fingerprint matches. One runner at a time writes a suite's results:
+it holds an exclusive ``flock`` on ``<dir>/<suite>.cells/.lock``, which the kernel releases when the process
+ends, however it ends, so a crash never leaves them locked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import pathlib
 import shlex
-from typing import Any
+from typing import Any, Iterator
 
 from distattn_jax.training import writers
 from distattn_jax.training.ablation import grid
 
+LOCK_NAME = ".lock"
+
+
 class GridMismatchError(ValueError):
   """A results file holds cells of a different grid definition."""
+
+
+class RunnerBusyError(RuntimeError):
+  """Another live runner holds the results folder."""
 
 
 def results_path(results_dir: pathlib.Path, suite: str) -> pathlib.Path:
@@ -38,6 +50,28 @@ def start_over_command(results_dir: pathlib.Path, suite: str) -> str:
   run)."""
   return "rm -rf " + " ".join(shlex.quote(str(p)) for p in (results_path(results_dir, suite),
                                                            cell_dir(results_dir, suite)))
+
+
+@contextlib.contextmanager
+def results_lock(results_dir: str | pathlib.Path, suite: str) -> Iterator[pathlib.Path]:
+  """Holds a suite's results for one runner: :class:`RunnerBusyError` (naming the holder's pid) while another
+  live process holds them. The lock is released on exit, and by the kernel when the process dies."""
+  cells = cell_dir(results_dir, suite)
+  cells.mkdir(parents=True, exist_ok=True)
+  path = cells / LOCK_NAME
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes (PEP 446)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+      raise RunnerBusyError(f"another ablation runner (pid {holder}) is writing suite {suite!r} in {results_dir}; "
+                            "wait for it to end or stop it, or give this run another --results_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield path
+  finally:
+    os.close(fd)  # closing the only descriptor releases the lock
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
