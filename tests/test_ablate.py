@@ -248,6 +248,24 @@ def test_workers_end_with_a_killed_runner_and_a_live_runner_holds_its_suite(tmp_
         pass
 
 
+def test_one_seed_gives_no_spread_and_no_verdict():
+  def record(metric, mode, final):
+    return {"task": "mnist1d", "metric": metric, "lambda_mode": mode, "seed": 0, "score_name": "accuracy",
+            "final": final, "finite": True, "wall_s": 1.0, "final_lambda": [[1.0]],
+            "curve": {"step": [1, 2], "eval": [0.1, final], "train_loss": [2.0, 1.0], "lambda": [[[1.0]]] * 2}}
+  doc = {"grid": {"suite": "s", "seeds": 1, "tasks": ["mnist1d"], "metrics": ["dot", "l1"], "p": 3.0,
+                  "lambda_modes": ["learned", "fixed"],
+                  "budget": {"steps": 2, "batch_size": 8, "width": 8, "depth": 1, "num_heads": 1, "eval_every": 1}},
+         "records": [record("dot", "learned", 0.5), record("dot", "fixed", 0.4), record("l1", "learned", 0.6),
+                     record("l1", "fixed", 0.3)]}
+  md = ablation.table(doc)
+  verdict = next(line for line in md.splitlines() if line.startswith("- **mnist1d**:"))
+  assert verdict.startswith("- **mnist1d**: l1 (learned lam) leads with 60.00; best other metric dot (learned lam) "
+                            "50.00; margin 10.00; fewer than two seeds per cell, so no seed spread can be measured")
+  assert "exceed" not in md and "differences beyond" not in md and "Metrics it beats" not in md
+  assert "Learned against fixed lam, same metric: fewer than two seeds per cell" in md
+
+
 def test_cell_fingerprints_cover_budget_data_and_registered_metrics(data_dir):
   cell, budget = ("mnist1d", "l1", "learned", 0), {"steps": 6, "p": 3.0, "pooling": "mean"}
   base = ablation.cell_fingerprint(cell, budget, "data", None)

@@ -1,8 +1,9 @@
 """The ablation grid's markdown report, written from its results document alone.
 
 Per task and lambda mode, the mean +- std over seeds of every metric; per task the winning cell group against
-the best group of every other metric, judged against the seed spread (the sum of the two standard deviations);
-learned against fixed lam; the weakest cell against input-blind baselines; and whether the budget was enough.
+the best group of every other metric, judged against the seed spread (the sum of the two standard deviations),
+which is only measured with at least two seeds per group; learned against fixed lam; the weakest cell against
+input-blind baselines; and whether the budget was enough.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import numpy as np
 
 from distattn_jax import initializers
 from distattn_jax.training.ablation import grid
+
+NO_SPREAD = "fewer than two seeds per cell, so no seed spread can be measured and no verdict is drawn"
 
 
 def summary(doc: dict[str, Any]) -> dict[tuple[str, str, str], tuple[float, float, int]]:
@@ -30,7 +33,7 @@ def higher_is_better(doc, task) -> bool:
 def table(doc: dict[str, Any]) -> str:
   """Markdown: per task and lambda mode, mean +- std over seeds per metric (best in bold), then per task the
   winning cell, its margin over the best cell of another metric and whether the margin exceeds the seed spread
-  (the sum of the two standard deviations)."""
+  (the sum of the two standard deviations; with fewer than two seeds there is none, and no verdict)."""
   g = doc["grid"]
   s = summary(doc)
   lines = [f"Suite `{g['suite']}`: {g['seeds']} seeds per cell, {g['budget']['steps']} steps of batch "
@@ -58,18 +61,21 @@ def table(doc: dict[str, Any]) -> str:
     ranked = sorted(present.items(), key=lambda kv: kv[1][0], reverse=higher)
     others = [kv for kv in ranked if kv[0][1] != ranked[0][0][1]] if ranked else []
     if others:  # the winner against the best cell of any other metric
-      (k1, (m1, s1, _)), (k2, (m2, s2, _)) = ranked[0], others[0]
-      margin = abs(m1 - m2) * scale
+      (k1, (m1, s1, n1)), (k2, (m2, s2, n2)) = ranked[0], others[0]
+      head = (f"- **{task}**: {k1[1]} ({k1[2]} lam) {'wins' if n1 > 1 and n2 > 1 else 'leads'} with "
+              f"{m1 * scale:.2f}; best other metric {k2[1]} ({k2[2]} lam) {m2 * scale:.2f}; margin "
+              f"{abs(m1 - m2) * scale:.2f}")
+      if n1 < 2 or n2 < 2:
+        verdicts.append(head + f"; {NO_SPREAD}.")
+        continue
       exceeds = abs(m1 - m2) > s1 + s2
       # Every other metric at its best lam mode, and whether the winner clears it by more than the spread.
       best_of = {}
       for (_, metric, mode), v in ranked:
         best_of.setdefault(metric, (mode, v))
-      beaten = [f"{metric} ({mode} lam, {m * scale:.2f})" for metric, (mode, (m, sd, _)) in best_of.items()
-                if metric != k1[1] and abs(m1 - m) > s1 + sd]
-      verdicts.append(f"- **{task}**: {k1[1]} ({k1[2]} lam) wins with {m1 * scale:.2f}; best other metric {k2[1]} "
-                      f"({k2[2]} lam) {m2 * scale:.2f}; margin {margin:.2f} "
-                      + ("exceeds" if exceeds else "does not exceed")
+      beaten = [f"{metric} ({mode} lam, {m * scale:.2f})" for metric, (mode, (m, sd, n)) in best_of.items()
+                if metric != k1[1] and n > 1 and abs(m1 - m) > s1 + sd]
+      verdicts.append(head + " " + ("exceeds" if exceeds else "does not exceed")
                       + f" the seed spread ({(s1 + s2) * scale:.2f} = sum of the two stds). Metrics it beats by more "
                       "than the seed spread, each at its better lam mode: " + (", ".join(beaten) or "none") + ".")
   if len(g["lambda_modes"]) == 2:
@@ -98,18 +104,28 @@ def _modes_line(doc: dict[str, Any], s: dict) -> str:
   """The (task, metric) pairs whose two lam modes differ by more than the seed spread."""
   g = doc["grid"]
   a, b = g["lambda_modes"]
-  out = []
+  out, pairs, unmeasured = [], 0, 0
   for task in g["tasks"]:
     if not any(r["task"] == task for r in doc["records"]):
       continue
     scale = 100.0 if higher_is_better(doc, task) else 1.0
     for metric in g["metrics"]:
       va, vb = s.get((task, metric, a)), s.get((task, metric, b))
-      if va and vb and abs(va[0] - vb[0]) > va[1] + vb[1]:
+      if not (va and vb):
+        continue
+      if va[2] < 2 or vb[2] < 2:
+        unmeasured += 1
+        continue
+      pairs += 1
+      if abs(va[0] - vb[0]) > va[1] + vb[1]:
         out.append(f"{task}/{metric} ({a} {va[0] * scale:.2f}, {b} {vb[0] * scale:.2f})")
-  return (f"{a.capitalize()} against {b} lam, same metric: differences beyond the seed spread in {len(out)} of "
-          f"{sum(1 for t in g['tasks'] for m in g['metrics'] if (t, m, a) in s and (t, m, b) in s)} pairs"
-          + (": " + ", ".join(out) if out else "") + ".")
+  text = f"{a.capitalize()} against {b} lam, same metric: "
+  if unmeasured and not pairs:
+    return text + NO_SPREAD + "."
+  return (text + f"differences beyond the seed spread in {len(out)} of {pairs} pairs"
+          + (": " + ", ".join(out) if out else "")
+          + (f" ({unmeasured} pairs with fewer than two seeds left out: no spread measured)" if unmeasured else "")
+          + ".")
 
 
 def _floor_lines(doc: dict[str, Any]) -> list[str]:
