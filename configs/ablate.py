@@ -9,10 +9,15 @@
   # LRA-length ListOps (500-2000 tokens, 96k training examples): an accelerator's job
   .venv/bin/python experiments/ablate.py --config=configs/ablate.py:suite=full
 
-Results go to results/<suite>.json (one record per cell), results/<suite>.md and results/<suite>_*.png; a rerun
-skips finished cells. Any field can be overridden by flag, e.g. ``--config.metrics=dot,l1,huber`` (a metric
-registered by the file ``--config.register=my_metrics.py`` joins by name) or ``--config.seeds=5``; a changed
-definition needs a new ``suite`` name (``--config.suite=mine``), since one results file never mixes grids. Fashion-MNIST needs
+Results go to runs/ablate/<suite>/: <suite>.json (one record per cell), <suite>.md and <suite>_*.png; a rerun
+skips finished cells. The tables committed under results/ are reproduced (or, with every cell there, regenerated
+from their JSON) by adding ``--results_dir=results``, e.g.
+
+  .venv/bin/python experiments/ablate.py --config=configs/ablate.py:suite=quick --workers=2 --results_dir=results
+
+Any field can be overridden by flag, e.g. ``--config.metrics=dot,l1,huber`` (a metric registered by the file
+``--config.register=my_metrics.py`` joins by name) or ``--config.seeds=5``; a changed definition needs a new
+``suite`` name (``--config.suite=mine``), since one results file never mixes grids. Fashion-MNIST needs
 ``apt-get install dataset-fashion-mnist``; the UCR series need ``pip install -e .[tasks]``.
 """
 

@@ -22,7 +22,7 @@ from distattn_jax.data import tasks
 from distattn_jax.training import ablation, host
 from scripts import ROOT, run_script
 
-GRID = ["--config=configs/ablate.py:suite=quick", "--config.suite=tiny", "--config.tasks=mnist1d",
+GRID = [f"--config={ROOT / 'configs' / 'ablate.py'}:suite=quick", "--config.suite=tiny", "--config.tasks=mnist1d",
         "--config.metrics=dot,l1", "--config.lambda_modes=learned,fixed", "--config.seeds=2",
         "--config.budget.steps=6", "--config.budget.eval_every=3", "--config.budget.warmup_steps=2",
         "--config.budget.width=16", "--config.budget.depth=1", "--config.budget.num_heads=2",
@@ -45,9 +45,12 @@ def _ablate(*args: str, cwd: pathlib.Path, **popen) -> subprocess.Popen:
 
 def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monkeypatch, data_dir):
   monkeypatch.setenv("DISTATTN_DATA_DIR", str(data_dir))
-  out = tmp_path / "results"
-  first = run_script("ablate.py", *GRID, f"--results_dir={out}", "--workers=2")
-  assert first.returncode == 0, first.stderr[-3000:]
+  # A plain run writes to a run folder of its own, never to the committed results/.
+  first = _ablate(*GRID, "--workers=2", cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  stdout, stderr = first.communicate(timeout=600)
+  assert first.returncode == 0, stderr[-3000:]
+  out = tmp_path / "runs" / "ablate" / "tiny"
+  assert "0 cells done, 8 to run" in stdout + stderr and not (tmp_path / "results").exists()
   doc = json.loads((out / "tiny.json").read_text())
   records = doc["records"]
   keys = {(r["task"], r["metric"], r["lambda_mode"], r["seed"]) for r in records}
