@@ -8,6 +8,8 @@ returns the result in the caller's layout.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -16,8 +18,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
-from distattn_jax import kernels, metrics
+from distattn_jax import initializers, kernels, metrics
 from distattn_jax.kernels import base, common
 
 Array = jax.Array
@@ -33,6 +36,58 @@ _UNSUPPORTED_FLAX_KWARGS = ("einsum_dot_general", "qk_attn_weights_einsum", "att
 
 def _fail(argname: str, message: str, exc: type[Exception] = ValueError):
   raise exc(f"distance_attention: {argname} {message}")
+
+
+# Set while a function runs under :func:`checked`: distance_attention then also checks the values it can only
+# see at run time (a traced lam, p or sequence length), through jax.experimental.checkify.
+_CHECKED = contextvars.ContextVar("distattn_jax_checked", default=False)
+
+
+@contextlib.contextmanager
+def _run_time_checks():
+  token = _CHECKED.set(True)
+  try:
+    yield
+  finally:
+    _CHECKED.reset(token)
+
+
+def checked(fn: Callable) -> Callable:
+  """``fn`` with run-time checks of the arguments ``distance_attention`` cannot check while tracing.
+
+  Without it, every check happens at trace time, so values known then (Python numbers, concrete arrays) raise a
+  ValueError at once, but a traced ``lam`` (a learned parameter), a traced ``p``, or traced sequence lengths
+  pass unchecked: a ``lam <= 0`` turns the distance into a similarity, ``p <= 0`` gives NaN, and a negative or
+  over-long length silently masks everything or nothing. Under ``checked(fn)`` each ``distance_attention``
+  call inside ``fn`` adds ``checkify`` checks for them; calling the result runs ``fn`` and raises
+  ``JaxRuntimeError`` naming the argument and its value if one fails. ``fn`` may be jitted (``checked(jax.jit(f))``
+  re-jits ``f`` with the checks); a jitted function called inside ``fn`` that was already traced without the
+  checks keeps its cached trace, so wrap the outermost function.
+  """
+  inner, jitted = fn, False
+  while hasattr(inner, "lower") and hasattr(inner, "__wrapped__"):  # a jax.jit-wrapped function
+    inner, jitted = inner.__wrapped__, True
+
+  def flagged(*args, **kwargs):
+    with _run_time_checks():
+      return inner(*args, **kwargs)
+
+  with_checks = checkify.checkify(flagged, errors=checkify.user_checks)
+  if jitted:
+    with_checks = jax.jit(with_checks)
+
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    error, out = with_checks(*args, **kwargs)
+    error.throw()
+    return out
+
+  return run
+
+
+def _check_at_run_time(argname: str, ok: Array, allowed: str, value: Array) -> None:
+  if _CHECKED.get():
+    checkify.check(jnp.all(ok), f"distance_attention: {argname} must be {allowed}; got {{}}", value)
 
 
 def _check_flax_kwargs(flax_kwargs: dict[str, Any]) -> Any:
@@ -81,8 +136,8 @@ def _check_arrays(query, key, value, dtype) -> tuple[Array, Array, Array]:
   if num_kv_heads == 0 or num_heads % num_kv_heads:
     _fail("query", f"heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}) for "
           f"grouped-query attention; got {shapes}")
-  if key.shape[-3] == 0 or query.shape[-1] == 0:
-    _fail("key", f"must have at least one position and one feature; got {shapes}")
+  if query.shape[-1] == 0:
+    _fail("query", f"must have at least one feature (head_dim >= 1); got {shapes}")
   return query.astype(dtype), key.astype(dtype), value.astype(dtype)
 
 
@@ -96,6 +151,8 @@ def _check_lam(lam: Any, num_heads: int, dtype) -> Array:
   value = metrics.concrete_value(lam)
   if value is not None and not (np.all(np.isfinite(value)) and np.all(value > 0)):
     _fail("lam", f"must be > 0 and finite; got {value.tolist()}")
+  if value is None:
+    _check_at_run_time("lam", jnp.logical_and(jnp.isfinite(arr), arr > 0), "> 0 and finite", arr)
   return jnp.broadcast_to(arr.astype(metrics.accumulation_dtype(dtype)), (num_heads,))
 
 
@@ -170,12 +227,15 @@ def _check_segments(q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_
     kv_ids = _check_int_array("kv_segment_ids", kv_segment_ids, batch_shape + (kv_len,), "[batch..., kv_len]")
     q_ids, kv_ids = q_ids.reshape(batch, q_len), kv_ids.reshape(batch, kv_len)
   lengths = []
-  for name, value in (("query_seq_lengths", query_seq_lengths), ("key_value_seq_lengths", key_value_seq_lengths)):
+  for name, value, full in (("query_seq_lengths", query_seq_lengths, q_len),
+                            ("key_value_seq_lengths", key_value_seq_lengths, kv_len)):
     if value is not None:
       concrete = metrics.concrete_value(value)  # before conversion, which jit would trace
       value = _check_int_array(name, value, batch_shape, "[batch...]")
-      if concrete is not None and np.any(concrete < 0):
-        _fail(name, f"must be >= 0; got {concrete.tolist()}")
+      if concrete is not None and np.any((concrete < 0) | (concrete > full)):
+        _fail(name, f"must be in [0, {full}] (the sequence's length); got {concrete.tolist()}")
+      if concrete is None:
+        _check_at_run_time(name, (value >= 0) & (value <= full), f"in [0, {full}]", value)
       value = value.reshape(batch)
     lengths.append(value)
   q_lengths, kv_lengths = lengths
@@ -324,9 +384,12 @@ def _attend(q, k, v, lam, bias, mask, segments, p_traced, dropout_rng, *, kernel
             local_window, dropout_rate, broadcast_dropout, precision, return_weights,
             fully_masked_rows) -> common.AttentionResult:
   dropout = None if dropout_rng is None else common.Dropout(dropout_rate, dropout_rng, broadcast_dropout)
+  seen = common.visibility(q.shape[1], k.shape[1], q.shape[2], k.shape[2], mask=mask, segments=segments,
+                           is_causal=is_causal, local_window=local_window)
+  q_seen, k_seen, v_seen = common.hide_unseen(q, k, v, seen)
   result = kernel(
-      q, k, v, lam=lam, bias=bias, mask=mask, segments=segments, local_window=local_window, metric=metric,
-      p=p_static if p_traced is None else p_traced, is_causal=is_causal, dropout=dropout, precision=precision,
+      q_seen, k_seen, v_seen, lam=lam, bias=bias, mask=mask, segments=segments, local_window=local_window,
+      metric=metric,      p=p_static if p_traced is None else p_traced, is_causal=is_causal, dropout=dropout, precision=precision,
       return_weights=return_weights)
   if fully_masked_rows == "zero":
     return result
@@ -352,6 +415,12 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
   (``+lam * q.k / sqrt(head_dim)`` for ``metric="dot"``), plus ``bias``, masked where ``mask`` is False or
   ``j > i`` under ``is_causal``; ``weights = softmax_j(logits)``; ``out = weights @ value``.
 
+  Hidden positions never leak: a key that no query may attend to (by ``mask``, lengths, segment ids, the window
+  or causality) influences no output and no gradient of any other input, whatever its key and value hold
+  (finite, huge, inf or NaN), for every metric and kernel; likewise a query row that may attend to no key.
+  (Under ``fully_masked_rows="mean"`` a row that sees no key averages every value, as Flax does.) Empty
+  sequences (``q_len`` or ``kv_len`` 0) and an empty batch are allowed: with no keys every row is 0.
+
   Args:
     query: ``[batch..., q_len, heads, head_dim]``, floating point.
     key: ``[batch..., kv_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads`` (query head
@@ -362,16 +431,18 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       float32) mean nonzero = attend. A query row with nothing to attend to yields output 0 and zero gradients
       (see ``fully_masked_rows``). The per-position arguments below mask without a ``[T, S]`` array.
     metric: a name in ``metrics.available()`` (shipped or added with ``metrics.register``) or a ``DistanceType``.
-    lam: positive scale, a scalar or one per query head (``[heads]``); may be traced (learned).
+    lam: positive scale, a scalar or one per query head (``[heads]``); may be traced (learned). A concrete
+      ``lam <= 0`` (or NaN, inf) raises here; a traced one is checked only inside :func:`checked`.
     p: the order of a parametric metric such as ``"lp"`` (any ``p > 0``, ``inf`` allowed); may be traced
-      (learned). Other metrics ignore it.
+      (learned), and is then checked only inside :func:`checked`. Other metrics ignore it, unchecked.
     is_causal: mask keys after the query position (``j > i``, aligned at position 0 as in
       ``jax.nn.dot_product_attention``); kernels may skip the masked blocks.
     q_segment_ids, kv_segment_ids: integer ``[batch..., q_len]`` / ``[batch..., kv_len]``; query ``i`` sees key
       ``j`` only if their ids are equal (packed sequences; id 0 may mark padding, as in Flax and MaxText). One
       of them alone means the same ids on both sides (needs ``q_len == kv_len``).
     query_seq_lengths, key_value_seq_lengths: integer ``[batch...]``; positions at or past the length are
-      padding (queries see nothing, keys are seen by nothing), as in ``jax.nn.dot_product_attention``.
+      padding (queries see nothing, keys are seen by nothing), as in ``jax.nn.dot_product_attention``. Concrete
+      lengths outside ``[0, length]`` raise here; traced ones are checked only inside :func:`checked`.
     local_window_size: ``None``, an int ``w`` (= ``(w, w)``) or ``(left, right)``: query ``i`` sees keys
       ``i - left <= j <= i + right``; kernels may skip the blocks outside. All of ``mask``, ``is_causal``, the
       ids, the lengths and the window combine by AND.
@@ -402,7 +473,12 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
   """
   module = _check_flax_kwargs(flax_kwargs)
   metric = metrics.canonical_name(metric)
-  p = metrics.check_p(p)
+  if metrics.get(metric).parametric:
+    p = metrics.check_p(p)
+    if not isinstance(p, float):
+      _check_at_run_time("p", jnp.logical_and(p > 0, jnp.logical_not(jnp.isnan(p))), "> 0 (inf allowed)", p)
+  else:
+    p = 2.0  # the metric has no order: whatever was passed is ignored, unchecked and untraced
   if not isinstance(is_causal, (bool, np.bool_)):
     _fail("is_causal", f"must be a Python bool; got {is_causal!r}", TypeError)
   if not isinstance(return_weights, (bool, np.bool_)):
@@ -434,6 +510,8 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       has_bias=bias is not None, has_mask=mask is not None, has_segments=segments is not None,
       local_window=local_window, traced_p=not isinstance(p, float), dtype=jnp.dtype(query.dtype).name)
   kernel = _select_kernel(implementation, request)
+  if batch * q_len * kv_len * num_heads == 0:
+    return _empty_result(query, value, batch_shape + tail, need_weights, return_weights, weights_dtype, module)
 
   result = _attend(
       query.reshape((batch,) + query.shape[-3:]), key.reshape((batch,) + key.shape[-3:]),
@@ -454,11 +532,30 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
   return (out, weights) if return_weights else out
 
 
+def _empty_result(query, value, weights_shape, need_weights, return_weights, weights_dtype, module):
+  """No query, no key or no batch row: the output has no entries or, with no key to attend to, is 0 (as a
+  fully masked row is); it depends on no input, so every gradient is 0."""
+  out = jnp.zeros(query.shape[:-1] + value.shape[-1:], value.dtype)
+  if not need_weights:
+    return out
+  weights = jnp.zeros(weights_shape, weights_dtype or metrics.accumulation_dtype(query.dtype))
+  if module is not None:
+    _sow_weights(module, weights)
+  return (out, weights) if return_weights else out
+
+
 _FIXABLE = ("lam", "p", "implementation", "is_causal", "fully_masked_rows", "local_window_size")
 
 
 def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -> Callable[..., Array]:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` and ``flax.nnx.MultiHeadAttention``.
+
+  ``lam`` starts calibrated: unless fixed, each call uses ``initializers.default_lambda(metric, head_dim, p)``
+  for the ``head_dim`` of its query (1 for ``dot``, so ``make_attention_fn("dot")`` is Flax's attention), the
+  lam at which the metric's logits are as sharp as dot-product attention's. At ``lam = 1`` cosine and l2 at
+  ``head_dim`` 64 would attend almost uniformly. ``lam`` may be fixed to a number or to a traced value such as
+  a parameter of the enclosing module, which is how a stock Flax module learns it (see the docs' "Flax modules"
+  page); ``da.DistanceBasedAttention`` and ``da.nnx.DistanceBasedAttention`` learn it per head by themselves.
 
   ``fixed`` may set ``lam``, ``p``, ``implementation``, ``is_causal`` (ORed with the caller's),
   ``local_window_size`` and ``fully_masked_rows``. The returned function takes every keyword argument those
@@ -466,13 +563,16 @@ def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -
   a choice, so that swapping it into a Flax model changes nothing for ``metric="dot"``: a query row that sees no
   key gives the mean of the values (``fully_masked_rows="mean"`` unless fixed otherwise), and
   ``force_fp32_for_softmax`` sets the weights' and output's dtypes as Flax's ``dot_product_attention`` does.
+  Flax's quantisation hooks ``qk_attn_weights_einsum`` and ``attn_weights_value_einsum`` are accepted and, when
+  set, refused with a TypeError: a distance has no single einsum to swap.
   """
   metric = metrics.canonical_name(metric)
   unknown = sorted(set(fixed) - set(_FIXABLE))
   if unknown:
     raise TypeError(f"make_attention_fn: cannot fix {', '.join(unknown)}; the arguments that can be fixed are "
                     f"{', '.join(_FIXABLE)}")
-  if "p" in fixed:
+  parametric = metrics.get(metric).parametric
+  if "p" in fixed and parametric:
     metrics.check_p(fixed["p"])
   if "implementation" in fixed and fixed["implementation"] not in (None, "auto"):
     _resolve_kernel(fixed["implementation"])
@@ -481,15 +581,29 @@ def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -
   fixed.setdefault("fully_masked_rows", "mean")
   _check_fully_masked_rows(fixed["fully_masked_rows"])
   fixed_causal = fixed.pop("is_causal", False)
+  calibrated = "lam" not in fixed
+  # The order the calibration is measured at: the fixed one when it is a number, else lp's usual 2.
+  p_for_lam = fixed["p"] if parametric and isinstance(fixed.get("p"), (int, float)) else 2.0
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                    dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
-                   is_causal=False, force_fp32_for_softmax=False):
+                   is_causal=False, force_fp32_for_softmax=False, qk_attn_weights_einsum=None,
+                   attn_weights_value_einsum=None):
+    for name, hook in (("qk_attn_weights_einsum", qk_attn_weights_einsum),
+                       ("attn_weights_value_einsum", attn_weights_value_einsum)):
+      if hook is not None:
+        raise TypeError(f"{metric}_attention: {name} must be None (got {hook!r}): Flax's einsum hooks quantise "
+                        "the two einsums of dot-product attention, and distance attention computes its logits "
+                        "without such an einsum; use Flax's own dot_product_attention for quantised attention")
+    lam = fixed.get("lam")
+    if calibrated:
+      lam = initializers.default_lambda(metric, int(jnp.shape(query)[-1]), float(p_for_lam))
     return distance_attention(query, key, value, bias, mask, metric=metric, is_causal=bool(is_causal or fixed_causal),
                               broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
                               dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
                               precision=precision, module=module,
-                              force_fp32_for_softmax=bool(force_fp32_for_softmax), **fixed)
+                              force_fp32_for_softmax=bool(force_fp32_for_softmax),
+                              **dict(fixed, lam=lam))
 
   attention_fn.__name__ = f"{metric}_attention"
   return attention_fn

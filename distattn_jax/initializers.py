@@ -44,7 +44,6 @@ def logit_spread(metric: str | metrics.DistanceType, head_dim: int, p: float = 2
   return float(lam * np.sqrt(np.mean(variances)) / math.sqrt(head_dim))
 
 
-@functools.lru_cache(maxsize=None)
 def default_lambda(metric: str | metrics.DistanceType, head_dim: int, p: float = 2.0) -> float:
   """The lambda at which ``metric``'s logits spread across keys as much as dot-product attention's do, for
   unit-variance queries and keys in ``head_dim`` dimensions (see ``DistanceBasedAttention`` for the table).
@@ -58,7 +57,13 @@ def default_lambda(metric: str | metrics.DistanceType, head_dim: int, p: float =
   p = metrics.check_p(p)
   if not isinstance(p, float):
     raise ValueError("default_lambda needs a concrete p")
-  return logit_spread("dot", head_dim) / logit_spread(name, head_dim, p)
+  return _measured_lambda(metrics.get(name), int(head_dim), p if metrics.get(name).parametric else 2.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_lambda(record: metrics.Metric, head_dim: int, p: float) -> float:
+  # Keyed by the record, not its name: a metric replaced with register(..., overwrite=True) is measured anew.
+  return logit_spread("dot", head_dim) / logit_spread(record.name, head_dim, p)
 
 
 def default_lambda_table(head_dims: tuple[int, ...] = (16, 32, 64, 128), p: float = 3.0) -> str:

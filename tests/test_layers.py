@@ -65,7 +65,9 @@ def test_every_metric_inside_nnx_multi_head_attention(metric):
   q = jnp.einsum("blf,fhd->blhd", x, mha.query.kernel[...]) + mha.query.bias[...][None, None]
   k = jnp.einsum("blf,fhd->blhd", x, mha.key.kernel[...]) + mha.key.bias[...][None, None]
   v = jnp.einsum("blf,fhd->blhd", x, mha.value.kernel[...]) + mha.value.bias[...][None, None]
-  heads, w = da.distance_attention(q, k, v, metric=metric, p=3.0, return_weights=True)
+  # The drop-in starts from the calibrated lam of the metric at this head_dim (and the fixed p).
+  lam = da.initializers.default_lambda(metric, q.shape[-1], 3.0)
+  heads, w = da.distance_attention(q, k, v, metric=metric, p=3.0, lam=lam, return_weights=True)
   want = jnp.einsum("blhd,hdf->blf", heads, mha.out.kernel[...]) + mha.out.bias[...][None, None]
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(intermediates["attention_weights"][0], w, rtol=1e-6)

@@ -6,6 +6,7 @@ attention uses and rides in the same registry as the baseline (its record says `
 
     da.metrics.l1(x, y); da.metrics.lp(x, y, p=3.0); da.metrics.get("cosine")(x, y)
     da.metrics.register(da.metrics.Metric("huber", da.metrics.Elementwise(phi=huber)))  # then metric="huber"
+    da.metrics.register(..., overwrite=True)  # replace it (a notebook cell run again); da.metrics.unregister("huber")
 
 Names users know: ``l1`` is scipy's ``cityblock`` and ``torch.cdist(p=1)``, ``l2`` is ``euclidean`` and
 ``torch.cdist(p=2)``, ``lp`` is ``minkowski``, ``chebyshev`` is scipy's ``chebyshev`` (``torch.cdist(p=inf)``),
@@ -41,9 +42,10 @@ from distattn_jax.metrics import elementwise, evaluate, gram, record, shipped
 from distattn_jax.metrics.evaluate import score
 from distattn_jax.metrics.record import (ELEMENTWISE_BLOCKS, GRAM_BLOCKS, DistanceType, Elementwise, Gram, Metric,
                                          accumulation_dtype, available, canonical_name, check_p, concrete_value,
-                                         get, register, sum_to_shape)
+                                         get, register, sum_to_shape, unregister)
 from distattn_jax.metrics.shipped import chebyshev, cosine, dot, l1, l2, lp, sqeuclidean
 
 __all__ = ["DistanceType", "ELEMENTWISE_BLOCKS", "Elementwise", "GRAM_BLOCKS", "Gram", "Metric",
            "accumulation_dtype", "available", "canonical_name", "chebyshev", "check_p", "concrete_value", "cosine",
-           "dot", "get", "l1", "l2", "lp", "register", "score", "sqeuclidean", "sum_to_shape"]
+           "dot", "get", "l1", "l2", "lp", "register", "score", "sqeuclidean", "sum_to_shape",
+           "unregister"]

@@ -246,20 +246,45 @@ def get(metric: str | DistanceType | Metric) -> Metric:
   return _REGISTRY[canonical_name(metric)]
 
 
-def register(metric: Metric) -> Metric:
+def register(metric: Metric, overwrite: bool = False) -> Metric:
   """Adds a user's metric; afterwards its name works everywhere a metric name does (every kernel,
   ``DistanceBasedAttention``, ``make_attention_fn``, the trainer's ``model.metric``). Returns the record.
 
   The record is evaluated once on a small input, so a form that cannot run fails here. A name that is already
-  registered (shipped or not) is a ValueError.
+  registered is a ValueError unless ``overwrite=True`` (a notebook re-running its registration cell); a shipped
+  name can never be replaced. Replacing or removing (:func:`unregister`) a metric clears JAX's caches of traced
+  and compiled functions (``jax.clear_caches``), since they identify the metric by name and would otherwise keep
+  running the old form.
   """
   if not isinstance(metric, Metric):
     raise TypeError(f"register: metric must be a da.metrics.Metric record; got {metric!r}")
-  if metric.name in _REGISTRY:
-    kind = "a shipped metric" if metric.name in _SHIPPED else "already registered"
-    raise ValueError(f"register: name={metric.name!r} is {kind}; choose another name")
+  if not isinstance(overwrite, bool):
+    raise TypeError(f"register: overwrite must be a bool; got {overwrite!r}")
+  if metric.name in _SHIPPED:
+    raise ValueError(f"register: name={metric.name!r} is a shipped metric and cannot be replaced; choose another "
+                     "name")
+  if metric.name in _REGISTRY and not overwrite:
+    raise ValueError(f"register: name={metric.name!r} is already registered; pass overwrite=True to replace it "
+                     "(or call da.metrics.unregister first)")
   _trial(metric)
+  replaced = _REGISTRY.get(metric.name) not in (None, metric)
   _REGISTRY[metric.name] = metric
+  if replaced:
+    jax.clear_caches()
+  return metric
+
+
+def unregister(name: str) -> Metric:
+  """Removes the user's metric registered as ``name`` and returns its record; shipped metrics stay. Clears JAX's
+  caches of traced and compiled functions, as replacing a metric does (see :func:`register`)."""
+  if name in _SHIPPED:
+    raise ValueError(f"unregister: name={name!r} is a shipped metric and cannot be removed")
+  if name not in _REGISTRY:
+    user = [n for n in _REGISTRY if n not in _SHIPPED]
+    raise ValueError(f"unregister: name={name!r} is not registered; registered user metrics: "
+                     f"{', '.join(user) if user else 'none'}")
+  metric = _REGISTRY.pop(name)
+  jax.clear_caches()
   return metric
 
 
