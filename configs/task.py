@@ -5,7 +5,7 @@ budget. For example, l1 attention with learned lam on the CPU-sized ListOps:
 
 Arguments: ``task`` (any of ``da.data.tasks.available()``), ``metric``, ``lam`` (learned or fixed), ``size``
 (a suite of configs/ablate.py whose budget to use: quick, cpu, full). Results go to
-results/<task>_<metric>_<lam>_<size>.json and .md.
+runs/ablate/<task>_<metric>_<lam>_<size>/ (the folder experiments/ablate.py picks; --results_dir=... sets another).
 """
 
 import importlib.util

@@ -389,8 +389,8 @@ def _attend(q, k, v, lam, bias, mask, segments, p_traced, dropout_rng, *, kernel
   q_seen, k_seen, v_seen = common.hide_unseen(q, k, v, seen)
   result = kernel(
       q_seen, k_seen, v_seen, lam=lam, bias=bias, mask=mask, segments=segments, local_window=local_window,
-      metric=metric,      p=p_static if p_traced is None else p_traced, is_causal=is_causal, dropout=dropout, precision=precision,
-      return_weights=return_weights)
+      metric=metric, p=p_static if p_traced is None else p_traced, is_causal=is_causal, dropout=dropout,
+      precision=precision, return_weights=return_weights)
   if fully_masked_rows == "zero":
     return result
   acc = metrics.accumulation_dtype(q.dtype)

@@ -13,13 +13,12 @@ Resumable: finished cells in <results_dir>/<suite>.json are skipped. One runner 
 import os
 
 from absl import flags
-from ml_collections import config_flags
 
 from distattn_jax.training import ablation
 
 import cli  # experiments/cli.py, beside this file
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ablate.py:suite=quick", "ablation suite config")
+_CONFIG = cli.define_config_file("config", "configs/ablate.py:suite=quick", "ablation suite config")
 _RESULTS = flags.DEFINE_string("results_dir", None, "folder for <suite>.json, .md and the plots (default: "
                                "runs/ablate/<suite>; --results_dir=results reproduces the committed tables)")
 _WORKERS = flags.DEFINE_integer("workers", None, "processes training cells in parallel (default: the config's)")

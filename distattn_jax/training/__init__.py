@@ -2,7 +2,7 @@
 metric writers, the loop, and where it runs (meshes, pmap, several processes: ``distributed``).
 ``experiments/`` holds only thin absl mains over these."""
 
-from distattn_jax.training.checkpoint import CheckpointError, Checkpoints
+from distattn_jax.training.checkpoint import CheckpointError, Checkpoints, NoReadableCheckpoint
 from distattn_jax.training.config import (ConfigChangedError, check_resume, default_config, fingerprint, parse_arg,
                                          validate)
 from distattn_jax.training.distributed import Placement, pmap_train_step
@@ -15,8 +15,8 @@ from distattn_jax.training.steps import TrainState, create_train_state, eval_ste
 from distattn_jax.training.writers import MetricWriter, read_jsonl
 
 __all__ = ["CheckpointError", "Checkpoints", "ConfigChangedError", "MetricWriter", "NonFiniteError",
-           "NonFiniteLossError", "Placement", "TrainState", "analyze_run", "build", "check_resume",
-           "create_train_state", "default_config", "eval_step", "fingerprint", "hide_orbax_info_logs",
-           "initialize_distributed", "lambda_values", "learning_rate_schedule", "load_data", "make_optimizer",
-           "param_labels", "parse_arg", "pmap_train_step", "read_jsonl", "restore", "sample_text", "throughput",
-           "train_and_evaluate", "train_step", "validate"]
+           "NonFiniteLossError", "NoReadableCheckpoint", "Placement", "TrainState", "analyze_run", "build",
+           "check_resume", "create_train_state", "default_config", "eval_step", "fingerprint",
+           "hide_orbax_info_logs", "initialize_distributed", "lambda_values", "learning_rate_schedule", "load_data",
+           "make_optimizer", "param_labels", "parse_arg", "pmap_train_step", "read_jsonl", "restore", "sample_text",
+           "throughput", "train_and_evaluate", "train_step", "validate"]
