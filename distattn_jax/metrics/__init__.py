@@ -17,8 +17,8 @@ features forward, key and query loops backward, never a ``[..., N, M, D]`` tenso
 and ``dot`` are gram forms (:mod:`.gram`: matmuls at ``Precision.HIGHEST``, whatever precision the caller
 passes).
 
-Precision: inputs stay in their dtype, every reduction accumulates in at least float32 (float64 inputs stay
-float64), and the metric functions return the inputs' dtype. :func:`score` returns the signed attention score
+Precision (:mod:`.numerics`): inputs stay in their dtype, every reduction accumulates in at least float32
+(float64 inputs stay float64), and the metric functions return the inputs' dtype. :func:`score` returns the signed attention score
 (``-distance`` or ``+similarity``) in the accumulation dtype, for the kernels. Elementwise forms see the
 differences ``x_d - y_d`` themselves, so ``l2`` and ``lp`` (and their gradients) stay accurate to a few float32
 ulps even for nearly equal vectors. The gram form of ``sqeuclidean`` carries an absolute error of about
@@ -38,11 +38,11 @@ Gradient conventions (finite everywhere; each record's ``gradient`` field states
   ``u = |x - y| / lp``, and 0 at zero distance.
 """
 
-from distattn_jax.metrics import elementwise, evaluate, gram, record, shipped
+from distattn_jax.metrics import elementwise, evaluate, gram, numerics, record, shipped
 from distattn_jax.metrics.evaluate import score
+from distattn_jax.metrics.numerics import accumulation_dtype, check_p, concrete_value, sum_to_shape
 from distattn_jax.metrics.record import (ELEMENTWISE_BLOCKS, GRAM_BLOCKS, DistanceType, Elementwise, Gram, Metric,
-                                         accumulation_dtype, available, canonical_name, check_p, concrete_value,
-                                         get, register, sum_to_shape, unregister)
+                                         available, canonical_name, get, register, unregister)
 from distattn_jax.metrics.shipped import chebyshev, cosine, dot, l1, l2, lp, sqeuclidean
 
 __all__ = ["DistanceType", "ELEMENTWISE_BLOCKS", "Elementwise", "GRAM_BLOCKS", "Gram", "Metric",

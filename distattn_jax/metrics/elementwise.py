@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distattn_jax.metrics import record
+from distattn_jax.metrics import numerics, record
 
 Array = jax.Array
 
@@ -76,7 +76,8 @@ def _pair_cotangents(weight: Callable, x: Array, y: Array, pair_values: tuple[Ar
 
   query_slices = (jnp.moveaxis(x, -2, 0), tuple(jnp.moveaxis(v, -2, 0) for v in pair_values))
   dy, _ = jax.lax.scan(over_queries, jnp.zeros(batch + y.shape[-2:], dtype), query_slices)
-  return record.sum_to_shape(dx, x.shape), record.sum_to_shape(dy, y.shape), extra if key_extra is not None else None
+  extra = extra if key_extra is not None else None
+  return numerics.sum_to_shape(dx, x.shape), numerics.sum_to_shape(dy, y.shape), extra
 
 
 def _slope(fn: Callable, u: Array, *params: Array) -> tuple[Array, Array]:
@@ -190,7 +191,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 def evaluate(form: record.Elementwise, x: Array, y: Array, params: tuple[Array, ...] = ()) -> Array:
   """The form's value ``[..., N, M]`` in the accumulation dtype; ``params`` is ``()`` or ``(p,)``."""
-  acc = record.accumulation_dtype(jnp.result_type(x, y))
+  acc = numerics.accumulation_dtype(jnp.result_type(x, y))
   params = tuple(jnp.asarray(p, acc) for p in params)
   return _core(form, x.astype(acc), y.astype(acc), params)
 

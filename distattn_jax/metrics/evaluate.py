@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from distattn_jax.metrics import elementwise, gram, record
+from distattn_jax.metrics import elementwise, gram, numerics, record
 
 Array = jax.Array
 
@@ -51,12 +51,15 @@ _jitted = jax.jit(_unsigned, static_argnames=("metric", "p_static"))
 def public_call(metric: record.Metric, x: Any, y: Any, p: Any, precision: Any) -> Array:
   """``metric(x, y[, p])``: validated, in the inputs' dtype."""
   del precision  # the gram forms always run at Precision.HIGHEST
-  x, y = record.check_pair(x, y, metric.name)
+  x, y = numerics.check_pair(x, y, metric.name)
   if not metric.parametric:
     if p is not None:
       raise TypeError(f"{metric.name}: takes no order p (got p={p!r}); only parametric metrics such as lp do")
     return _jitted(x, y, None, metric=metric, p_static=None)
-  p = record.check_p(2.0 if p is None else p)
+  p = numerics.check_p(2.0 if p is None else p)
   if isinstance(p, float):
     return _jitted(x, y, None, metric=metric, p_static=p)
   return _jitted(x, y, p, metric=metric, p_static=None)
+
+
+record.install_evaluation(record.Evaluation(call=public_call, form_value=form_value))

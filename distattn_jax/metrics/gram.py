@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distattn_jax.metrics import record
+from distattn_jax.metrics import numerics, record
 
 Array = jax.Array
 
@@ -28,7 +28,7 @@ def centered(x: Array, y: Array) -> tuple[Array, Array]:
   (a 4% gradient error for sqeuclidean attention, measured by experiments/selfcheck.py), so bfloat16 inputs
   get the float32 distances of their own values.
   """
-  acc = record.accumulation_dtype(jnp.result_type(x, y))
+  acc = numerics.accumulation_dtype(jnp.result_type(x, y))
   c = jax.lax.stop_gradient(jnp.mean(y.astype(acc), axis=-2, keepdims=True))
   return x.astype(acc) - c, y.astype(acc) - c
 
@@ -41,7 +41,7 @@ def _power(x: Array, a: int, acc) -> Array:
 def grams(terms: tuple[tuple[int, int], ...], x: Array, y: Array) -> list[Array]:
   """``[..., N, M]`` matmuls (``[..., N, 1]`` / ``[..., 1, M]`` row sums where an exponent is 0) for ``terms``;
   ``x`` and ``y`` have the same rank."""
-  acc = record.accumulation_dtype(jnp.result_type(x, y))
+  acc = numerics.accumulation_dtype(jnp.result_type(x, y))
   out = []
   for a, b in terms:
     if b == 0:
@@ -60,7 +60,7 @@ def evaluate(form: record.Gram, x: Array, y: Array, center: bool) -> Array:
   """The form's value ``[..., N, M]`` in the accumulation dtype."""
   if center:
     x, y = centered(x, y)
-  acc = record.accumulation_dtype(jnp.result_type(x, y))
+  acc = numerics.accumulation_dtype(jnp.result_type(x, y))
   if form.normalize:
     x, y = x.astype(acc), y.astype(acc)
     x = x * inverse_norm(jnp.sum(x * x, axis=-1, keepdims=True))

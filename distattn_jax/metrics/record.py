@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import math
 from typing import Any, Callable, Union
 
 import jax
@@ -177,8 +176,7 @@ class Metric:
     return (self.block_q or default[0], self.block_k or default[1])
 
   def __call__(self, x: Any, y: Any, p: Any = None, *, precision: Any = None) -> Array:
-    from distattn_jax.metrics import evaluate  # evaluate imports this module
-    return evaluate.public_call(self, x, y, p, precision)
+    return _installed_evaluation().call(self, x, y, p, precision)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,6 +197,44 @@ def _checked_form(metric: Metric, form: Any, p: Any) -> Form:
   if not isinstance(form, (Elementwise, Gram)):
     raise TypeError(f"metric {metric.name!r}: form({p!r}) must return an Elementwise or Gram form; got {form!r}")
   return form
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation. The forms are evaluated in metrics/evaluate.py, which imports this module (for the records and the
+# registry) and installs its entry points here when it is imported; a record's call and the registration trial
+# reach it through them. Importing any module of ``distattn_jax.metrics`` runs the package's __init__, which
+# imports evaluate.py, so the evaluation is installed before any record can be called or registered.
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """The entry points of the evaluation of a record.
+
+  Attributes:
+    call: ``call(metric, x, y, p, precision)``, the validated ``metric(x, y[, p])`` in the inputs' dtype.
+    form_value: ``form_value(metric, x, y, p)``, the value of the form at order ``p`` (not negated) in the
+      accumulation dtype, unvalidated.
+  """
+
+  call: Callable[..., Array]
+  form_value: Callable[..., Array]
+
+
+_evaluation: Evaluation | None = None
+
+
+def install_evaluation(evaluation: Evaluation) -> None:
+  """Sets how records are evaluated (called once, by metrics/evaluate.py)."""
+  global _evaluation
+  if not isinstance(evaluation, Evaluation):
+    raise TypeError(f"install_evaluation: evaluation must be a record.Evaluation; got {evaluation!r}")
+  _evaluation = evaluation
+
+
+def _installed_evaluation() -> Evaluation:
+  if _evaluation is None:
+    raise RuntimeError("the metric evaluation is not installed; import distattn_jax.metrics")
+  return _evaluation
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -290,7 +326,7 @@ def unregister(name: str) -> Metric:
 
 def _trial(metric: Metric) -> None:
   """Evaluates the record's forms on a 2 x 3 input and checks shape and finiteness, naming what failed."""
-  from distattn_jax.metrics import evaluate
+  form_value = _installed_evaluation().form_value
   x = jnp.asarray([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], jnp.float32)
   y = jnp.asarray([[1.0, 0.25, -0.5], [0.0, 0.0, 0.0], [0.5, -1.0, 2.0]], jnp.float32)
   cases = [(None, None)] if not metric.parametric else [(2.0, 2.0), ("generic p", jnp.float32(3.0))]
@@ -309,7 +345,7 @@ def _trial(metric: Metric) -> None:
                          f"out); got shape {shape}")
 
     def trial(a, b, p):
-      scores = evaluate.form_value(metric, a, b, p)
+      scores = form_value(metric, a, b, p)
       return jnp.sum(scores), scores
 
     try:
@@ -334,75 +370,3 @@ def add_shipped(metric: Metric) -> Metric:
   assert metric.name in _SHIPPED and metric.name not in _REGISTRY
   _REGISTRY[metric.name] = metric
   return metric
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Argument checks and dtype rules shared with the rest of the package.
-
-
-def check_p(p: Any, argname: str = "p") -> float | Array:
-  """Validates the lp order: a concrete ``p`` must be a positive number (``inf`` allowed); NaN or ``p <= 0`` is
-  a ValueError. A traced ``p`` (learned) is returned as a float32-or-wider scalar array and is not checked."""
-  value = concrete_value(p)
-  if value is None:
-    p = jnp.asarray(p)
-    if p.ndim != 0:
-      raise ValueError(f"{argname} must be a scalar; got an array of shape {p.shape}")
-    if not jnp.issubdtype(p.dtype, jnp.floating):
-      raise TypeError(f"{argname} must be a float; got dtype {p.dtype}")
-    return p
-  if value.ndim != 0:
-    raise ValueError(f"{argname} must be a scalar; got an array of shape {value.shape}")
-  if value.dtype == bool or not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
-    raise TypeError(f"{argname} must be a positive real number; got {p!r}")
-  p = float(value)
-  if math.isnan(p) or p <= 0:
-    raise ValueError(f"{argname} must be > 0 (inf allowed); got {p}")
-  return p
-
-
-def concrete_value(x: Any) -> np.ndarray | None:
-  """``x`` as a numpy array when its value is known at trace time, else None."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
-def accumulation_dtype(dtype: Any) -> jnp.dtype:
-  """The dtype reductions use for inputs of ``dtype``: float32 for 16-bit floats, else the dtype itself."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def sum_to_shape(t: Array, shape: tuple[int, ...]) -> Array:
-  """Sums a broadcast cotangent back to the shape of the primal it came from (leading or size-1 axes)."""
-  if t.shape == shape:
-    return t
-  lead = t.ndim - len(shape)
-  axes = tuple(range(lead)) + tuple(i + lead for i, s in enumerate(shape) if s == 1 and t.shape[i + lead] != 1)
-  return jnp.sum(t, axis=axes, keepdims=True).reshape(shape)
-
-
-def check_pair(x: Any, y: Any, fn: str) -> tuple[Array, Array]:
-  """``x``, ``y`` as arrays after checking dtype and shapes; errors name the function and the argument."""
-  x = jnp.asarray(x)
-  y = jnp.asarray(y)
-  for name, a in (("x", x), ("y", y)):
-    if jnp.issubdtype(a.dtype, jnp.complexfloating):
-      raise TypeError(f"{fn}: {name} is complex (dtype {a.dtype}); complex inputs are not supported, pass a "
-                      "real floating-point array (e.g. stack the real and imaginary parts as features)")
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-      raise TypeError(f"{fn}: {name} must be a floating-point array; got dtype {a.dtype}")
-    if a.ndim < 2:
-      raise ValueError(f"{fn}: {name} must have shape [..., length, dim]; got shape {a.shape}")
-  if x.shape[-1] != y.shape[-1]:
-    raise ValueError(f"{fn}: x and y must have the same last (feature) dimension; got x.shape={x.shape}, "
-                     f"y.shape={y.shape}")
-  try:
-    np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
-  except ValueError:
-    raise ValueError(f"{fn}: the batch dimensions of x and y do not broadcast; got x.shape={x.shape}, "
-                     f"y.shape={y.shape}") from None
-  return x, y
