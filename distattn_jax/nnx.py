@@ -2,8 +2,8 @@
 
 It is ``nnx.MultiHeadAttention`` (same constructor, same submodules ``query``, ``key``, ``value``, ``out``,
 ``query_ln``, ``key_ln``, same cache variables and ``init_cache``), plus a per-head ``log_lambda`` (and
-``log_p``) parameter, with a ``__call__`` that runs the shared logic of :mod:`distattn_jax.layers`, the same
-functions the Linen module runs.
+``log_p``) parameter, with a ``__call__`` that runs the pure functions of :mod:`distattn_jax.module_helpers`, the
+same functions the Linen module runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flax import nnx as flax_nnx
 from flax.nnx import rnglib
 from flax.nnx.module import first_from
 
-from distattn_jax import layers, metrics
+from distattn_jax import metrics, module_helpers
 
 Array = jax.Array
 
@@ -53,7 +53,7 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
       raise TypeError(f"{name}: attention_fn is not an argument (the attention is distance attention; use "
                       "nnx.MultiHeadAttention(attention_fn=distattn_jax.make_attention_fn(...)) for a fixed lam)")
     qkv = in_features if qkv_features is None else qkv_features
-    metric, _ = layers.check_config(
+    metric, _ = module_helpers.check_config(
         name, num_heads=num_heads, num_kv_heads=num_kv_heads, qkv_features=qkv, metric=metric, p=p,
         learnable_p=learnable_p, lambda_init=lambda_init, dropout_rate=dropout_rate, rotary_base=rotary_base)
     super().__init__(num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features,
@@ -62,7 +62,7 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
     self.p = float(p)
     self.implementation = implementation
     self.rotary_base = rotary_base
-    self.lambda_init = layers.initial_lambda(metric, self.head_dim, p, lambda_init)
+    self.lambda_init = module_helpers.initial_lambda(metric, self.head_dim, p, lambda_init)
     self.log_lambda: flax_nnx.Param | None = flax_nnx.data(None)
     self.log_p: flax_nnx.Param | None = flax_nnx.data(None)
     if learnable_lambda:
@@ -72,8 +72,8 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
 
   def lam_and_p(self) -> tuple[Array | float, Array | float]:
     """The current lam (``[num_heads]`` when learned, else a float) and p."""
-    return layers.lam_and_p(None if self.log_lambda is None else self.log_lambda[...], self.lambda_init,
-                            None if self.log_p is None else self.log_p[...], self.p)
+    return module_helpers.lam_and_p(None if self.log_lambda is None else self.log_lambda[...], self.lambda_init,
+                                    None if self.log_p is None else self.log_p[...], self.p)
 
   def __call__(self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
                mask: Array | None = None, deterministic: bool | None = None,
@@ -88,7 +88,7 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
     ``distance_attention`` (not in a decode step, whose keys are the cache's)."""
     name = type(self).__name__
     rngs = self.rngs if rngs is None else (rngs.dropout if isinstance(rngs, rnglib.Rngs) else rngs)
-    inputs_q, inputs_k, inputs_v = layers.resolve_inputs(name, inputs_q, inputs_k, inputs_v)
+    inputs_q, inputs_k, inputs_v = module_helpers.resolve_inputs(name, inputs_q, inputs_k, inputs_v)
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(f"{name}: inputs_q has {inputs_q.shape[-1]} features; the module was built for "
                        f"in_features={self.in_features}")
@@ -104,7 +104,7 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
     if decode:
       if self.cached_key is None or self.cached_value is None or self.cache_index is None:
         raise ValueError(f"{name}: decode=True needs a cache; call init_cache(input_shape) first")
-      cache = layers.KVCache(self.cached_key[...], self.cached_value[...], self.cache_index[...])
+      cache = module_helpers.KVCache(self.cached_key[...], self.cached_value[...], self.cache_index[...])
 
     dropout_rng = None
     if self.dropout_rate > 0.0:
@@ -119,7 +119,7 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
       deterministic = True
 
     lam, p = self.lam_and_p()
-    x, cache = layers.attend(
+    x, cache = module_helpers.attend(
         name, query, key, value, cache=cache, mask=mask, metric=self.metric, lam=lam, p=p, is_causal=is_causal,
         rotary_base=self.rotary_base, positions=positions, key_positions=key_positions,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, query_seq_lengths=query_seq_lengths,

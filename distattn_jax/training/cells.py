@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from distattn_jax import layers
+from distattn_jax import module_helpers
 from distattn_jax.data import tasks
 from distattn_jax.models import Encoder, TruthGPT, TruthGPTConfig
 from distattn_jax.training import optim
@@ -119,7 +119,7 @@ def lambda_table(params: Any, model, depth: int) -> list[list[float]]:
       out.append(np.exp(np.asarray(attention["log_lambda"], np.float64)).reshape(-1).tolist())
     else:
       c = model.config
-      lam = layers.initial_lambda(c.metric, c.head_dim, c.p, c.lambda_init)
+      lam = module_helpers.initial_lambda(c.metric, c.head_dim, c.p, c.lambda_init)
       out.append([float(lam)] * c.num_heads)
   return out
 
