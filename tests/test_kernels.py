@@ -11,7 +11,7 @@ import pytest
 import distattn_jax as da
 from conftest import normal
 from distattn_jax import attention as attention_module
-from distattn_jax.kernels import Blockwise, blockwise, dropout
+from distattn_jax.kernels import Blockwise, blockwise, dropout, tiles
 
 METRICS = da.metrics.available()
 
@@ -155,13 +155,13 @@ def test_block_ranges_skip_exactly_the_blocks_no_query_can_see(is_causal, window
   # Brute force over positions: a (query block, key block) pair is visited iff some pair of positions in it is
   # inside the causal triangle and the window.
   for block_q, block_k, length in ((8, 8, 64), (8, 24, 70), (32, 8, 100), (5, 7, 36)):
-    cfg = blockwise._Config("dot", 2.0, is_causal, block_q, block_k, length, length, 1, 0.0, True, None, window)
+    cfg = tiles.TileConfig("dot", 2.0, is_causal, block_q, block_k, length, length, 1, 0.0, True, None, window)
     num_q, num_k = -(-length // block_q), -(-length // block_k)
     left, right = window or (length, length)
     for i in range(num_q):
-      first, end = (int(x) for x in blockwise._kv_block_range(cfg, i, num_k))
+      first, end = (int(x) for x in tiles.kv_block_range(cfg, i, num_k))
       for j in range(num_k):
-        first_q, end_q = (int(x) for x in blockwise._q_block_range(cfg, j, num_q))
+        first_q, end_q = (int(x) for x in tiles.q_block_range(cfg, j, num_q))
         visible = any((t >= s or not is_causal) and t - left <= s <= t + right
                       for t in range(i * block_q, (i + 1) * block_q) for s in range(j * block_k, (j + 1) * block_k))
         assert (first <= j < end) == visible, (block_q, block_k, i, j)

@@ -1,6 +1,6 @@
 """Attention kernels. Importing this package registers every kernel with :mod:`.registry`."""
 
-from distattn_jax.kernels import base, blockwise, dropout, pallas_gpu, reference, ring
+from distattn_jax.kernels import base, blockwise, dropout, pallas_gpu, reference, ring, tiles
 from distattn_jax.kernels.base import Capabilities, Kernel, Request
 from distattn_jax.kernels.blockwise import Blockwise
 from distattn_jax.kernels.common import AttentionResult, Dropout, Segments
@@ -11,4 +11,4 @@ from distattn_jax.kernels.registry import available, get, register
 
 __all__ = ["AttentionResult", "Blockwise", "Capabilities", "Dropout", "Kernel", "Pallas", "Reference", "Request",
            "Ring", "Segments", "available", "base", "blockwise", "dropout", "get", "pallas_gpu", "reference",
-           "register", "ring"]
+           "register", "ring", "tiles"]

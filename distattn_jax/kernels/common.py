@@ -1,4 +1,5 @@
-"""Pieces every kernel shares: the result type, the dropout and segment descriptions, masks and the masked softmax.
+"""Pieces every kernel shares: the result type, the dropout and segment descriptions, the mask rule, and the
+hiding of positions no query or key can see. The softmax numerics live in :mod:`distattn_jax.kernels.tiles`.
 
 Canonical kernel shapes (``distattn_jax.attention`` produces them from the public Flax layout):
 
@@ -51,53 +52,47 @@ class Segments(NamedTuple):
   kv_lengths: Array | None = None  # [B]
 
 
-def position_mask(q_pos: Array, kv_pos: Array, *, is_causal: bool = False,
-                  local_window: tuple[int, int] | None = None, q_ids: Array | None = None,
-                  kv_ids: Array | None = None, q_lengths: Array | None = None,
-                  kv_lengths: Array | None = None) -> Array | None:
-  """Bool ``[B|1, tq, tk]``, True where query position ``q_pos [tq]`` may see key position ``kv_pos [tk]``:
-  causal (``s <= t``), inside the window (``t - left <= s <= t + right``), equal ids (``q_ids [B, tq]``,
-  ``kv_ids [B, tk]``, the ids at those positions) and inside the lengths (``[B]``). None when nothing masks."""
-  t = q_pos.reshape(1, -1, 1)
-  s = kv_pos.reshape(1, 1, -1)
+def allowed_pairs(t: Array, s: Array, *, is_causal: bool = False, local_window: tuple[int, int] | None = None,
+                  q_ids: Array | None = None, kv_ids: Array | None = None, q_lengths: Array | None = None,
+                  kv_lengths: Array | None = None, kv_len: int | None = None) -> Array | None:
+  """The mask rule every kernel evaluates, on operands already shaped to broadcast against each other: query
+  positions ``t``, key positions ``s``, the ids at those positions and the lengths. True where query ``t`` may
+  see key ``s``: causal (``s <= t``), inside the window (``t - left <= s <= t + right``), equal ids, inside the
+  lengths, and (``kv_len``) not a padded key. None when nothing masks. Plain ``jnp`` comparisons, so the same
+  function runs in the reference, the blockwise tiles and inside the fused Pallas kernels."""
   allowed = None
 
   def both(m):
     return m if allowed is None else jnp.logical_and(allowed, m)
 
+  if kv_len is not None:
+    allowed = both(s < kv_len)
   if is_causal:
     allowed = both(s <= t)
   if local_window is not None:
     left, right = local_window
     allowed = both(jnp.logical_and(s >= t - left, s <= t + right))
   if q_ids is not None:
-    allowed = both(q_ids[:, :, None] == kv_ids[:, None, :])
+    allowed = both(q_ids == kv_ids)
   if q_lengths is not None:
-    allowed = both(t < q_lengths.reshape(-1, 1, 1))
+    allowed = both(t < q_lengths)
   if kv_lengths is not None:
-    allowed = both(s < kv_lengths.reshape(-1, 1, 1))
+    allowed = both(s < kv_lengths)
   return allowed
 
 
-def masked_softmax(logits: Array, mask: Array | None) -> tuple[Array, Array]:
-  """Softmax over the last axis with masked entries excluded; returns ``(weights, lse)``.
-
-  A row with no unmasked entry gets weights 0 and ``lse = -inf`` (not NaN), with zero gradients: the mask is
-  applied to the logits before ``exp``, so no masked entry ever produces an ``inf`` to multiply by 0. NaN
-  logits propagate.
-  """
-  if mask is not None:
-    logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  # The softmax does not depend on the shift, so stop_gradient is exact and avoids routing gradient to ties.
-  row_max = jax.lax.stop_gradient(jnp.where(jnp.isneginf(row_max), 0.0, row_max))
-  e = jnp.exp(logits - row_max)
-  denom = jnp.sum(e, axis=-1, keepdims=True)
-  has_any = denom > 0
-  safe_denom = jnp.where(has_any, denom, 1.0)
-  weights = e / safe_denom
-  lse = jnp.where(has_any, row_max + jnp.log(safe_denom), -jnp.inf)[..., 0]
-  return weights, lse
+def position_mask(q_pos: Array, kv_pos: Array, *, is_causal: bool = False,
+                  local_window: tuple[int, int] | None = None, q_ids: Array | None = None,
+                  kv_ids: Array | None = None, q_lengths: Array | None = None,
+                  kv_lengths: Array | None = None) -> Array | None:
+  """Bool ``[B|1, tq, tk]``, :func:`allowed_pairs` for query positions ``q_pos [tq]`` and key positions
+  ``kv_pos [tk]``, with ``q_ids [B, tq]``, ``kv_ids [B, tk]`` (the ids at those positions) and lengths ``[B]``.
+  None when nothing masks."""
+  return allowed_pairs(
+      q_pos.reshape(1, -1, 1), kv_pos.reshape(1, 1, -1), is_causal=is_causal, local_window=local_window,
+      q_ids=None if q_ids is None else q_ids[:, :, None], kv_ids=None if kv_ids is None else kv_ids[:, None, :],
+      q_lengths=None if q_lengths is None else q_lengths.reshape(-1, 1, 1),
+      kv_lengths=None if kv_lengths is None else kv_lengths.reshape(-1, 1, 1))
 
 
 # ------------------------------------------------------------------------------------------------------------

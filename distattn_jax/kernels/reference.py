@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from distattn_jax import metrics
-from distattn_jax.kernels import base, common, registry
+from distattn_jax.kernels import base, common, registry, tiles
 from distattn_jax.kernels import dropout as dropout_lib
 
 
@@ -55,7 +55,7 @@ class Reference:
     if positions is not None:
       positions = positions[:, None]
       mask = positions if mask is None else jnp.logical_and(mask, positions)
-    weights, lse = common.masked_softmax(logits, mask)
+    weights, lse = tiles.masked_softmax(logits, mask)
 
     mixing = weights
     if dropout is not None:

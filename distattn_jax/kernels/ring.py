@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from distattn_jax import metrics
-from distattn_jax.kernels import base, blockwise, common, registry
+from distattn_jax.kernels import base, blockwise, common, registry, tiles
 
 Array = jax.Array
 
@@ -58,8 +58,8 @@ _SKIP, _FULL, _PARTIAL = 0, 1, 2
 class _Plan(NamedTuple):
   """Everything static about one ring call (hashable: the custom_vjp's non-differentiable argument)."""
 
-  full: blockwise._Config      # a chunk pair every query sees all of
-  partial: blockwise._Config   # a chunk pair the causal mask cuts
+  full: tiles.TileConfig      # a chunk pair every query sees all of
+  partial: tiles.TileConfig   # a chunk pair the causal mask cuts
   mesh: Any
   axis_name: str
   size: int                    # devices on the ring
@@ -105,6 +105,14 @@ def _add_chunk(x, axis: int, a, tile):
 
 def _positions(plan: _Plan, device, a: int, chunk: int):
   return _chunk_index(plan, device, a) * chunk + jnp.arange(chunk, dtype=jnp.int32)
+
+
+def _pair_segments(plan: _Plan, local, kv_ids, me, src, a, b) -> tiles.TileSegments:
+  """The per-position masks of the pair (this device's query chunk ``a``, chunk ``b`` of device ``src``'s
+  keys), with the chunks' global positions."""
+  return tiles.TileSegments(
+      _chunk(local.get("q_ids"), 1, a, plan.q_chunk), _chunk(kv_ids, 1, b, plan.kv_chunk), local.get("q_lengths"),
+      local.get("kv_lengths"), _positions(plan, me, a, plan.q_chunk), _positions(plan, src, b, plan.kv_chunk))
 
 
 def _shift(plan: _Plan, tree):
@@ -185,7 +193,7 @@ def _local_forward(plan: _Plan, local):
     return jnp.zeros(stats_shape + (v_dim,), acc), jnp.full(stats_shape, -jnp.inf, acc)
 
   def compute(cfg, q_a, k_b, v_b, seg, bias_b, mask_b):
-    return blockwise._forward(cfg, q_a, k_b, v_b, lam5, bias_b, mask_b, seg, p, None)
+    return tiles.forward(cfg, q_a, k_b, v_b, lam5, bias_b, mask_b, seg, p, None)
 
   def hop(step, carry):
     k, v, kv_ids, moving, out, lse = carry
@@ -196,25 +204,13 @@ def _local_forward(plan: _Plan, local):
     def pair(index, state):
       out, lse = state
       a, b = index // plan.chunks, index % plan.chunks
-      seg = (_chunk(local.get("q_ids"), 1, a, plan.q_chunk), _chunk(kv_ids, 1, b, plan.kv_chunk),
-             local.get("q_lengths"), local.get("kv_lengths"), _positions(plan, me, a, plan.q_chunk),
-             _positions(plan, src, b, plan.kv_chunk))
+      seg = _pair_segments(plan, local, kv_ids, me, src, a, b)
       kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
       out_p, lse_p = jax.lax.switch(kind, _branches(plan, skip, compute), _chunk(q, 2, a, plan.q_chunk),
                                     _chunk(k, 2, b, plan.kv_chunk), _chunk(v, 2, b, plan.kv_chunk), seg,
                                     _key_chunk(plan, moving, fixed, "bias", b),
                                     _key_chunk(plan, moving, fixed, "mask", b))
-      # Merge two normalised partial results through their log-sum-exp; -inf (nothing seen) on both sides
-      # stays -inf with output 0.
-      out_a, lse_a = _chunk(out, 2, a, plan.q_chunk), _chunk(lse, 2, a, plan.q_chunk)
-      top = jnp.maximum(lse_a, lse_p)
-      top = jnp.where(jnp.isneginf(top), 0.0, top)
-      w_old, w_new = jnp.exp(lse_a - top), jnp.exp(lse_p - top)
-      total = w_old + w_new
-      seen = total > 0
-      safe = jnp.where(seen, total, 1.0)
-      out_a = (out_a * w_old[..., None] + out_p * w_new[..., None]) / safe[..., None]
-      lse_a = jnp.where(seen, top + jnp.log(safe), -jnp.inf)
+      out_a, lse_a = tiles.merge(_chunk(out, 2, a, plan.q_chunk), _chunk(lse, 2, a, plan.q_chunk), out_p, lse_p)
       return (jax.lax.dynamic_update_slice_in_dim(out, out_a, a * plan.q_chunk, 2),
               jax.lax.dynamic_update_slice_in_dim(lse, lse_a, a * plan.q_chunk, 2))
 
@@ -247,8 +243,8 @@ def _local_backward(plan: _Plan, local):
 
   def compute(cfg, q_a, k_b, v_b, seg, bias_b, mask_b, rows):
     lse_a, do_a, delta_a = rows
-    res = (q_a, k_b, v_b, lam5, bias_b, mask_b, seg, p, None, None, lse_a)
-    g_q, g_k, g_v, g_lam, g_bias, g_p = blockwise._gradients(cfg, res, (do_a, None), delta=delta_a)
+    res = tiles.Residuals(q_a, k_b, v_b, lam5, bias_b, mask_b, seg, p, rng=None, out=None, lse=lse_a)
+    g_q, g_k, g_v, g_lam, g_bias, g_p = tiles.gradients(cfg, res, do_a, delta=delta_a)
     return g_q, g_k, g_v, g_lam, g_p, g_bias
 
   bias = local.get("bias")
@@ -264,9 +260,7 @@ def _local_backward(plan: _Plan, local):
     def pair(index, state):
       dk, dv, d_moving_bias, dq, dlam, dp, d_fixed_bias = state
       a, b = index // plan.chunks, index % plan.chunks
-      seg = (_chunk(local.get("q_ids"), 1, a, plan.q_chunk), _chunk(kv_ids, 1, b, plan.kv_chunk),
-             local.get("q_lengths"), local.get("kv_lengths"), _positions(plan, me, a, plan.q_chunk),
-             _positions(plan, src, b, plan.kv_chunk))
+      seg = _pair_segments(plan, local, kv_ids, me, src, a, b)
       rows = tuple(_chunk(x, 2, a, plan.q_chunk) for x in (lse, d_out, delta))
       kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
       g_q, g_k, g_v, g_lam, g_p, g_bias = jax.lax.switch(
@@ -352,7 +346,7 @@ def _ring_bwd(plan: _Plan, res, cotangents):
   q_ids, kv_ids, q_lengths, kv_lengths = seg
   arrays = _present(q=q, k=k, v=v, lam5=lam5, p=p, q_ids=q_ids, kv_ids=kv_ids, q_lengths=q_lengths,
                     kv_lengths=kv_lengths, bias=bias5, mask=mask5, lse=lse, d_out=d_out,
-                    delta=blockwise.row_terms(out, d_out, d_lse))
+                    delta=tiles.row_terms(out, d_out, d_lse))
   row = P(plan.batch_spec, None, plan.axis_name)
   bias_spec = P() if bias5 is None else _key_operand_spec(plan, bias5)
   dq, dk, dv, dlam, dp, dbias = _shard_map(plan, _local_backward, arrays, (row, row, row, P(), P(), bias_spec))
@@ -369,7 +363,7 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 def _lay_out(plan: _Plan, x: Array | None, axis: int, chunk: int, fill=0) -> Array | None:
   """Pads ``axis`` to ``chunks * size * chunk``; the zig-zag reordering happens inside the ring
   (:func:`_to_ring`), between neighbours, so no device ever gathers the sequence."""
-  return None if x is None else blockwise._pad_axis(x, axis, plan.chunks * plan.size * chunk, fill)
+  return None if x is None else tiles.pad_axis(x, axis, plan.chunks * plan.size * chunk, fill)
 
 
 # A tile's score temporaries must stay small against the share of the sequence a device holds, or splitting
@@ -562,7 +556,7 @@ class Ring:
       split *= mesh.shape[name]
     batch_spec = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else tuple(batch_axes)
 
-    full = blockwise._Config(metric=metric, p=p if isinstance(p, float) else None, is_causal=False,
+    full = tiles.TileConfig(metric=metric, p=p if isinstance(p, float) else None, is_causal=False,
                              block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len, group=group,
                              dropout_rate=0.0, broadcast_dropout=True, precision=precision)
     # A partially visible pair is a diagonal one (same chunk, same positions) when q_len == kv_len, where the
@@ -579,12 +573,12 @@ class Ring:
     vt = _lay_out(plan, v.transpose(0, 2, 1, 3), 2, kv_chunk)
     lam5 = lam.astype(acc).reshape(1, num_kv, 1, group, 1)
     segments = segments or common.Segments()
-    seg = (_lay_out(plan, segments.q_ids, 1, q_chunk), _lay_out(plan, segments.kv_ids, 1, kv_chunk),
-           segments.q_lengths, segments.kv_lengths)
+    seg = common.Segments(_lay_out(plan, segments.q_ids, 1, q_chunk), _lay_out(plan, segments.kv_ids, 1, kv_chunk),
+                          segments.q_lengths, segments.kv_lengths)
     p_array = None if isinstance(p, float) else jnp.asarray(p, acc)
-    bias5 = blockwise._group_operand(None if bias is None else bias.astype(acc), num_kv, group, 1,
-                                     plan.chunks * size * kv_chunk, 0.0)
-    mask5 = blockwise._group_operand(mask, num_kv, group, 1, plan.chunks * size * kv_chunk, False)
+    bias5 = tiles.group_operand(None if bias is None else bias.astype(acc), num_kv, group, 1,
+                                plan.chunks * size * kv_chunk, 0.0)
+    mask5 = tiles.group_operand(mask, num_kv, group, 1, plan.chunks * size * kv_chunk, False)
     out, lse = _ring(plan, qg, kt, vt, lam5, bias5, mask5, seg, p_array)
     out = jax.lax.slice_in_dim(out, 0, q_len, axis=2)  # drops the padded query rows
     lse = jax.lax.slice_in_dim(lse, 0, q_len, axis=2)
