@@ -7,8 +7,16 @@
 
 Every engine returns an :class:`EngineReport` whose ``verification`` entries say what was checked against which
 independent answer, and whether it held. :class:`TruthGPTCompleteSystem` runs them together.
+
+Needs the ``engines`` extra (``pip install 'distattn_jax[engines]'``, which includes ``train``); without it this
+import is an ImportError that says so.
 """
 
+from distattn_jax import extras
+
+extras.require("distattn_jax.engines", "engines")
+
+# pylint: disable=wrong-import-position
 from distattn_jax.engines import allocation, business, marketing, neural, pipeline, quantum
 from distattn_jax.engines.pipeline import (Check, EngineReport, Pipeline, available, build, chain, register)
 from distattn_jax.engines.system import TruthGPTCompleteSystem, default_config

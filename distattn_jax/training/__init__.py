@@ -1,7 +1,15 @@
 """Training: config schema and checks, the optax pipeline with its lambda group, pure steps, checkpoints,
 metric writers, the loop, and where it runs (meshes, pmap, several processes: ``distributed``).
-``experiments/`` holds only thin absl mains over these."""
+``experiments/`` holds only thin absl mains over these.
 
+Needs the ``train`` extra (``pip install 'distattn_jax[train]'``); without it this import is an ImportError
+that says so."""
+
+from distattn_jax import extras
+
+extras.require("distattn_jax.training", "train")
+
+# pylint: disable=wrong-import-position
 from distattn_jax.training.checkpoint import CheckpointError, Checkpoints, NoReadableCheckpoint
 from distattn_jax.training.config import (ConfigChangedError, check_resume, default_config, fingerprint, parse_arg,
                                          validate)
