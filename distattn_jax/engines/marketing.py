@@ -18,7 +18,8 @@ import numpy as np
 
 from distattn_jax.engines import allocation, inputs, pipeline
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "configs" / "engines"
+# The made-up example inputs ship inside the package (package data), so an installed wheel finds them too.
+EXAMPLES = pathlib.Path(__file__).resolve().parent / "examples"
 CELL_COLUMNS = {"channel": str, "segment": str, "half_saturation": float, "max_response": float, "shape": float,
                 "value": float, "adstock": float}
 VARIANT_COLUMNS = {"segment": str, "variant": str, "lift": float, "cost": float}
