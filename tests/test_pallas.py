@@ -57,15 +57,15 @@ def _inputs(seed, *, batch=1, q_len=20, kv_len=24, heads=2, kv_heads=1, dim=8, d
 
 
 def _compare(metric, *, p=2.0, is_causal=False, bias=None, mask=None, segments=None, dtype=jnp.float32,
-             tol=None, kernel=PALLAS, **shape):
+             tol=None, kernel=PALLAS, local_window=None, **shape):
   q, k, v, lam = _inputs(0, dtype=dtype, **shape)
   learned_p = not isinstance(p, float)
   tol = tol if tol is not None else (2e-5 if dtype == jnp.float32 else 3e-2)
 
   def loss(kernel, q, k, v, lam, bias, p_traced):
-    result = kernel(q, k, v, lam=lam, bias=bias, mask=mask, segments=segments, local_window=None, metric=metric,
-                    p=p_traced if learned_p else p, is_causal=is_causal, dropout=None, precision=None,
-                    return_weights=False)
+    result = kernel(q, k, v, lam=lam, bias=bias, mask=mask, segments=segments, local_window=local_window,
+                    metric=metric, p=p_traced if learned_p else p, is_causal=is_causal, dropout=None,
+                    precision=None, return_weights=False)
     weights = jnp.cos(jnp.arange(result.out.size, dtype=jnp.float32)).reshape(result.out.shape)
     lse = jnp.where(jnp.isfinite(result.lse), result.lse, 0.0)
     return jnp.sum(result.out.astype(jnp.float32) * weights) + 0.25 * jnp.sum(lse), result
@@ -107,6 +107,15 @@ def test_every_metric_forward_and_gradients(metric):
 def test_lp_rescaled_order():
   # A non-integer order divides the differences by their largest magnitude first (Elementwise.rescale).
   _compare("lp", p=3.5)
+
+
+@pytest.mark.parametrize("metric,is_causal,window", [("l1", False, (3, 18)), ("sqeuclidean", True, (17, 0))])
+def test_local_window_through_the_shared_mask_rule(metric, is_causal, window):
+  # Multi-tile (block 16 over 40 x 44 positions) so whole key tiles fall outside the window and are skipped,
+  # with a bias so the skipped tiles' bias gradient must come out 0.
+  bias = jax.random.normal(jax.random.PRNGKey(7), (1, 2, 40, 44), jnp.float32)
+  _compare(metric, is_causal=is_causal, local_window=window, bias=bias, q_len=40, kv_len=44,
+           kernel=kernels.Pallas(block_q=16, block_k=16, interpret=True))
 
 
 def test_learned_p_gradient_causal():
@@ -213,9 +222,10 @@ def test_auto_picks_pallas_on_gpu_and_logs_why_it_falls_back(caplog):
   assert attention_module._select_kernel("auto", _request(), platform="cpu") is kernels.get("reference")
   attention_module._log_fallback.cache_clear()
   with caplog.at_level(logging.WARNING, logger="distattn_jax"):
-    chosen = attention_module._select_kernel("auto", _request(local_window=(2, 2)), platform="gpu")
+    chosen = attention_module._select_kernel("auto", _request(return_weights=True), platform="gpu")
   assert chosen is kernels.get("reference")
-  assert "cannot evaluate local_window_size" in caplog.text
+  assert "cannot return attention weights" in caplog.text
+  assert kernels.get("pallas").unsupported(_request(local_window=(2, 2))) is None
   assert "cannot take float64 inputs" in kernels.get("pallas").unsupported(_request(dtype="float64"))
 
 
@@ -232,7 +242,6 @@ def test_bad_tiles(kwargs, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)), "'pallas' cannot apply attention dropout"),
-    (dict(local_window_size=2), "'pallas' cannot evaluate local_window_size"),
     (dict(return_weights=True), "'pallas' cannot return attention weights"),
 ])
 def test_explicit_pallas_declines_with_reason(kwargs, match):
@@ -246,8 +255,11 @@ def test_float64_is_declined_by_name():
   q, k, v, lam = (np.asarray(a, np.float64) for a in _inputs(1, q_len=8, kv_len=8))
   with pytest.raises(ValueError, match="implementation 'pallas' cannot take float64 inputs"):
     da.distance_attention(q, k, v, implementation="pallas")
-  with pytest.raises(TypeError, match="query must be float32, bfloat16, float16; got dtype float64"):
-    PALLAS(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), lam=jnp.asarray(lam), metric="l1")
+  # The kernel is called only for requests its unsupported() accepted; the dtype rule lives there alone.
+  request = kernels.Request(batch=1, q_len=8, kv_len=8, num_heads=q.shape[2], num_kv_heads=k.shape[2],
+                            metric="l1", dtype="float64")
+  assert PALLAS.unsupported(request) == "cannot take float64 inputs (only float32, bfloat16, float16)"
+  assert PALLAS.unsupported(request._replace(dtype="bfloat16")) is None
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from distattn_jax import metrics
 from distattn_jax.kernels import base, common, registry
+from distattn_jax.kernels import tiles as tile_core
 from distattn_jax.metrics import gram as gram_lib
 
 Array = jax.Array
@@ -112,6 +113,8 @@ class _Config(NamedTuple):
   has_ids: bool
   has_kv_valid: bool
   interpret: bool
+  # The tile geometry as the tile core sees it (which tiles a causal mask or a window lets a query tile skip).
+  geometry: tile_core.TileConfig
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -318,26 +321,21 @@ def _broadcast_tile(ref, shape, q_slice, k_slice, tq, tk):
 
 
 def _tile_allowed(cfg: _Config, r: dict, q_start, k_start, q_slice, k_slice, tq: int, tk: int):
-  """Bool ``[tq, tk]`` (or None): padded keys, causal, ids, key validity and the dense mask."""
-  q_pos = q_start + jnp.arange(tq)
-  k_pos = k_start + jnp.arange(tk)
-  allowed = None
-
-  def both(m):
-    m = jnp.broadcast_to(m, (tq, tk))
-    return m if allowed is None else jnp.logical_and(allowed, m)
-
-  if cfg.kv_len % cfg.tiles.block_k:
-    allowed = both(k_pos[None, :] < cfg.kv_len)
-  if cfg.is_causal:
-    allowed = both(k_pos[None, :] <= q_pos[:, None])
-  if cfg.has_ids:
-    allowed = both(r["q_ids"][q_slice][:, None] == r["kv_ids"][k_slice][None, :])
-  if cfg.has_kv_valid:
-    allowed = both(r["kv_valid"][k_slice][None, :] != 0)
-  if cfg.mask_shape is not None:
-    allowed = both(_broadcast_tile(r["mask"], cfg.mask_shape, q_slice, k_slice, tq, tk) != 0)
-  return allowed
+  """Bool ``[tq, tk]`` (or None): the mask rule (:func:`common.allowed_pairs`: padded keys, causal, window,
+  ids), key validity and the dense mask."""
+  q_pos = (q_start + jnp.arange(tq))[:, None]
+  k_pos = (k_start + jnp.arange(tk))[None, :]
+  allowed = common.allowed_pairs(
+      q_pos, k_pos, is_causal=cfg.is_causal, local_window=cfg.geometry.local_window,
+      q_ids=r["q_ids"][q_slice][:, None] if cfg.has_ids else None,
+      kv_ids=r["kv_ids"][k_slice][None, :] if cfg.has_ids else None,
+      kv_len=cfg.kv_len if cfg.kv_len % cfg.tiles.block_k else None)
+  for extra in ((r["kv_valid"][k_slice][None, :] != 0) if cfg.has_kv_valid else None,
+                (_broadcast_tile(r["mask"], cfg.mask_shape, q_slice, k_slice, tq, tk) != 0)
+                if cfg.mask_shape is not None else None):
+    if extra is not None:
+      allowed = extra if allowed is None else jnp.logical_and(allowed, extra)
+  return None if allowed is None else jnp.broadcast_to(allowed, (tq, tk))
 
 
 def _logits(cfg: _Config, r: dict, value, lam, q_slice, k_slice, allowed, tq, tk):
@@ -404,37 +402,17 @@ def _forward_kernel(*refs, cfg: _Config, names: list[str]):
     k_slice = pl.ds(k_start, bk)
     _, _, logits = _pair(cfg, r, load_q, _loader(k_ref, dim, k_slice), dim, params, lam, q_start, k_start,
                          slice(None), k_slice)
-    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-    probs = jnp.exp(logits - m_safe[:, None])
-    correction = jnp.exp(m - m_safe)
-    l = l * correction + jnp.sum(probs, axis=1)
+    m, probs, correction, l = tile_core.online_step(m, l, logits)
     v = v_ref[k_slice, :]
     o = o * correction[:, None] + _dot(probs.astype(v.dtype), v, precision=cfg.precision)
-    return o, m_new, l
+    return o, m, l
 
   init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  o, m, l = jax.lax.fori_loop(0, _k_end(cfg, i, num_k), body, init)
-  has_any = l > 0
-  safe_l = jnp.where(has_any, l, 1.0)
-  out_ref[...] = (o / safe_l[:, None]).astype(out_ref.dtype)
-  lse_ref[...] = jnp.where(has_any, m + jnp.log(safe_l), -jnp.inf)
-
-
-def _k_end(cfg: _Config, i, num_k: int):
-  """One past the last key tile query tile ``i`` can see (causal: tiles above the diagonal are skipped)."""
-  if not cfg.is_causal:
-    return num_k
-  last = (i + 1) * cfg.tiles.block_q - 1
-  return jnp.minimum(num_k, last // cfg.tiles.block_k + 1)
-
-
-def _q_begin(cfg: _Config, j):
-  """The first query tile that can see key tile ``j``."""
-  if not cfg.is_causal:
-    return 0
-  return (j * cfg.tiles.block_k) // cfg.tiles.block_q
+  o, m, l = jax.lax.fori_loop(*tile_core.kv_block_range(cfg.geometry, i, num_k), body, init)
+  out, lse = tile_core.finalize(o, m, l)
+  out_ref[...] = out.astype(out_ref.dtype)
+  lse_ref[...] = lse
 
 
 def _store_chunks(ref, chunks, parts, dim: int) -> None:
@@ -491,16 +469,17 @@ def _dq_kernel(*refs, cfg: _Config, names: list[str]):
 
   init = (tuple(jnp.zeros((bq, size), jnp.float32) for _, size in chunks), jnp.zeros((bq,), jnp.float32),
           jnp.zeros((bq,), jnp.float32) if params else None)
-  end = _k_end(cfg, i, num_k)
-  dq, dlam, dp = jax.lax.fori_loop(0, end, body, init)
+  begin, end = tile_core.kv_block_range(cfg.geometry, i, num_k)
+  dq, dlam, dp = jax.lax.fori_loop(begin, end, body, init)
   _store_chunks(dq_ref, chunks, dq, dim)
   dlam_ref[...] = dlam
   if dp_ref is not None:
     dp_ref[...] = dp
-  if dbias_ref is not None and cfg.is_causal:
+  if dbias_ref is not None and (cfg.is_causal or cfg.geometry.local_window is not None):
     def zero(j, carry):
       dbias_ref[:, pl.ds(j * bk, bk)] = jnp.zeros((bq, bk), jnp.float32)
       return carry
+    jax.lax.fori_loop(0, begin, zero, 0)
     jax.lax.fori_loop(end, num_k, zero, 0)
 
 
@@ -538,7 +517,7 @@ def _dkv_kernel(*refs, cfg: _Config, names: list[str]):
 
   init = (tuple(jnp.zeros((bk, size), jnp.float32) for _, size in chunks),
           jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
-  dk, dv = jax.lax.fori_loop(_q_begin(cfg, j), num_q, body, init)
+  dk, dv = jax.lax.fori_loop(*tile_core.q_block_range(cfg.geometry, j, num_q), body, init)
   _store_chunks(dk_ref, chunks, dk, dim)
   dv_ref[...] = dv
 
@@ -661,8 +640,7 @@ def _fused_fwd(cfg, inputs):
 def _fused_bwd(cfg, res, cotangents):
   inputs, out, lse = res
   d_out, d_lse = cotangents
-  # delta_i = rowsum(dO * O) less the lse cotangent (d lse_i / d logits_ij = P_ij).
-  delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1).transpose(0, 2, 1) - d_lse
+  delta = tile_core.row_terms(out, d_out, d_lse.transpose(0, 2, 1)).transpose(0, 2, 1)
   do = d_out.astype(inputs["v"].dtype)
   dq_outs, dk, dv = _call_backward(cfg, inputs, do, lse, delta)
   dq, dlam_rows = dq_outs[0], dq_outs[1]
@@ -686,14 +664,6 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 # ------------------------------------------------------------------------------------------------------------
 # The kernel object.
-
-
-def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _check_block(owner: str, name: str, value: Any):
@@ -720,7 +690,7 @@ class Pallas:
     if not isinstance(self.interpret, bool):
       raise TypeError(f"Pallas: interpret must be a bool; got {self.interpret!r}")
 
-  capabilities = base.Capabilities(weights=False, dropout=False, local_window=False, memory="linear")
+  capabilities = base.Capabilities(weights=False, dropout=False, memory="linear")
 
   def unsupported(self, request: base.Request) -> str | None:
     reason = base.unsupported(self.capabilities, request)
@@ -739,15 +709,8 @@ class Pallas:
                local_window: tuple[int, int] | None = None, metric: str, p: Any = 2.0, is_causal: bool = False,
                dropout: common.Dropout | None = None, precision: Any = None,
                return_weights: bool = False) -> common.AttentionResult:
-    for failed, what in ((return_weights, "return attention weights (return_weights=True); use "
-                          "implementation='reference'"),
-                         (dropout is not None, "apply attention dropout; use implementation='blockwise'"),
-                         (local_window is not None, "evaluate local_window_size; use implementation='blockwise'")):
-      if failed:
-        raise ValueError(f"implementation='pallas' cannot {what}")
-    for name, x in (("query", q), ("key", k), ("value", v)):
-      if jnp.dtype(x.dtype).name not in _DTYPES:
-        raise TypeError(f"implementation='pallas': {name} must be {', '.join(_DTYPES)}; got dtype {x.dtype}")
+    # Called only for requests unsupported() accepted (base.Kernel): no weights, no dropout, a float dtype
+    # Triton computes in.
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv, v_dim = k.shape[1], k.shape[2], v.shape[-1]
     tiles = self.tiles(metric, p, head_dim, q_len, kv_len)
@@ -773,24 +736,24 @@ class Pallas:
         q = q.astype(acc) * gram_lib.inverse_norm(jnp.sum(jnp.square(q.astype(acc)), axis=-1, keepdims=True))
         k = k.astype(acc) * gram_lib.inverse_norm(jnp.sum(jnp.square(k.astype(acc)), axis=-1, keepdims=True))
     inputs = {
-        "q": _pad_axis(_pad_axis(q, 1, t_pad), 3, d_pad),
-        "k": _pad_axis(_pad_axis(k, 1, s_pad), 3, d_pad),
-        "v": _pad_axis(_pad_axis(v, 1, s_pad), 3, dv_pad),
+        "q": tile_core.pad_axis(tile_core.pad_axis(q, 1, t_pad), 3, d_pad),
+        "k": tile_core.pad_axis(tile_core.pad_axis(k, 1, s_pad), 3, d_pad),
+        "v": tile_core.pad_axis(tile_core.pad_axis(v, 1, s_pad), 3, dv_pad),
         "lam": lam.astype(acc).reshape(num_heads),
     }
     if bias is not None:
       bias = bias.astype(acc)
-      inputs["bias"] = _pad_axis(_pad_axis(bias, 2, t_pad if bias.shape[2] > 1 else 1), 3,
-                                 s_pad if bias.shape[3] > 1 else 1)
+      inputs["bias"] = tile_core.pad_axis(tile_core.pad_axis(bias, 2, t_pad, broadcast_ok=True), 3, s_pad,
+                                          broadcast_ok=True)
     if mask is not None:
       mask = mask.astype(jnp.int8)
-      inputs["mask"] = _pad_axis(_pad_axis(mask, 2, t_pad if mask.shape[2] > 1 else 1), 3,
-                                 s_pad if mask.shape[3] > 1 else 1)
+      inputs["mask"] = tile_core.pad_axis(tile_core.pad_axis(mask, 2, t_pad, broadcast_ok=True), 3, s_pad,
+                                          broadcast_ok=True)
     segments = segments or common.Segments()
     has_ids = segments.q_ids is not None
     if has_ids:
-      inputs["q_ids"] = _pad_axis(segments.q_ids.astype(jnp.int32), 1, t_pad)
-      inputs["kv_ids"] = _pad_axis(segments.kv_ids.astype(jnp.int32), 1, s_pad)
+      inputs["q_ids"] = tile_core.pad_axis(segments.q_ids.astype(jnp.int32), 1, t_pad)
+      inputs["kv_ids"] = tile_core.pad_axis(segments.kv_ids.astype(jnp.int32), 1, s_pad)
     has_kv_valid = segments.kv_lengths is not None
     if has_kv_valid:
       valid = jnp.arange(s_pad).reshape(1, s_pad) < segments.kv_lengths.reshape(batch, 1)
@@ -801,7 +764,12 @@ class Pallas:
                   q_len=q_len, kv_len=kv_len, head_dim=head_dim, group=num_heads // num_kv, precision=precision,
                   bias_shape=None if bias is None else inputs["bias"].shape,
                   mask_shape=None if mask is None else inputs["mask"].shape, has_ids=has_ids,
-                  has_kv_valid=has_kv_valid, interpret=self.interpret)
+                  has_kv_valid=has_kv_valid, interpret=self.interpret,
+                  geometry=tile_core.TileConfig(
+                      metric=metric, p=None, is_causal=bool(is_causal), block_q=tiles.block_q,
+                      block_k=tiles.block_k, q_len=q_len, kv_len=kv_len, group=num_heads // num_kv,
+                      dropout_rate=0.0, broadcast_dropout=True, precision=None,
+                      local_window=None if local_window is None else tuple(local_window)))
     out, lse = _fused(cfg, inputs)
     out = out[:, :q_len, :, :v_dim]
     lse = lse[:, :, :q_len]
