@@ -3,7 +3,8 @@
 A cell is (task, metric, lambda mode, seed) plus the suite's budget (model size, steps, batch, learning rates).
 Classification tasks train :class:`~distattn_jax.models.Encoder` with cross-entropy and report test accuracy;
 ``text`` trains the decoder :class:`~distattn_jax.models.TruthGPT` and reports validation bits per byte. The
-optimizer is the trainer's (:func:`~distattn_jax.training.optim.make_optimizer`, with its lambda group). Lambda
+steps, losses and scores are the trainer's (:mod:`~distattn_jax.training.steps`, by the task's kind) and so is
+the optimizer (:func:`~distattn_jax.training.optim.make_optimizer`, with its lambda group). Lambda
 mode ``learned`` learns one lam per head; ``fixed`` keeps every head at the calibrated default
 (``initializers.default_lambda``).
 
@@ -21,16 +22,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax.training import train_state
 
 from distattn_jax import module_helpers
 from distattn_jax.data import tasks
 from distattn_jax.models import Encoder, TruthGPT, TruthGPTConfig
 from distattn_jax.training import optim
+from distattn_jax.training import steps as train_steps
 
 LAMBDA_MODES = ("learned", "fixed")
 
@@ -55,59 +54,36 @@ def _optim_config(budget: dict[str, Any]) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0))
 
 
-def _model_inputs(batch: dict[str, Any]) -> tuple:
-  if "windows" in batch:
-    return (batch["windows"][:, :-1],)
-  return batch["inputs"], batch["lengths"]
-
-
-def _loss(logits, batch):
-  """Mean loss and (summed correct or summed nats, count) for the held-out metric."""
-  if "windows" in batch:
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["windows"][:, 1:])
-    return jnp.mean(nll), (jnp.sum(nll), jnp.asarray(nll.size, jnp.float32))
-  w = batch["weights"]
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-  correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0), (jnp.sum(correct * w), jnp.sum(w))
+def step_batch(kind: str, batch: dict[str, Any]) -> Any:
+  """A task's batch as :mod:`~distattn_jax.training.steps` takes it for the task kind: the token windows of a
+  language-model task, the classification batch as it is."""
+  return batch["windows"] if kind == "lm" else batch
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model, optim_key: tuple, steps: int):
-  """Jitted init, train step and eval step for a model (Linen modules with frozen configs hash by value)."""
+def _compiled(model, kind: str, optim_key: tuple, steps: int):
+  """Jitted init, train step, eval step and attention weights for a model (Linen modules with frozen configs hash
+  by value); the steps are the trainer's (:func:`~distattn_jax.training.steps.train_step`, ``eval_step``), with
+  the loss and held-out totals of the task kind."""
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(optim_key)), steps)
+  task = train_steps.objective(kind)
 
   def init(key, batch):
-    params = model.init(key, *_model_inputs(batch))["params"]
-    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
-  def train_step(state, batch):
-    def loss_fn(params):
-      logits = model.apply({"params": params}, *_model_inputs(batch), deterministic=True)
-      return _loss(logits.astype(jnp.float32), batch)[0]
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads=grads), loss
-
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, *_model_inputs(batch), deterministic=True)
-    return _loss(logits.astype(jnp.float32), batch)[1]
+    params = model.init(key, *task.inputs(batch))["params"]
+    return train_steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx, kind=kind)
 
   def weights(params, batch):
-    _, state = model.apply({"params": params}, *_model_inputs(batch), sow_weights=True, mutable=["intermediates"])
+    _, state = model.apply({"params": params}, *task.inputs(batch), sow_weights=True, mutable=["intermediates"])
     blocks = state["intermediates"]["trunk"]
     return [blocks[f"block_{i}"]["attention"]["attention_weights"][0] for i in range(len(blocks))]
 
-  return jax.jit(init), jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), jax.jit(weights)
+  return (jax.jit(init), jax.jit(train_steps.train_step, donate_argnums=0), jax.jit(train_steps.eval_step),
+          jax.jit(weights))
 
 
-def evaluate(eval_step, params, batches, kind: str) -> float:
-  """Accuracy (classification) or bits per byte (text) over ``batches``."""
-  total, count = 0.0, 0.0
-  for batch in batches:
-    s, n = eval_step(params, batch)
-    total, count = total + float(s), count + float(n)
-  return total / count if kind == "classify" else total / count / math.log(2)
+def evaluate(eval_step, state, batches, kind: str) -> float:
+  """Accuracy (classification) or bits per byte (text) over ``batches`` (:func:`steps.score`)."""
+  return train_steps.score(kind, [eval_step(state, step_batch(kind, batch)) for batch in batches])
 
 
 def lambda_table(params: Any, model, depth: int) -> list[list[float]]:
@@ -148,19 +124,21 @@ def run_cell(task_name: str, metric: str, lambda_mode: str, seed: int, budget: d
   kind = tasks.spec(task_name).kind
   model = model_for(task_name, data, metric, lambda_mode, budget)
   steps, batch_size = budget["steps"], budget["batch_size"]
-  init, train_step, eval_step, weights_fn = _compiled(model, tuple(sorted(_optim_config(budget).items())), steps)
+  init, train_step, eval_step, weights_fn = _compiled(model, kind, tuple(sorted(_optim_config(budget).items())),
+                                                      steps)
   curve_batches = data.eval_batches(budget["eval_batch_size"], limit=budget["curve_eval_examples"])
   final_batches = data.eval_batches(budget["eval_batch_size"], limit=budget["eval_examples"] or None)
 
-  state = init(jax.random.key(seed), data.train_batch(0, batch_size, seed))
+  state = init(jax.random.key(seed), step_batch(kind, data.train_batch(0, batch_size, seed)))
+  dropout_key = train_steps.dropout_key(seed)  # unused: the ablation's models have no dropout
   curve = {"step": [], "train_loss": [], "eval": [], "lambda": []}
   losses, train_time, timed_steps, finite, shapes = [], 0.0, 0, True, set()
   for step in range(steps):
     batch = data.train_batch(step, batch_size, seed)
     shape = tuple(v.shape for v in batch.values())
     t0 = time.perf_counter()
-    state, loss = train_step(state, batch)
-    loss = float(loss)
+    state, metrics = train_step(state, step_batch(kind, batch), dropout_key)
+    loss = float(metrics["loss"])
     if shape in shapes:  # a new bucket's first step compiles
       train_time += time.perf_counter() - t0
       timed_steps += 1
@@ -172,13 +150,14 @@ def run_cell(task_name: str, metric: str, lambda_mode: str, seed: int, budget: d
     if (step + 1) % budget["eval_every"] == 0 or step + 1 == steps:
       curve["step"].append(step + 1)
       curve["train_loss"].append(float(np.mean(losses[-budget["eval_every"]:])))
-      curve["eval"].append(evaluate(eval_step, state.params, curve_batches, kind))
+      curve["eval"].append(evaluate(eval_step, state, curve_batches, kind))
       curve["lambda"].append(lambda_table(state.params, model, model.config.depth))
-  final = evaluate(eval_step, state.params, final_batches, kind) if finite else float("nan")
-  entropy = attention_entropy(weights_fn(state.params, final_batches[0]), final_batches[0]) if finite else []
+  final = evaluate(eval_step, state, final_batches, kind) if finite else float("nan")
+  entropy = (attention_entropy(weights_fn(state.params, step_batch(kind, final_batches[0])), final_batches[0])
+             if finite else [])
   return {
       "task": task_name, "metric": metric, "lambda_mode": lambda_mode, "seed": seed,
-      "score_name": "accuracy" if kind == "classify" else "bits_per_byte",
+      "score_name": train_steps.objective(kind).score_name,
       "final": final, "finite": finite, "steps_done": len(losses),
       "steps_per_s": timed_steps / train_time if train_time > 0 else None,
       "final_lambda": lambda_table(state.params, model, model.config.depth),
