@@ -507,7 +507,8 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       batch=batch, q_len=q_len, kv_len=kv_len, num_heads=num_heads, num_kv_heads=num_kv_heads, metric=metric,
       is_causal=bool(is_causal), return_weights=need_weights,
       dropout=common.Dropout(float(dropout_rate), dropout_rng, bool(broadcast_dropout)) if dropout_active else None,
-      has_bias=bias is not None, has_mask=mask is not None, has_segments=segments is not None,
+      bias_shape=None if bias is None else tuple(bias.shape),
+      mask_shape=None if mask is None else tuple(mask.shape), has_segments=segments is not None,
       local_window=local_window, traced_p=not isinstance(p, float), dtype=jnp.dtype(query.dtype).name)
   kernel = _select_kernel(implementation, request)
   if batch * q_len * kv_len * num_heads == 0:

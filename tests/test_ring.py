@@ -185,10 +185,11 @@ def test_errors():
   with jax.set_mesh(make_mesh(seq=2)):
     with pytest.raises(ValueError, match="axis_name 'sequence' is not an axis of the mesh"):
       da.distance_attention(q, k, v, implementation=Ring(axis_name="sequence"))
-    with pytest.raises(ValueError, match=r"takes a bias only when it is broadcast over the queries, of shape "
-                                         r"\[batch\|1, heads\|1, 1, kv_len\|1\].*got kernel shape \(1, 1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"cannot take a bias that varies over the queries: it must be broadcast "
+                                         r"over them, of shape \[batch\|1, heads\|1, 1, kv_len\|1\].*got kernel "
+                                         r"shape \(1, 1, 8, 8\)"):
       da.distance_attention(q, k, v, bias=np.zeros((8, 8), np.float32), implementation="ring")
-    with pytest.raises(ValueError, match="takes a mask only when it is broadcast over the queries"):
+    with pytest.raises(ValueError, match="cannot take a mask that varies over the queries"):
       da.distance_attention(q, k, v, mask=np.tril(np.ones((8, 8), bool)), implementation="ring")
     with pytest.raises(ValueError, match="cannot apply attention dropout"):
       da.distance_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0), implementation="ring")

@@ -63,12 +63,21 @@ class Request(NamedTuple):
   is_causal: bool = False
   return_weights: bool = False
   dropout: Dropout | None = None
-  has_bias: bool = False
-  has_mask: bool = False
+  # The kernel-layout shapes [batch|1, heads|1, q_len|1, kv_len|1] of the bias and mask; None when absent.
+  bias_shape: tuple[int, ...] | None = None
+  mask_shape: tuple[int, ...] | None = None
   has_segments: bool = False
   local_window: tuple[int, int] | None = None
   traced_p: bool = False
   dtype: str | None = None  # the computation dtype's name ("float32", "bfloat16", ...); None when unknown
+
+  @property
+  def has_bias(self) -> bool:
+    return self.bias_shape is not None
+
+  @property
+  def has_mask(self) -> bool:
+    return self.mask_shape is not None
 
 
 def unsupported(capabilities: Capabilities, request: Request) -> str | None:

@@ -480,6 +480,13 @@ class Ring:
               "implementation='blockwise' or deterministic=True")
     if request.local_window is not None:
       return "cannot evaluate local_window_size; use implementation='blockwise'"
+    for name, shape in (("bias", request.bias_shape), ("mask", request.mask_shape)):
+      if shape is not None and shape[2] != 1:
+        # A bias or mask broadcast over the queries travels with the keys; a [q_len, kv_len] one has no key share.
+        return (f"cannot take a {name} that varies over the queries: it must be broadcast over them, of shape "
+                f"[batch|1, heads|1, 1, kv_len|1] (it then travels with the keys); got kernel shape {shape}. "
+                "Express padding and packing with segment ids or sequence lengths, or use "
+                "implementation='blockwise'")
     return base.unsupported(self.capabilities, request)
 
   def _check_axis(self, mesh) -> None:
@@ -500,20 +507,7 @@ class Ring:
                local_window: tuple[int, int] | None = None, metric: str, p: Any = 2.0, is_causal: bool = False,
                dropout: common.Dropout | None = None, precision: Any = None,
                return_weights: bool = False) -> common.AttentionResult:
-    reason = self.unsupported(base.Request(
-        batch=q.shape[0], q_len=q.shape[1], kv_len=k.shape[1], num_heads=q.shape[2], num_kv_heads=k.shape[2],
-        metric=metric, is_causal=is_causal, return_weights=return_weights, dropout=dropout,
-        has_bias=bias is not None, has_mask=mask is not None, has_segments=segments is not None,
-        local_window=local_window, traced_p=not isinstance(p, float)))
-    if reason is not None:
-      raise ValueError(f"implementation='ring' {reason}")
-    for name, x in (("bias", bias), ("mask", mask)):
-      if x is not None and x.shape[2] != 1:
-        raise ValueError(
-            f"implementation='ring' takes a {name} only when it is broadcast over the queries, of shape "
-            f"[batch|1, heads|1, 1, kv_len|1] (it then travels with the keys); got kernel shape {tuple(x.shape)}. "
-            "A [q_len, kv_len] one does not shard with a key share: express padding and packing with segment "
-            "ids or sequence lengths, or use implementation='blockwise'")
+    # Called only for requests unsupported() accepted (base.Kernel).
     mesh = self.resolve_mesh()
     # Every array is an argument (none closed over), so that auto_axes below sees them all.
     run = functools.partial(self._attend, metric=metric, p_static=p if isinstance(p, float) else None,
