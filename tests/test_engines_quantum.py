@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distattn_jax.engines import quantum
+from distattn_jax.engines import quantum, statevector
 
 PAULI = {"I": np.eye(2), "X": np.array([[0, 1], [1, 0]]), "Y": np.array([[0, -1j], [1j, 0]]),
          "Z": np.diag([1.0, -1.0])}
@@ -79,8 +79,16 @@ def test_ansatz_gates_match_matrix_exponentials():
   rz = lambda t: np.diag([np.exp(-0.5j * t), np.exp(0.5j * t)])
   ry = lambda t: np.array([[np.cos(t / 2), -np.sin(t / 2)], [np.sin(t / 2), np.cos(t / 2)]])
   unitary = kron(*[rz(c) @ ry(b) @ rz(a) for a, b, c in angles])
-  got = np.asarray(quantum._rotate_all(jnp.asarray(psi, jnp.complex64), jnp.asarray(angles, jnp.float32)))
+  got = np.asarray(statevector.rotate_all(jnp.asarray(psi, jnp.complex64), jnp.asarray(angles, jnp.float32)))
   np.testing.assert_allclose(got, unitary @ psi, atol=2e-6)
+
+
+def test_the_simulators_names_stay_importable_from_quantum():
+  # quantum re-exports the simulator it is built on; code written against quantum.apply_gate & co. keeps working.
+  names = ("PAULIS", "apply_cnot", "apply_gate", "apply_pauli_rotation", "apply_pauli_string", "dense_hamiltonian",
+           "expectation", "flip_qubit", "pauli_action", "rotate_all", "rx", "ry", "rz", "zero_state")
+  for name in names:
+    assert getattr(quantum, name) is getattr(statevector, name), name
 
 
 @pytest.mark.parametrize("edges,n", [(CUBE, 8), (PETERSEN, 10)], ids=["cube", "petersen"])
