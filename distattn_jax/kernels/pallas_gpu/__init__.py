@@ -1,0 +1,43 @@
+"""A fused GPU kernel for every metric in ``jax.experimental.pallas`` (the Triton lowering).
+
+Forward: one program per (batch, query head, query tile). The query tile stays on chip while the program
+streams the key/value tiles of its key/value head (grouped-query heads map through the BlockSpec index maps),
+computes the score tile, keeps the online-softmax statistics in float32 and writes the output and ``lse``.
+Backward (``jax.custom_vjp``): a dq kernel (one program per query tile, streaming key tiles; it also writes the
+per-row partial sums of the ``lam`` and ``p`` gradients and the bias gradient) and a dk/dv kernel (one program
+per key tile, streaming query tiles). Neither holds anything of size ``T x S`` except the bias gradient, which
+is only produced when a bias (itself ``T x S``) is given.
+
+The kernel is generated from the metric record (:mod:`distattn_jax.metrics.record`), so a user-registered
+metric gets a fused kernel too:
+
+* :class:`~distattn_jax.metrics.Gram` forms: each term ``sum_d x^a y^b`` is a matmul on the tensor cores
+  (``pl.dot``), or a row sum where an exponent is 0; the record's ``fn`` is applied to the tiles, and its
+  derivative comes from ``jax.vjp`` of ``fn`` on the tile. Centring (translation-invariant records) and row
+  normalisation (``normalize=True``) are applied to ``q`` and ``k`` before the kernel, in float32, so autodiff
+  carries their gradient.
+* :class:`~distattn_jax.metrics.Elementwise` forms: the ``[bq, 1, bd] - [1, bk, bd]`` difference tile is
+  reduced on the CUDA cores in float32, ``bd`` features at a time; ``phi``'s and ``root``'s derivatives come
+  from ``jax.jvp`` of the record's own functions, with the same conventions as :mod:`.metrics.elementwise`
+  (ties of ``reduce="max"`` share the gradient, a non-finite root derivative gives 0, ``rescale``).
+
+With ``is_causal`` key tiles entirely above the diagonal are skipped. Segment ids and sequence lengths are
+evaluated per tile from ``[B, T]``/``[B, S]`` arrays; lengths that are not multiples of the tile are padded
+inside and the padding masked. ``interpret=True`` runs the same kernel through Pallas' interpreter on any
+backend (CPU in the tests).
+
+The package's files mirror that structure: :mod:`.config` (tiles, the static call description), :mod:`.gram`
+and :mod:`.elementwise` (the two metric forms' tiles and their VJPs), :mod:`.tile` (one tile pair: form, mask
+rule, logits), :mod:`.programs` (the forward, dq and dk/dv programs), :mod:`.calls` (``pallas_call`` and the
+custom_vjp) and :mod:`.kernel` (the :class:`Pallas` object). The online-softmax step, its finalisation, the
+backward row terms and the tile ranges a causal mask or window skips are the shared tile core's
+(:mod:`distattn_jax.kernels.tiles`).
+"""
+
+from distattn_jax.kernels import registry
+from distattn_jax.kernels.pallas_gpu.config import Tiles, default_tiles
+from distattn_jax.kernels.pallas_gpu.kernel import Pallas
+
+__all__ = ["Pallas", "Tiles", "default_tiles"]
+
+registry.register("pallas", Pallas())

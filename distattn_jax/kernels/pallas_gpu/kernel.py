@@ -1,0 +1,127 @@
+"""The kernel object: the protocol's capabilities and checks, the tiles of a call, and the layout it hands the
+``pallas_call``s (padding, centring and normalisation of gram forms, the mask operands)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from distattn_jax import metrics
+from distattn_jax.kernels import base, common
+from distattn_jax.kernels import tiles as tile_core
+from distattn_jax.kernels.pallas_gpu.calls import fused
+from distattn_jax.kernels.pallas_gpu.config import (DTYPES, MIN_BLOCK, CallConfig, Tiles, check_block,
+                                                    default_tiles, next_pow2)
+from distattn_jax.metrics import gram as gram_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Pallas:
+  """The fused GPU kernel (registered as ``"pallas"``); ``None`` tiles pick :func:`default_tiles`.
+
+  ``interpret=True`` runs the kernel through Pallas' interpreter (any backend, slow): how the tests check it
+  on CPU. Without it the kernel needs a CUDA GPU (the Triton lowering).
+  """
+
+  block_q: int | None = None
+  block_k: int | None = None
+  interpret: bool = False
+
+  def __post_init__(self):
+    check_block("Pallas", "block_q", self.block_q)
+    check_block("Pallas", "block_k", self.block_k)
+    if not isinstance(self.interpret, bool):
+      raise TypeError(f"Pallas: interpret must be a bool; got {self.interpret!r}")
+
+  capabilities = base.Capabilities(weights=False, dropout=False, memory="linear")
+
+  def unsupported(self, request: base.Request) -> str | None:
+    reason = base.unsupported(self.capabilities, request)
+    if reason is None and request.dtype is not None and request.dtype not in DTYPES:
+      reason = f"cannot take {request.dtype} inputs (only {', '.join(DTYPES)})"
+    return reason
+
+  def tiles(self, metric: str, p: Any, head_dim: int, q_len: int, kv_len: int) -> Tiles:
+    """The tiles used for one call: the defaults, overridden by the kernel's, clipped to the lengths."""
+    default = default_tiles(metric, p, head_dim)
+    block_q = min(self.block_q or default.block_q, max(MIN_BLOCK, next_pow2(q_len)))
+    block_k = min(self.block_k or default.block_k, max(MIN_BLOCK, next_pow2(kv_len)))
+    return dataclasses.replace(default, block_q=block_q, block_k=block_k)
+
+  def __call__(self, q, k, v, *, lam, bias=None, mask=None, segments: common.Segments | None = None,
+               local_window: tuple[int, int] | None = None, metric: str, p: Any = 2.0, is_causal: bool = False,
+               dropout: common.Dropout | None = None, precision: Any = None,
+               return_weights: bool = False) -> common.AttentionResult:
+    # Called only for requests unsupported() accepted (base.Kernel): no weights, no dropout, a float dtype
+    # Triton computes in.
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+    tiles = self.tiles(metric, p, head_dim, q_len, kv_len)
+    t_pad = -(-q_len // tiles.block_q) * tiles.block_q
+    s_pad = -(-kv_len // tiles.block_k) * tiles.block_k
+    d_pad = max(MIN_BLOCK, next_pow2(head_dim))
+    dv_pad = max(MIN_BLOCK, next_pow2(v_dim))
+    tiles = dataclasses.replace(tiles, block_d=min(tiles.block_d, d_pad))
+    record = metrics.get(metric)
+    if not record.parametric:
+      p = 2.0  # ignored by the form; a traced value must not become a kernel operand
+    form = record.resolve(p if isinstance(p, float) else None)
+
+    acc = jnp.float32
+    if isinstance(form, metrics.Gram):
+      # Centring and normalisation are linear-memory maps of q and k: applied here, in float32, autodiff
+      # carries their gradient and the kernel only sees the gram terms.
+      if record.translation_invariant:
+        c = jax.lax.stop_gradient(jnp.mean(k.astype(acc), axis=1, keepdims=True))  # [B, 1, K, D]
+        q = q.astype(acc) - jnp.repeat(c, num_heads // num_kv, axis=2)
+        k = k.astype(acc) - c
+      if form.normalize:
+        q = q.astype(acc) * gram_lib.inverse_norm(jnp.sum(jnp.square(q.astype(acc)), axis=-1, keepdims=True))
+        k = k.astype(acc) * gram_lib.inverse_norm(jnp.sum(jnp.square(k.astype(acc)), axis=-1, keepdims=True))
+    inputs = {
+        "q": tile_core.pad_axis(tile_core.pad_axis(q, 1, t_pad), 3, d_pad),
+        "k": tile_core.pad_axis(tile_core.pad_axis(k, 1, s_pad), 3, d_pad),
+        "v": tile_core.pad_axis(tile_core.pad_axis(v, 1, s_pad), 3, dv_pad),
+        "lam": lam.astype(acc).reshape(num_heads),
+    }
+    if bias is not None:
+      bias = bias.astype(acc)
+      inputs["bias"] = tile_core.pad_axis(tile_core.pad_axis(bias, 2, t_pad, broadcast_ok=True), 3, s_pad,
+                                          broadcast_ok=True)
+    if mask is not None:
+      mask = mask.astype(jnp.int8)
+      inputs["mask"] = tile_core.pad_axis(tile_core.pad_axis(mask, 2, t_pad, broadcast_ok=True), 3, s_pad,
+                                          broadcast_ok=True)
+    segments = segments or common.Segments()
+    has_ids = segments.q_ids is not None
+    if has_ids:
+      inputs["q_ids"] = tile_core.pad_axis(segments.q_ids.astype(jnp.int32), 1, t_pad)
+      inputs["kv_ids"] = tile_core.pad_axis(segments.kv_ids.astype(jnp.int32), 1, s_pad)
+    has_kv_valid = segments.kv_lengths is not None
+    if has_kv_valid:
+      valid = jnp.arange(s_pad).reshape(1, s_pad) < segments.kv_lengths.reshape(batch, 1)
+      inputs["kv_valid"] = valid.astype(jnp.int32)
+    if not isinstance(p, float):
+      inputs["p"] = jnp.asarray(p, acc).reshape(1)
+    cfg = CallConfig(metric=metric, p=p if isinstance(p, float) else None, is_causal=bool(is_causal), tiles=tiles,
+                  q_len=q_len, kv_len=kv_len, head_dim=head_dim, group=num_heads // num_kv, precision=precision,
+                  bias_shape=None if bias is None else inputs["bias"].shape,
+                  mask_shape=None if mask is None else inputs["mask"].shape, has_ids=has_ids,
+                  has_kv_valid=has_kv_valid, interpret=self.interpret,
+                  geometry=tile_core.TileConfig(
+                      metric=metric, p=None, is_causal=bool(is_causal), block_q=tiles.block_q,
+                      block_k=tiles.block_k, q_len=q_len, kv_len=kv_len, group=num_heads // num_kv,
+                      dropout_rate=0.0, broadcast_dropout=True, precision=None,
+                      local_window=None if local_window is None else tuple(local_window)))
+    out, lse = fused(cfg, inputs)
+    out = out[:, :q_len, :, :v_dim]
+    lse = lse[:, :, :q_len]
+    if segments.q_lengths is not None:
+      # Rows past a query length see no key: zeroed here (their cotangent then is 0, so is their gradient).
+      real = jnp.arange(q_len).reshape(1, q_len) < segments.q_lengths.reshape(batch, 1)
+      out = jnp.where(real[:, :, None, None], out, 0.0)
+      lse = jnp.where(real[:, None, :], lse, -jnp.inf)
+    return common.AttentionResult(out.astype(v.dtype), lse, None)
