@@ -1,5 +1,5 @@
-"""TruthGPT and its classifier: tied output, causality, rotary positions against hand-built attention, the KV
-cache against the full forward pass, sampling, padding, compute dtype and configuration errors."""
+"""TruthGPT: tied output, causality, rotary positions against hand-built attention, the KV cache against the full
+forward pass, sampling, compute dtype and configuration errors."""
 
 import dataclasses
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import distattn_jax as da
-from distattn_jax.models import TruthGPT, TruthGPTClassifier, TruthGPTConfig, generate, sample_logits
+from distattn_jax.models import TruthGPT, TruthGPTConfig, generate, sample_logits
 from distattn_jax.kernels import blockwise
 from distattn_jax.layers import apply_rotary as rotate
 from distattn_jax.models.truthgpt import Trunk
@@ -130,21 +130,6 @@ def test_generation_rejects_a_cache_longer_than_the_learned_positions():
   with pytest.raises(ValueError, match=r"prompt must be token ids of shape \[batch, prompt_len >= 1\]; got shape "
                                        r"\(2, 0\)"):
     generate(model, init(model, prompt), prompt[:, :0], jax.random.key(0), max_new_tokens=5)
-
-
-@pytest.mark.parametrize("pooling", ["mean", "first"])
-def test_classifier_ignores_padding(pooling):
-  model = TruthGPTClassifier(TruthGPTConfig(**SMALL, metric="l2"), num_classes=3, pooling=pooling)
-  short = tokens(8, batch=1, length=6)
-  params = init(model, short)
-  padded = jnp.concatenate([short, jnp.full((1, 4), 7, jnp.int32)], axis=1)
-  mask = jnp.arange(10)[None, :] < 6
-  apply = jax.jit(model.apply)
-  want = apply({"params": params}, short)
-  chex.assert_trees_all_close(apply({"params": params}, padded, mask), want, rtol=1e-5, atol=1e-5)
-  assert want.shape == (1, 3)
-  # Without the mask the padding is attended to and the prediction moves.
-  assert not np.allclose(apply({"params": params}, padded), want, atol=1e-4)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():

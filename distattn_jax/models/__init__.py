@@ -2,6 +2,6 @@
 
 from distattn_jax.models.encoders import Encoder
 from distattn_jax.models.sampling import generate, sample_logits
-from distattn_jax.models.truthgpt import TruthGPT, TruthGPTClassifier, TruthGPTConfig, count_params
+from distattn_jax.models.truthgpt import TruthGPT, TruthGPTConfig, count_params
 
-__all__ = ["Encoder", "TruthGPT", "TruthGPTClassifier", "TruthGPTConfig", "count_params", "generate", "sample_logits"]
+__all__ = ["Encoder", "TruthGPT", "TruthGPTConfig", "count_params", "generate", "sample_logits"]

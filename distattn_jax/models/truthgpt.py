@@ -1,12 +1,9 @@
 """TruthGPT: a pre-norm transformer whose attention is :class:`distattn_jax.DistanceBasedAttention`.
 
-Two models share one trunk (positions, ``depth`` pre-norm blocks of attention + MLP, final norm) over a token
-embedding they own:
-
-* :class:`TruthGPT`, the decoder-only language model: causal attention, logits through the tied token embedding,
-  ``decode=True`` for generation with the attention layers' KV cache;
-* :class:`TruthGPTClassifier`, the encoder variant: bidirectional attention over the real tokens (as segment
-  ids, never a ``[T, T]`` mask), mean or first-token pooling and a linear head.
+:class:`TruthGPT`, the decoder-only language model, runs a :class:`Trunk` (positions, ``depth`` pre-norm blocks
+of attention + MLP, final norm) over a token embedding it owns: causal attention, logits through the tied token
+embedding, ``decode=True`` for generation with the attention layers' KV cache. The same trunk, bidirectional, is
+the body of the classifier, :class:`distattn_jax.models.encoders.Encoder`.
 
 Every choice a run can change (metric, lam, p, kernel, sizes, positions, dtypes) is a field of
 :class:`TruthGPTConfig`, which checks itself when built, so a bad value fails before anything is traced. The
@@ -29,7 +26,6 @@ Array = jax.Array
 
 POSITIONS = ("learned", "rotary")
 DTYPES = ("float32", "bfloat16")
-POOLINGS = ("mean", "first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,37 +199,6 @@ class TruthGPT(nn.Module):
     x = Trunk(self.config, causal=True, decode=self.decode, name="trunk")(embed(tokens), None, deterministic,
                                                                           sow_weights, segments)
     return embed.attend(x.astype(jnp.float32))
-
-
-class TruthGPTClassifier(nn.Module):
-  """Encoder classifier: bidirectional attention over ``mask`` (True = real token), pooled, then a linear head.
-
-  ``pooling="mean"`` averages the real tokens' states; ``"first"`` takes the first token's (a CLS position).
-  Returns ``[batch, num_classes]`` float32 logits.
-  """
-
-  config: TruthGPTConfig
-  num_classes: int
-  pooling: str = "mean"
-
-  @nn.compact
-  def __call__(self, tokens: Array, mask: Array | None = None, *, deterministic: bool = True,
-               sow_weights: bool = False) -> Array:
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"TruthGPTClassifier: pooling={self.pooling!r} must be one of {', '.join(POOLINGS)}")
-    mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
-    # Real tokens share id 1; padded queries (0) and padded keys (-1) match nothing, so a real token sees the
-    # real tokens and a padded one sees none: nn.make_attention_mask(mask, mask) in linear memory.
-    segments = dict(q_segment_ids=mask.astype(jnp.int32), kv_segment_ids=jnp.where(mask, 1, -1))
-    x = Trunk(self.config, causal=False, name="trunk")(_embedding(self.config)(tokens), None, deterministic,
-                                                       sow_weights, segments)
-    x = x.astype(jnp.float32)
-    if self.pooling == "mean":
-      weights = mask.astype(jnp.float32)[..., None]
-      pooled = jnp.sum(x * weights, axis=-2) / jnp.maximum(jnp.sum(weights, axis=-2), 1.0)
-    else:
-      pooled = x[..., 0, :]
-    return nn.Dense(self.num_classes, name="head")(pooled)
 
 
 def count_params(params: Any) -> int:
