@@ -4,6 +4,10 @@ It checks every argument at trace time, brings the Flax layout ``[batch..., leng
 kernels' canonical shapes (see :mod:`distattn_jax.kernels.common`), describes the call as a
 :class:`distattn_jax.kernels.Request`, picks a kernel that accepts it (:mod:`distattn_jax.kernels.base`) and
 returns the result in the caller's layout.
+
+The module is long because every argument check of the public signature lives here, beside the entry point it
+guards (each names the argument, its value and what is allowed): spread over files, the one contract callers rely
+on would have no single place.
 """
 
 from __future__ import annotations

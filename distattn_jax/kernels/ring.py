@@ -28,6 +28,10 @@ key padding mask) is laid out like the keys and travels with them; the bias grad
 supported (a clear error names the alternative): one that varies over queries (a ``[q_len, kv_len]`` array does
 not shard with a key share; segment ids and sequence lengths express padding and packing per position),
 returning weights, attention dropout (its draw is defined over the whole ``[T, S]`` array), ``local_window_size``.
+
+The module is long because the forward ring, the backward ring and the layout all read one private plan (the
+chunks, the kinds of chunk pair, the hop schedule); split over files, each would reach into the others' private
+helpers.
 """
 
 from __future__ import annotations
