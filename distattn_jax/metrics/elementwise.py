@@ -1,4 +1,5 @@
-"""Elementwise forms ``root(reduce_d phi(x_d - y_d))`` with one memory-lean custom VJP for all of them.
+"""Elementwise forms ``root(reduce_d phi(x_d - y_d))`` with one memory-lean derivative for all of them, in
+both modes.
 
 The forward pass loops over the D features, each step adding (or maxing) one ``[..., N, M]`` slice of
 ``phi(t)``; the backward pass loops over keys and over queries, recomputing the differences from ``x`` and
@@ -11,6 +12,13 @@ The gradient of a pair's score is ``root'(s) * phi'(t_d)``, summed over pairs: `
 ``reduce="max"`` the ``c`` features tying for the maximum each get ``1/c`` of the pair's cotangent. For the
 generic form of a parametric metric (a traced, learned ``p``), ``d/dp`` is ``root_p(s) + root'(s) sum_d
 phi_p(t_d)``, again from ``jax.jvp``, accumulated in the same key loop.
+
+Forward mode (``jax.jvp``, ``jacfwd``, ``linearize``, ``hessian``): the form is a ``jax.custom_jvp`` whose
+tangent, the same derivative applied to ``(dx, dy, dp)``, is accumulated in a loop over the features like the
+forward pass. That tangent map is a :func:`distattn_jax.autodiff.linear_call` whose transpose is the key and
+query loops above, so reverse mode, which JAX derives by transposing the tangent map, runs exactly the loops
+(and holds exactly the residuals ``x``, ``y``, ``p``, ``s``) it ran as a ``custom_vjp``: the compiled gradient
+has the same operations and temporaries. Second derivatives differentiate these loops with JAX's autodiff.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distattn_jax import autodiff
 from distattn_jax.metrics import numerics, record
 
 Array = jax.Array
@@ -122,17 +131,84 @@ def _forward(form: record.Elementwise, x, y, params):
   return value, (s, scale, inv_scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _core(form: record.Elementwise, x: Array, y: Array, params: tuple[Array, ...]) -> Array:
   return _forward(form, x, y, params)[0]
 
 
-def _core_fwd(form, x, y, params):
+@_core.defjvp
+def _core_jvp(form: record.Elementwise, primals, tangents):
+  x, y, params = primals
   value, (s, _, inv_scale) = _forward(form, x, y, params)
-  return value, (x, y, params, s, inv_scale)
+  # The tangent is a linear map of (dx, dy, dparams) computed by a feature loop (_tangent); JAX transposes it for
+  # reverse mode, and its transpose is the key and query loops of _cotangents, so grad holds what it held as a
+  # custom_vjp: x, y, p and the reduced value s (and the rescaling), never an [..., N, M, D] array.
+  residuals = (x, y, params, s, inv_scale)
+  tangent = autodiff.linear_call(functools.partial(_tangent, form), functools.partial(_cotangents, form),
+                                 residuals, tangents)
+  return value, tangent
 
 
-def _core_bwd(form: record.Elementwise, res, g):
+def _tangent(form: record.Elementwise, res: tuple, lin: tuple) -> Array:
+  """The tangent ``[..., N, M]`` of the value for tangents ``lin = (dx, dy, dparams)``, in one loop over the
+  features (as the forward pass): ``root'(s) sum_d phi'(u_d) (dx_d - dy_d)``, under ``reduce="max"`` the sum
+  over the features tying for the maximum divided by their count, plus for a traced ``p`` its share ``dp *
+  scale (root_p(s) + root'(s) sum_d phi_p(u_d))``. Where ``root'`` is not finite the tangent is 0, as the
+  cotangent is in :func:`_cotangents`."""
+  x, y, params, s, inv_scale = res
+  dx, dy, dparams = lin
+  with_p = bool(params)
+
+  def step(carry, sliced):
+    x_d, y_d, dx_d, dy_d = sliced
+    t = _pair_diff(x_d, y_d)
+    u = t if inv_scale is None else t * inv_scale
+    value, slope = _slope(form.phi, u, *params)
+    d_pair = slope * _pair_diff(dx_d, dy_d)
+    d_p = _param_slope(form.phi, u, params) if with_p else None
+    if form.reduce == "max":
+      tie = value == s
+      d_pair = jnp.where(tie, d_pair, 0.0)
+      d_p = None if d_p is None else jnp.where(tie, d_p, 0.0)
+      carry["ties"] = carry["ties"] + tie.astype(carry["ties"].dtype)
+    carry["d"] = carry["d"] + d_pair
+    if with_p:
+      carry["p"] = carry["p"] + d_p
+    return carry, None
+
+  zeros = _pair_zeros(x, y)
+  init = {"d": zeros}
+  if with_p:
+    init["p"] = zeros
+  if form.reduce == "max":
+    init["ties"] = zeros.astype(_tie_dtype(x.shape[-1]))
+  sliced = tuple(jnp.moveaxis(a, -1, 0) for a in (x, y, dx, dy))
+  sums = jax.lax.scan(step, init, sliced)[0]
+  d_s = sums["d"]
+  d_phi_p = sums.get("p")
+  if form.reduce == "max":
+    shares = jnp.maximum(sums["ties"].astype(d_s.dtype), 1.0)
+    d_s = d_s / shares
+    d_phi_p = None if d_phi_p is None else d_phi_p / shares
+  scale = None if inv_scale is None else 1.0 / inv_scale
+  if with_p:
+    # d/dp of scale * root(s(p), p), with scale the (constant) largest difference.
+    d_p_sum = dparams[0] * d_phi_p
+    d_s = d_s + (d_p_sum if scale is None else d_p_sum * scale)
+  if form.root is None:
+    return d_s
+  _, root_slope = _slope(form.root, s, *params)
+  finite = jnp.isfinite(root_slope)
+  tangent = jnp.where(finite, jnp.where(finite, root_slope, 0.0) * d_s, 0.0)
+  if with_p:
+    root_p = dparams[0] * _param_slope(form.root, s, params)
+    tangent = tangent + jnp.where(finite, root_p if scale is None else root_p * scale, 0.0)
+  return tangent
+
+
+def _cotangents(form: record.Elementwise, res: tuple, g: Array) -> tuple[Array, Array, tuple[Array, ...]]:
+  """The transpose of :func:`_tangent`: ``(dx, dy, dparams)`` from the cotangent ``g [..., N, M]`` of the
+  value, in a key loop (dx, and d/dp) and a query loop (dy)."""
   x, y, params, s, inv_scale = res
   dparams_pair = None
   if form.root is None:
@@ -186,7 +262,6 @@ def _core_bwd(form: record.Elementwise, res, g):
   return dx, dy, ()
 
 
-_core.defvjp(_core_fwd, _core_bwd)
 
 
 def evaluate(form: record.Elementwise, x: Array, y: Array, params: tuple[Array, ...] = ()) -> Array:

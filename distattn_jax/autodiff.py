@@ -1,0 +1,173 @@
+"""A linear map with a hand-written transpose: how the memory-lean kernels get forward mode and keep their VJPs.
+
+The elementwise metric forms and the tiled kernels have hand-written backward passes that never hold a
+``T x S`` (or ``N x M x D``) array. Forward mode (``jax.jvp``, ``jacfwd``, ``linearize``, ``hessian``) needs a
+``jax.custom_jvp``, and JAX derives reverse mode from a ``custom_jvp`` by transposing its tangent map. So the
+tangent map is computed by :func:`linear_call`: evaluated, it runs the kernel's own lean tangent loops;
+transposed, it runs the kernel's existing backward loops. Reverse mode therefore costs what the ``custom_vjp`` it
+replaces cost, and forward mode gets a tangent of the same memory class.
+
+Why not the two tools JAX offers: a ``jax.custom_vjp`` called inside a ``custom_jvp`` rule cannot be
+transposed (``custom_vjp_call`` has no transpose rule, so ``jax.grad`` fails), and
+``jax.custom_derivatives.linear_call`` transposes as wanted but has no derivative in its residuals (its JVP
+rule asserts their tangents are zero, so ``jax.hessian`` and ``jvp`` of ``grad`` fail) and no batching rule
+(``jacfwd`` vmaps). The primitive here adds both:
+
+* differentiating it in the residuals runs plain JAX autodiff through the map (or, once transposed, through the
+  backward loops) -- second-order derivatives are rarer and may hold what autodiff of a loop holds;
+* ``vmap`` maps both functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
+
+Array = jax.Array
+
+
+class _Maps:
+  """The two flat functions of one :func:`linear_call` and their shapes (a primitive parameter, hashed by
+  identity: each call site binds its own)."""
+
+  __slots__ = ("fun", "transpose", "num_res", "out_avals", "lin_avals")
+
+  def __init__(self, fun: Callable, transpose: Callable, num_res: int, out_avals: tuple, lin_avals: tuple):
+    self.fun = fun
+    self.transpose = transpose
+    self.num_res = num_res
+    self.out_avals = out_avals
+    self.lin_avals = lin_avals
+
+  def __repr__(self) -> str:
+    # What a printed jaxpr shows for the parameter.
+    return f"{getattr(self.fun, '__name__', 'fun')}/{getattr(self.transpose, '__name__', 'transpose')}"
+
+  def transposed(self) -> "_Maps":
+    return _Maps(self.transpose, self.fun, self.num_res, self.lin_avals, self.out_avals)
+
+
+def _aval(x: Any):
+  return jax.core.ShapedArray(x.shape, x.dtype)
+
+
+_linear_call_p = jex_core.Primitive("distattn_linear_call")
+_linear_call_p.multiple_results = True
+
+
+def _impl(*args, maps: _Maps):
+  return list(maps.fun(*args))
+
+
+_linear_call_p.def_impl(_impl)
+_linear_call_p.def_abstract_eval(lambda *_, maps: list(maps.out_avals))
+mlir.register_lowering(_linear_call_p, mlir.lower_fun(_impl, multiple_results=True))
+
+
+def _is_zero(t) -> bool:
+  return type(t) is ad.Zero
+
+
+def _jvp(primals, tangents, *, maps: _Maps):
+  res, lin = primals[:maps.num_res], primals[maps.num_res:]
+  res_dot, lin_dot = tangents[:maps.num_res], tangents[maps.num_res:]
+  out = _linear_call_p.bind(*primals, maps=maps)
+  out_dot = None
+  if not all(_is_zero(t) for t in lin_dot):
+    # Linear in the linear arguments: the same map applied to their tangents (it transposes as this one does).
+    out_dot = _linear_call_p.bind(*res, *(ad.instantiate_zeros(t) for t in lin_dot), maps=maps)
+  moving = [i for i, t in enumerate(res_dot) if not _is_zero(t)]
+  if moving:
+    # Through the residuals the map is an ordinary function: plain autodiff of the loops that compute it.
+    def of_residuals(*moved):
+      full = list(res)
+      for i, value in zip(moving, moved):
+        full[i] = value
+      return list(maps.fun(*full, *lin))
+
+    _, extra = jax.jvp(of_residuals, [res[i] for i in moving], [res_dot[i] for i in moving])
+    out_dot = extra if out_dot is None else [a + b for a, b in zip(out_dot, extra)]
+  if out_dot is None:
+    out_dot = [ad.Zero(a.to_tangent_aval()) for a in maps.out_avals]
+  return out, out_dot
+
+
+def _transpose(cts, *args, maps: _Maps):
+  res, lin = args[:maps.num_res], args[maps.num_res:]
+  if any(ad.is_undefined_primal(r) for r in res):
+    raise ValueError("linear_call: the map is linear in its linear arguments only; it cannot be transposed with "
+                     "respect to a residual")
+  cts = [jnp.zeros(a.shape, a.dtype) if _is_zero(ct) else ct for ct, a in zip(cts, maps.out_avals)]
+  lin_cts = _linear_call_p.bind(*res, *cts, maps=maps.transposed())
+  return [None] * maps.num_res + [ct if ad.is_undefined_primal(x) else None for x, ct in zip(lin, lin_cts)]
+
+
+def _batch(args, dims, *, maps: _Maps):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+  axes = [None if d is None else 0 for d in dims]
+  lin_axes = axes[maps.num_res:]
+  num_out = len(maps.out_avals)
+
+  def fun(*a):
+    return jax.vmap(lambda *b: list(maps.fun(*b)), in_axes=axes, out_axes=0)(*a)
+
+  def transpose(*a):
+    outs = jax.vmap(lambda *b: list(maps.transpose(*b)), in_axes=axes[:maps.num_res] + [0] * num_out,
+                    out_axes=0)(*a)
+    # A linear argument shared by the whole batch receives the sum of the batch's cotangents.
+    return [o if ax == 0 else jnp.sum(o, axis=0) for o, ax in zip(outs, lin_axes)]
+
+  batched = lambda a: jax.core.ShapedArray((size,) + a.shape, a.dtype)  # noqa: E731
+  lin_avals = tuple(a if ax is None else batched(a) for a, ax in zip(maps.lin_avals, lin_axes))
+  new = _Maps(fun, transpose, maps.num_res, tuple(batched(a) for a in maps.out_avals), lin_avals)
+  return _linear_call_p.bind(*args, maps=new), [0] * num_out
+
+
+ad.primitive_jvps[_linear_call_p] = _jvp
+ad.primitive_transposes[_linear_call_p] = _transpose
+batching.primitive_batchers[_linear_call_p] = _batch
+
+
+def _name(fn: Callable) -> str:
+  return getattr(getattr(fn, "func", fn), "__name__", type(fn).__name__)
+
+
+def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, linear_args: Any) -> Any:
+  """``fun(residual_args, linear_args)``, a map linear in ``linear_args``, whose transpose is
+  ``fun_transpose(residual_args, cotangent)`` (returning the structure of ``linear_args``).
+
+  Evaluated, jitted or differentiated in forward mode it runs ``fun``; transposed (reverse mode) it runs
+  ``fun_transpose``. Its derivative in ``residual_args`` is JAX's autodiff of ``fun`` (or of ``fun_transpose`` in
+  a transposed map). Both functions must be written with JAX operations and must not close over traced values
+  (pass them as residuals). Leaves of ``residual_args`` may be None-free pytrees of any arrays (integer masks,
+  random keys); ``linear_args`` leaves must be floating-point arrays.
+  """
+  res_flat, res_tree = jax.tree.flatten(residual_args)
+  lin_flat, lin_tree = jax.tree.flatten(linear_args)
+  out_shapes = jax.eval_shape(fun, residual_args, linear_args)
+  out_flat_shapes, out_tree = jax.tree.flatten(out_shapes)
+  num_res = len(res_flat)
+
+  def flat_fun(*args):
+    res, lin = jax.tree.unflatten(res_tree, args[:num_res]), jax.tree.unflatten(lin_tree, args[num_res:])
+    return jax.tree.leaves(fun(res, lin))
+
+  def flat_transpose(*args):
+    res, cts = jax.tree.unflatten(res_tree, args[:num_res]), jax.tree.unflatten(out_tree, args[num_res:])
+    out = fun_transpose(res, cts)
+    if jax.tree.structure(out) != lin_tree:
+      raise TypeError(f"linear_call: fun_transpose must return the structure of linear_args, {lin_tree}; got "
+                      f"{jax.tree.structure(out)}")
+    return jax.tree.leaves(out)
+
+  flat_fun.__name__, flat_transpose.__name__ = _name(fun), _name(fun_transpose)
+  maps = _Maps(flat_fun, flat_transpose, num_res, tuple(_aval(s) for s in out_flat_shapes),
+               tuple(_aval(x) for x in lin_flat))
+  out = _linear_call_p.bind(*res_flat, *lin_flat, maps=maps)
+  return jax.tree.unflatten(out_tree, out)
+
