@@ -1,11 +1,18 @@
-"""Every JAX transformation through the memory-lean derivatives: the elementwise metric forms first, against JAX's
-autodiff of a plain float64 formula.
+"""Every JAX transformation through every kernel, against JAX's autodiff of a plain float64 formula.
+
+The elementwise metric forms (a feature loop forward, key and query loops backward) and the kernels' tiled
+derivatives are hand-written; the oracles here are the textbook formulas on broadcast ``[..., N, M, D]``
+differences and a materialised, masked softmax, differentiated by plain autodiff, so they share no code with
+the library. Each case class is covered once (a metric form, a transformation, a kernel, a mask kind) on
+multi-tile shapes with lengths that are not multiples of the tiles, rather than the full cross product.
 
 Tolerances: in float64 the forms and the plain formula round differently (a loop over features against a
 vectorised sum, a root through exp2/log2 against ``**``), a few ulps per operation on values of order 1, so
 derivatives agree to about 1e-14 relative; 1e-8 leaves six orders of magnitude for the accumulation over
 pairs and features while still catching any wrong term (a dropped tie share or d/dp term is O(1)).
 """
+
+import math
 
 import chex
 import jax
@@ -15,6 +22,7 @@ import pytest
 
 import distattn_jax as da
 from conftest import normal
+from distattn_jax.kernels import Blockwise
 
 M = da.metrics
 RTOL = 1e-8
@@ -37,6 +45,11 @@ def user_metric():
 
 def plain_metric(name, x, y, p):
   """The distance from the broadcast differences ``[..., N, M, D]``, differentiated by plain autodiff."""
+  if name == "cosine":
+    norms = jnp.linalg.norm(x, axis=-1)[..., :, None] * jnp.linalg.norm(y, axis=-1)[..., None, :]
+    return 1.0 - jnp.einsum("...nd,...md->...nm", x, y) / norms
+  if name == "dot":
+    return -jnp.einsum("...nd,...md->...nm", x, y)
   t = x[..., :, None, :] - y[..., None, :, :]
   a = jnp.abs(t)
   if name == "l1":
@@ -110,3 +123,142 @@ def test_metric_derivatives_never_hold_pairs_times_features():
   for fn in (jax.grad(loss, (0, 1)), forward):
     temp = jax.jit(fn).lower(x, x).compile().memory_analysis().temp_size_in_bytes
     assert temp < pairs_by_features / 4, (fn, temp)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attention. Layout as Flax: q [B, T, H, D], k and v [B, S, K, D] with query head h reading kv head h // (H // K).
+
+B, H, K, D = 2, 4, 2, 8
+BLOCKS = Blockwise(block_q=8, block_k=8)
+
+
+def dense_allowed(t, s, *, mask=None, is_causal=False, window=None, q_ids=None, kv_ids=None, q_lengths=None,
+                  kv_lengths=None):
+  """Bool ``[B, H, T, S]`` from the per-position rules, written out with numpy."""
+  ti, si = np.arange(t)[:, None], np.arange(s)[None, :]
+  ok = np.ones((B, H, t, s), bool)
+  if mask is not None:
+    ok &= np.asarray(mask)
+  if is_causal:
+    ok &= si <= ti
+  if window is not None:
+    ok &= (si >= ti - window[0]) & (si <= ti + window[1])
+  for b in range(B):
+    if q_ids is not None:
+      ok[b] &= np.asarray(q_ids)[b][:, None] == np.asarray(kv_ids)[b][None, :]
+    if q_lengths is not None:
+      ok[b] &= ti < int(q_lengths[b])
+    if kv_lengths is not None:
+      ok[b] &= si < int(kv_lengths[b])
+  return ok
+
+
+def plain_attention(q, k, v, lam, bias, p, *, metric, allowed):
+  """``(out [B, T, H, D], lse [B, T, H])`` from a materialised softmax; rows that see no key give 0 and -inf."""
+  group = q.shape[2] // k.shape[2]
+  kh = jnp.repeat(k, group, axis=2).transpose(0, 2, 1, 3)
+  vh = jnp.repeat(v, group, axis=2).transpose(0, 2, 1, 3)
+  logits = -lam[None, :, None, None] * plain_metric(metric, q.transpose(0, 2, 1, 3), kh, p) / math.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + bias
+  logits = jnp.where(allowed, logits, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  e = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  out = jnp.einsum("bhts,bhsd->bthd", e / jnp.where(total > 0, total, 1.0), vh)
+  lse = (jnp.where(jnp.isfinite(top), top, 0.0) + jnp.log(total))[..., 0]
+  return out, lse.transpose(0, 2, 1)
+
+
+def attention_case(seed, kind, t=19, s=23):
+  """Inputs and keyword arguments of one masking case, and its dense mask for the oracle.
+
+  ``"dense"``: a bias and a random mask, grouped-query heads, segment ids and both sequence lengths.
+  ``"positional"``: causal, a (5, 2) local window and query lengths (T = S).
+  """
+  t = s if kind == "positional" else t
+  q = jnp.asarray(normal(seed, (B, t, H, D)))
+  k = jnp.asarray(normal(seed + 1, (B, s, K, D)))
+  v = jnp.asarray(normal(seed + 2, (B, s, K, D)))
+  lam = jnp.asarray(np.linspace(0.6, 1.6, H))
+  bias = jnp.asarray(normal(seed + 3, (B, 1, t, s), scale=0.5))
+  p = jnp.float64(3.0)
+  rng = np.random.default_rng(seed)
+  if kind == "dense":
+    mask = rng.uniform(size=(B, H, t, s)) > 0.25
+    q_ids = np.sort(rng.integers(0, 2, (B, t)), axis=1)
+    kv_ids = np.sort(rng.integers(0, 2, (B, s)), axis=1)
+    lengths = dict(query_seq_lengths=np.array([t, t - 4]), key_value_seq_lengths=np.array([s - 3, s]))
+    kwargs = dict(mask=jnp.asarray(mask), q_segment_ids=jnp.asarray(q_ids), kv_segment_ids=jnp.asarray(kv_ids),
+                  **{n: jnp.asarray(x) for n, x in lengths.items()})
+    allowed = dense_allowed(t, s, mask=mask, q_ids=q_ids, kv_ids=kv_ids, q_lengths=lengths["query_seq_lengths"],
+                            kv_lengths=lengths["key_value_seq_lengths"])
+  else:
+    lengths = np.array([t, t - 5])
+    kwargs = dict(is_causal=True, local_window_size=(5, 2), query_seq_lengths=jnp.asarray(lengths))
+    allowed = dense_allowed(t, s, is_causal=True, window=(5, 2), q_lengths=lengths)
+  return (q, k, v, lam, bias, p), kwargs, jnp.asarray(allowed)
+
+
+def attend(impl, metric, kwargs, q, k, v, lam, bias, p, **extra):
+  extra = dict(extra, p=p) if metric == "lp" else extra
+  return da.distance_attention(q, k, v, bias, metric=metric, lam=lam, implementation=impl, **kwargs, **extra)
+
+
+def random_tangents(seed, args):
+  return tuple(jnp.asarray(normal(seed + i, np.shape(a))) for i, a in enumerate(args))
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("impl, metric, kind", [
+    (BLOCKS, "cosine", "dense"), (BLOCKS, "l1", "positional"), (BLOCKS, "lp", "dense"),
+    (BLOCKS, USER, "positional"), ("reference", "lp", "positional")])
+def test_jvp_in_every_input_equals_the_oracle(impl, metric, kind):
+  # Tangents in q, k, v, lam, the bias and (lp) a traced p at once, under every mask kind the kernels evaluate.
+  args, kwargs, allowed = attention_case(10, kind)
+  tangents = random_tangents(20, args)
+  out, d_out = jax.jit(lambda *a: jax.jvp(lambda *a: attend(impl, metric, kwargs, *a), a, tangents))(*args)
+  want, d_want = jax.jvp(lambda *a: plain_attention(*a, metric=metric, allowed=allowed)[0], args, tangents)
+  assert_close(out, want)
+  assert_close(d_out, d_want)
+
+
+def scalar_loss(out):
+  # A fixed, non-symmetric function of the output, so no derivative vanishes by symmetry.
+  return jnp.sum(jnp.sin(out) * jnp.linspace(-1.0, 2.0, out.shape[-1]).reshape((1,) * (out.ndim - 1) + (-1,)))
+
+
+@pytest.mark.usefixtures("x64")
+def test_jacfwd_and_forward_over_reverse_blockwise_l1():
+  # jacfwd vmaps the tangent map (over the 4 heads' lam); the Hessian-vector product takes jvp of a gradient
+  # whose backward pass is the transposed tangent map, through l1's transposed feature loop.
+  args, kwargs, allowed = attention_case(30, "positional")
+  lean = lambda *a: attend(BLOCKS, "l1", kwargs, *a)  # noqa: E731
+  plain = lambda *a: plain_attention(*a, metric="l1", allowed=allowed)[0]  # noqa: E731
+  jacobian = lambda f: jax.jacfwd(f, argnums=3)(*args)  # noqa: E731
+  assert_close(jax.jit(lambda: jacobian(lean))(), jacobian(plain))
+
+  def hvp(f):
+    grad = jax.grad(lambda q: scalar_loss(f(q, *args[1:])))
+    return jax.jvp(grad, (args[0],), (jnp.asarray(normal(31, args[0].shape)),))[1]
+
+  assert_close(jax.jit(lambda: hvp(lean))(), hvp(plain))
+
+
+@pytest.mark.usefixtures("x64")
+def test_hessian_and_linearize_blockwise_lp_traced_p():
+  # The Hessian (jacfwd of jacrev) in lam and the traced p together; linearize then evaluates the tangent map
+  # at a tangent of q.
+  args, kwargs, allowed = attention_case(40, "dense")
+  lean = lambda *a: attend(BLOCKS, "lp", kwargs, *a)  # noqa: E731
+  plain = lambda *a: plain_attention(*a, metric="lp", allowed=allowed)[0]  # noqa: E731
+
+  def hessian(f):
+    loss = lambda lam, p: scalar_loss(f(*args[:3], lam, args[4], p))  # noqa: E731
+    return jax.hessian(loss, argnums=(0, 1))(args[3], args[5])
+
+  assert_close(jax.jit(lambda: hessian(lean))(), hessian(plain))
+  dq = jnp.asarray(normal(41, args[0].shape))
+  _, lean_lin = jax.linearize(lambda q: lean(q, *args[1:]), args[0])
+  _, d_want = jax.jvp(lambda q: plain(q, *args[1:]), (args[0],), (dq,))
+  assert_close(lean_lin(dq), d_want)

@@ -1,20 +1,33 @@
 """Memory-linear attention for every metric: a tiled online softmax in plain JAX (CPU, GPU and TPU).
 
 A thin user of the tile core (:mod:`distattn_jax.kernels.tiles`, where the loops and the softmax numerics
-live): this module lays the canonical arrays out in tiles and wraps the loops in a ``custom_vjp``.
+live): this module lays the canonical arrays out in tiles and gives the loops their derivatives.
 
 Forward: for each block of ``block_q`` query positions, stream over blocks of ``block_k`` keys keeping the
 online-softmax statistics (running max ``m``, normaliser ``l``, float32 accumulator), and save only the output
-and the log-sum-exp ``lse``. Backward (``jax.custom_vjp``): for each key block, stream over the query blocks
-that can see it, recompute the score tile, ``P = exp(logits - lse)``, and accumulate ``dV``, ``dK``, ``dQ``,
-``dlam``, ``dbias`` (and ``dp`` for a learned ``p``). Nothing of size ``T x S`` is ever held; the largest
-temporaries are ``[batch, heads, block_q, block_k]`` tiles.
+and the log-sum-exp ``lse``. Backward (the transpose of the tangent map below): for each key block, stream
+over the query blocks that can see it, recompute the score tile, ``P = exp(logits - lse)``, and accumulate
+``dV``, ``dK``, ``dQ``, ``dlam``, ``dbias`` (and ``dp`` for a learned ``p``). Nothing of size ``T x S`` is ever
+held; the largest temporaries are ``[batch, heads, block_q, block_k]`` tiles.
 
 The score tile and its gradient come from :func:`distattn_jax.metrics.score` and its VJP, so the metric code
-(gram forms as matmuls, elementwise forms with memory-lean custom VJPs, gradient conventions) is shared with
+(gram forms as matmuls, elementwise forms with memory-lean derivatives, gradient conventions) is shared with
 the reference kernel. With ``is_causal`` the loops skip key blocks entirely above the diagonal, and with a
 ``local_window`` those entirely outside the window. Segment ids and sequence lengths are evaluated per tile
 from ``[B, T]``/``[B, S]``/``[B]`` arrays, never as a ``[T, S]`` mask.
+
+Derivatives in both modes (``jax.custom_jvp``). The tangent of ``(out, lse)`` for tangents of q, k, v, lam,
+the bias and a learned ``p`` is computed tile by tile (:func:`tiles.tangent_sums`): with the final ``lse`` a
+residual of the forward pass, ``P = exp(logits - lse)`` is exact on every tile, so one pass over the key tiles
+accumulates ``d_lse_i = sum_j P_ij dS_ij`` and ``sum_j P_ij (dS_ij v_j + dv_j)``, where ``dS`` is the logits'
+tangent (the metric's own forward-mode rule on the score tile, and lam and the bias); then ``d_out_i`` is that
+sum minus ``d_lse_i * out_i``. Memory stays linear in the lengths, and masks, segments, lengths, windows, GQA
+and dropout are the forward pass's own tile rules. That tangent map is an
+:func:`distattn_jax.autodiff.linear_call` whose transpose is the backward pass above, so reverse mode, which JAX
+derives by transposing the tangent map, runs these backward loops on these residuals (q, k, v, lam, bias, p,
+out, lse), exactly what a ``custom_vjp`` would run and hold. Why not a ``custom_vjp`` for the tangent map
+inside the ``custom_jvp``: JAX cannot transpose a ``custom_vjp`` call, so ``jax.grad`` would fail. Second derivatives
+(``jax.hessian``, ``jvp`` of ``grad``) differentiate these loops with JAX's autodiff.
 
 Dropout draws each weight's keep bit tile by tile from the stream ``jax.random.bernoulli`` uses for the whole
 array (:mod:`distattn_jax.kernels.dropout`), so the result equals the reference kernel's (and Flax's) bit for
@@ -31,7 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from distattn_jax import metrics
+from distattn_jax import autodiff, metrics
 from distattn_jax.kernels import base, common, registry, tiles
 
 Array = jax.Array
@@ -43,25 +56,33 @@ def default_blocks(metric: str, p: Any = 2.0) -> tuple[int, int]:
   return metrics.get(metric).blocks(p)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, lam5, bias5, mask5, seg, p, rng):
   return tiles.forward(cfg, q, k, v, lam5, bias5, mask5, seg, p, rng)
 
 
-def _flash_fwd(cfg, q, k, v, lam5, bias5, mask5, seg, p, rng):
-  out, lse = tiles.forward(cfg, q, k, v, lam5, bias5, mask5, seg, p, rng)
-  return (out, lse), tiles.Residuals(q, k, v, lam5, bias5, mask5, seg, p, rng, out, lse)
+@_flash.defjvp
+def _flash_jvp(cfg, primals, tangents):
+  out, lse = tiles.forward(cfg, *primals)
+  res = tiles.Residuals(*primals, out, lse)
+  dq, dk, dv, dlam, dbias, _, _, dp, _ = tangents  # the mask, segments and dropout key have no tangent
+  dots = tiles.Tangents(dq, dk, dv, dlam, dbias, dp)
+  d_out, d_lse = autodiff.linear_call(functools.partial(_tangent, cfg), functools.partial(_cotangent, cfg), res,
+                                      dots)
+  return (out, lse), (d_out, d_lse)
 
 
-def _flash_bwd(cfg, res: tiles.Residuals, cotangents):
+def _tangent(cfg, res: tiles.Residuals, dots: tiles.Tangents):
+  d_lse, d_acc = tiles.tangent_sums(cfg, res, dots)
+  return tiles.tangent_out(d_acc, d_lse, res.out), d_lse
+
+
+def _cotangent(cfg, res: tiles.Residuals, cotangents) -> tiles.Tangents:
   d_out, d_lse = cotangents
   dq, dk, dv, dlam, dbias, dp = tiles.gradients(cfg, res, d_out, d_lse)
-  return (dq.astype(res.q.dtype), dk.astype(res.k.dtype), dv.astype(res.v.dtype), dlam.astype(res.lam5.dtype),
-          None if res.bias5 is None else dbias.astype(res.bias5.dtype), None, None,
-          None if res.p is None else dp.astype(res.p.dtype), None)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+  return tiles.Tangents(dq.astype(res.q.dtype), dk.astype(res.k.dtype), dv.astype(res.v.dtype),
+                        dlam.astype(res.lam5.dtype), None if res.bias5 is None else dbias.astype(res.bias5.dtype),
+                        None if res.p is None else dp.astype(res.p.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,14 +8,21 @@ Every kernel computes attention the same way, and the pieces are here once:
 * the merge of two partial results through their log-sum-exps (:func:`merge`), for kernels that split the keys
   (the ring);
 * the per-row term of the backward pass, ``delta = rowsum(dO * O) - d_lse`` (:func:`row_terms`);
+* forward mode: one (query tile, key tile) step of the tangent of ``(out, lse)`` given the final ``lse``
+  (:func:`tangent_step`), its loop (:func:`tangent_sums`) and the output's tangent from its sums
+  (:func:`tangent_out`); the sums over parts of the keys add up, as the gradients' shares do;
 * padding to whole tiles and the grouping of query heads onto their key/value head (:func:`pad_axis`,
   :func:`group_operand`);
-* the tile loops themselves over a padded, grouped layout (:func:`forward`, :func:`gradients`), which the
-  blockwise kernel wraps in a ``custom_vjp`` and the ring kernel runs on each pair of sequence chunks.
+* the tile loops themselves over a padded, grouped layout (:func:`forward`, :func:`gradients`,
+  :func:`tangent_sums`), which the blockwise kernel wraps in a ``custom_jvp`` (its tangent map transposing to
+  :func:`gradients`) and the ring kernel runs on each pair of sequence chunks.
 
 The mask rule is :func:`distattn_jax.kernels.common.allowed_pairs`, evaluated per tile. The fused Pallas kernels
 call :func:`online_step`, :func:`finalize` and :func:`row_terms` inside their Triton programs, on ``[block_q,
 block_k]`` tiles instead of the ``[B, K, block_q, G, block_k]`` tiles of the loops below.
+
+The module is long because it is the one place: the forward, backward and forward-mode loops share the tile
+slicing, the mask and the logits, and splitting them would put the numerics of one kernel in several files.
 
 Layout of the loops:
   q [B, K, Tp, G, D], k [B, K, Sp, D], v [B, K, Sp, Dv], lam [1, K, 1, G, 1],
@@ -39,7 +46,7 @@ Array = jax.Array
 
 
 class TileConfig(NamedTuple):
-  """Everything static about one call of the tile loops (hashable: a ``custom_vjp`` non-differentiable
+  """Everything static about one call of the tile loops (hashable: a ``custom_jvp`` non-differentiable
   argument)."""
 
   metric: str
@@ -88,6 +95,18 @@ class Residuals(NamedTuple):
   rng: Array | None
   out: Array | None
   lse: Array
+
+
+class Tangents(NamedTuple):
+  """Tangents of the loops' differentiable inputs, shaped as they are (``bias5`` and ``p`` None when the input
+  is absent or ``p`` is static)."""
+
+  q: Array
+  k: Array
+  v: Array
+  lam5: Array
+  bias5: Array | None
+  p: Array | None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -143,6 +162,13 @@ def row_terms(out: Array, d_out: Array, d_lse: Array) -> Array:
   (``d lse_i / d logits_ij = P_ij``)."""
   acc = metrics.accumulation_dtype(out.dtype)
   return jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1) - d_lse.astype(acc)
+
+
+def tangent_out(d_acc: Array, d_lse: Array, out: Array) -> Array:
+  """The output's tangent from the sums of :func:`tangent_step` over every key: ``d_out = sum_j P_ij (dS_ij
+  - d_lse_i) v_j + P_ij dv_j``, with ``sum_j P_ij v_j = out_i`` (dropout included). A row that saw no key has
+  all sums 0 and tangent 0."""
+  return d_acc - d_lse[..., None] * out.astype(d_acc.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -216,6 +242,21 @@ def _tile_scores(cfg: TileConfig, q_blk, k_blk, p, with_vjp: bool = False):
   else:
     scores, vjp = jax.vjp(lambda x, y, p: score_fn(x, y, p=p), rows, k_blk, p)
   return scores.reshape(tile_shape), vjp
+
+
+def _tile_score_tangents(cfg: TileConfig, q_blk, k_blk, p, dq_blk, dk_blk, dp):
+  """Scores ``[B, K, bq, G, bk]`` and their tangent for the tangents of the query rows, the keys and ``p``
+  (the metric's own forward-mode rule: a feature loop for the elementwise forms, matmuls for the gram ones)."""
+  batch, num_kv = q_blk.shape[:2]
+  rows_shape = (batch, num_kv, cfg.block_q * cfg.group, q_blk.shape[-1])
+  score_fn = functools.partial(metrics.score, metric=cfg.metric, precision=cfg.precision)
+  tile_shape = (batch, num_kv, cfg.block_q, cfg.group, cfg.block_k)
+  rows, d_rows = q_blk.reshape(rows_shape), dq_blk.reshape(rows_shape)
+  if p is None:
+    scores, d_scores = jax.jvp(lambda x, y: score_fn(x, y, p=cfg.p), (rows, k_blk), (d_rows, dk_blk))
+  else:
+    scores, d_scores = jax.jvp(lambda x, y, p: score_fn(x, y, p=p), (rows, k_blk, p), (d_rows, dk_blk, dp))
+  return scores.reshape(tile_shape), d_scores.reshape(tile_shape)
 
 
 def _tile_mask(cfg: TileConfig, mask_blk, seg: TileSegments, q_start, k_start):
@@ -396,3 +437,70 @@ def gradients(cfg: TileConfig, res: Residuals, d_out: Array, d_lse: Array | None
   dk = jnp.moveaxis(dks, 0, 2).reshape(k.shape)
   dv = jnp.moveaxis(dvs, 0, 2).reshape(v.shape)
   return dq, dk, dv, dlam, dbias, dp
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Forward mode. With the final log-sum-exp known (a residual of the forward pass), P_ij = exp(S_ij - lse_i) is
+# exact on every tile, so the tangent needs no online rescaling: one pass over the key tiles accumulates
+# d_lse_i = sum_j P_ij dS_ij and sum_j P_ij (dS_ij v_j + dv_j), and tangent_out subtracts d_lse_i * out_i. The
+# same sums over a part of the keys are that part's exact share (the ring adds its steps' shares).
+
+
+def tangent_step(cfg: TileConfig, scale: float, q_blk, k_blk, v_blk, lam5, bias_blk, allowed, lse_blk, p,
+                 dq_blk, dk_blk, dv_blk, dlam5, dbias_blk, dp, multiplier=None) -> tuple[Array, Array]:
+  """One (query tile, key tile) of the tangent: ``(sum_j P dS [..., bq, G], sum_j M P (dS v_j + dv_j) [..., bq,
+  G, Dv])`` in the accumulation dtype, where ``dS`` is the tangent of the logits (metric, ``lam``, bias),
+  ``P = exp(logits - lse)`` with ``lse_blk`` the final log-sum-exp (-inf rows: 0 everywhere) and ``M`` the
+  dropout ``multiplier`` (None: 1). Masked pairs contribute nothing."""
+  acc = metrics.accumulation_dtype(q_blk.dtype)
+  scores, d_scores = _tile_score_tangents(cfg, q_blk, k_blk, p, dq_blk, dk_blk, dp)
+  logits = _tile_logits(cfg, scores, lam5, bias_blk, allowed, scale)
+  probs = jnp.exp(logits - jnp.where(jnp.isneginf(lse_blk), 0.0, lse_blk)[..., None])
+  d_logits = (d_scores * lam5 + scores * dlam5) * scale
+  if dbias_blk is not None:
+    d_logits = d_logits + dbias_blk
+  weighted = probs * jnp.where(allowed, d_logits, 0.0)
+  mixing, mixing_d = (probs, weighted) if multiplier is None else (probs * multiplier, weighted * multiplier)
+  d_acc = jnp.einsum("bkxgs,bksd->bkxgd", mixing_d, v_blk.astype(acc), precision=cfg.precision)
+  d_acc = d_acc + jnp.einsum("bkxgs,bksd->bkxgd", mixing, dv_blk.astype(acc), precision=cfg.precision)
+  return jnp.sum(weighted, axis=-1), d_acc
+
+
+def tangent_sums(cfg: TileConfig, res: Residuals, dots: Tangents) -> tuple[Array, Array]:
+  """``(d_lse [B, K, Tp, G], d_acc [B, K, Tp, G, Dv])``: the sums of :func:`tangent_step` over the key blocks
+  each query block can see, with ``res.lse`` the final log-sum-exp (``res.out`` is not read). For each query
+  block, a loop over key blocks: memory linear in the lengths, as the forward pass."""
+  q, k, v, lam5, bias5, mask5, seg, p, rng = res[:9]
+  batch, num_kv, t_pad, _, _ = q.shape
+  acc = metrics.accumulation_dtype(q.dtype)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  num_k_blocks = k.shape[2] // cfg.block_k
+
+  def q_block(i):
+    q_start = i * cfg.block_q
+    q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, cfg.block_q, 2)
+    dq_blk = jax.lax.dynamic_slice_in_dim(dots.q, q_start, cfg.block_q, 2)
+    lse_blk = jax.lax.dynamic_slice_in_dim(res.lse, q_start, cfg.block_q, 2)
+    bias_q, dbias_q = _slice(bias5, 2, q_start, cfg.block_q), _slice(dots.bias5, 2, q_start, cfg.block_q)
+    mask_q = _slice(mask5, 2, q_start, cfg.block_q)
+
+    def kv_step(j, carry):
+      d_lse, d_acc = carry
+      k_start = j * cfg.block_k
+      blocks = [jax.lax.dynamic_slice_in_dim(x, k_start, cfg.block_k, 2) for x in (k, v, dots.k, dots.v)]
+      allowed = _tile_mask(cfg, _slice(mask_q, 4, k_start, cfg.block_k), seg, q_start, k_start)
+      multiplier = None if rng is None else _dropout_multiplier(cfg, rng, batch, num_kv, q_start, k_start)
+      part_lse, part_acc = tangent_step(
+          cfg, scale, q_blk, blocks[0], blocks[1], lam5, _slice(bias_q, 4, k_start, cfg.block_k), allowed,
+          lse_blk, p, dq_blk, blocks[2], blocks[3], dots.lam5, _slice(dbias_q, 4, k_start, cfg.block_k), dots.p,
+          multiplier)
+      return d_lse + part_lse, d_acc + part_acc
+
+    stats_shape = (batch, num_kv, cfg.block_q, cfg.group)
+    init = (jnp.zeros(stats_shape, acc), jnp.zeros(stats_shape + (v.shape[-1],), acc))
+    return jax.lax.fori_loop(*kv_block_range(cfg, i, num_k_blocks), kv_step, init)
+
+  d_lses, d_accs = jax.lax.map(q_block, jnp.arange(t_pad // cfg.block_q))
+  d_lse = jnp.moveaxis(d_lses, 0, 2).reshape(batch, num_kv, t_pad, cfg.group)
+  d_acc = jnp.moveaxis(d_accs, 0, 2).reshape(batch, num_kv, t_pad, cfg.group, v.shape[-1])
+  return d_lse, d_acc
