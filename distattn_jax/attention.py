@@ -412,7 +412,8 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
                        is_causal=False, q_segment_ids=None, kv_segment_ids=None, query_seq_lengths=None,
                        key_value_seq_lengths=None, local_window_size=None, fully_masked_rows="zero",
                        broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                       precision=None, implementation=None, return_weights=False, **flax_kwargs):
+                       precision=None, implementation=None, return_weights=False, return_residual=False,
+                       **flax_kwargs):
   """Attention whose logits are negative distances between queries and keys.
 
   ``logits[..., h, i, j] = -lam[h] * distance(query[..., i, h, :], key[..., j, h', :]) / sqrt(head_dim)``
@@ -466,6 +467,12 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       ``"pallas"`` kernel and, where it declines (weights, dropout, a local window, float64), logs why.
     return_weights: also return the softmax weights ``[batch..., heads, q_len, kv_len]`` (before dropout,
       accumulation dtype unless ``force_fp32_for_softmax`` is given). Asking for weights materialises them.
+    return_residual: also return the log-sum-exp of each query row's logits, ``lse [batch..., q_len, heads]``
+      (``jax.nn.dot_product_attention``'s name and layout; with ``metric="dot"`` and ``lam=1`` it is
+      ``jax.nn``'s residual), in the accumulation dtype (float32, or float64 for float64 inputs): what every
+      kernel holds for its backward pass, so it costs nothing extra. It is differentiable (``jax.nn`` stops
+      its gradient). A row that sees no key has ``lse = -inf`` with zero gradients, under either
+      ``fully_masked_rows`` (``jax.nn`` gives a large finite negative there, from its masking constant).
     **flax_kwargs: what Flax's attention modules pass: ``module`` (sow the weights into its intermediates, as
       Flax does), ``force_fp32_for_softmax`` (given, Flax's dtype rules apply: False returns and sows the
       weights in ``dtype``; True with a ``dtype`` narrower than float32 gives float32 weights and a float32
@@ -473,7 +480,8 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       ``promote_dtype`` (ignored: promotion follows ``dtype``); einsum overrides must be None.
 
   Returns:
-    ``[batch..., q_len, heads, v_dim]`` in ``dtype``; with ``return_weights``, ``(out, weights)``.
+    ``[batch..., q_len, heads, v_dim]`` in ``dtype``; with ``return_weights``, ``(out, weights)``; with
+    ``return_residual``, ``(out, lse)``; with both, ``(out, weights, lse)``.
   """
   module = _check_flax_kwargs(flax_kwargs)
   metric = metrics.canonical_name(metric)
@@ -485,8 +493,9 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
     p = 2.0  # the metric has no order: whatever was passed is ignored, unchecked and untraced
   if not isinstance(is_causal, (bool, np.bool_)):
     _fail("is_causal", f"must be a Python bool; got {is_causal!r}", TypeError)
-  if not isinstance(return_weights, (bool, np.bool_)):
-    _fail("return_weights", f"must be a Python bool; got {return_weights!r}", TypeError)
+  for name, flag in (("return_weights", return_weights), ("return_residual", return_residual)):
+    if not isinstance(flag, (bool, np.bool_)):
+      _fail(name, f"must be a Python bool; got {flag!r}", TypeError)
   _check_fully_masked_rows(fully_masked_rows)
   query, key, value = _check_arrays(query, key, value, dtype)
   batch_shape = query.shape[:-3]
@@ -516,7 +525,13 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       local_window=local_window, traced_p=not isinstance(p, float), dtype=jnp.dtype(query.dtype).name)
   kernel = _select_kernel(implementation, request)
   if batch * q_len * kv_len * num_heads == 0:
-    return _empty_result(query, value, batch_shape + tail, need_weights, return_weights, weights_dtype, module)
+    out_and_weights = _empty_result(query, value, batch_shape + tail, need_weights, return_weights, weights_dtype,
+                                    module)
+    if not return_residual:
+      return out_and_weights
+    # No key to attend to (or nothing to compute): every row's normaliser is 0.
+    lse = jnp.full(batch_shape + (q_len, num_heads), -jnp.inf, metrics.accumulation_dtype(query.dtype))
+    return (*out_and_weights, lse) if return_weights else (out_and_weights, lse)
 
   result = _attend(
       query.reshape((batch,) + query.shape[-3:]), key.reshape((batch,) + key.shape[-3:]),
@@ -527,14 +542,19 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       broadcast_dropout=bool(broadcast_dropout), precision=precision, return_weights=need_weights,
       fully_masked_rows=fully_masked_rows)
   out = result.out.reshape(batch_shape + (q_len, num_heads, v_dim))
+  lse = None
+  if return_residual:
+    lse = result.lse.transpose(0, 2, 1).reshape(batch_shape + (q_len, num_heads))
   if not need_weights:
-    return out
+    return out if lse is None else (out, lse)
   weights = result.weights.reshape(batch_shape + tail)
   if weights_dtype is not None:
     weights = weights.astype(weights_dtype)
   if module is not None:
     _sow_weights(module, weights)
-  return (out, weights) if return_weights else out
+  result = (out, weights) if return_weights else (out,)
+  result = result if lse is None else result + (lse,)
+  return result if len(result) > 1 else out
 
 
 def _empty_result(query, value, weights_shape, need_weights, return_weights, weights_dtype, module):

@@ -262,3 +262,64 @@ def test_hessian_and_linearize_blockwise_lp_traced_p():
   _, lean_lin = jax.linearize(lambda q: lean(q, *args[1:]), args[0])
   _, d_want = jax.jvp(lambda q: plain(q, *args[1:]), (args[0],), (dq,))
   assert_close(lean_lin(dq), d_want)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The log-sum-exp residual.
+
+
+@pytest.mark.parametrize("impl", ["reference", BLOCKS])
+def test_return_residual_is_jax_nn_residual(impl):
+  # metric="dot" at lam = 1 is standard attention: out and lse are jax.nn.dot_product_attention's, in its layout
+  # [B, T, H], under causality, key lengths and grouped heads. float32 on both sides; 1e-5 of the largest entry
+  # covers the different summation orders (measured gaps below 1e-6).
+  q = jnp.asarray(normal(50, (B, 19, H, D), np.float32))
+  k, v = (jnp.asarray(normal(s, (B, 23, K, D), np.float32)) for s in (51, 52))
+  lengths = jnp.asarray([23, 10])
+  out, lse = da.distance_attention(q, k, v, metric="dot", lam=1.0, is_causal=True, key_value_seq_lengths=lengths,
+                                   implementation=impl, return_residual=True)
+  want, want_lse = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
+                                                return_residual=True)
+  assert lse.shape == want_lse.shape == (B, 19, H) and lse.dtype == jnp.float32
+  assert_close(out, want, rtol=1e-5)
+  assert_close(lse, want_lse, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("x64")
+def test_residual_is_differentiable_and_minus_inf_on_rows_that_see_nothing():
+  # The second batch row's queries at and past its length 18 see no key: lse = -inf there, with no gradient.
+  args, kwargs, allowed = attention_case(60, "positional")
+  lean = lambda *a: attend(BLOCKS, "l1", kwargs, *a, return_residual=True)  # noqa: E731
+  plain = lambda *a: plain_attention(*a, metric="l1", allowed=allowed)  # noqa: E731
+  tangents = random_tangents(61, args)
+  (out, lse), (d_out, d_lse) = jax.jit(lambda *a: jax.jvp(lean, a, tangents))(*args)
+  (want, want_lse), (d_want, d_want_lse) = jax.jvp(plain, args, tangents)
+  assert bool(jnp.all(jnp.isneginf(lse[1, 18:]))) and bool(jnp.all(jnp.isfinite(lse[1, :18])))
+  seen = jnp.isfinite(want_lse)
+  assert_close(jnp.where(seen, lse, 0.0), jnp.where(seen, want_lse, 0.0))
+  assert_close(d_lse, jnp.where(seen, d_want_lse, 0.0))
+  assert_close((out, d_out), (want, d_want))
+  # A cotangent on the -inf entries alone reaches no input.
+  _, vjp = jax.vjp(lean, *args)
+  assert_close(vjp((jnp.zeros_like(out), jnp.where(seen, 0.0, 1.0))), jax.tree.map(jnp.zeros_like, args))
+  weight = jnp.asarray(normal(62, lse.shape))
+  lse_loss = lambda f: lambda *a: jnp.sum(jnp.where(seen, f(*a)[1], 0.0) * weight)  # noqa: E731
+  grads = jax.jit(jax.grad(lse_loss(lean), argnums=tuple(range(6))))(*args)
+  assert_close(grads, jax.grad(lse_loss(plain), argnums=tuple(range(6)))(*args))
+
+
+def test_residual_beside_weights_on_empty_sequences_and_a_bad_flag():
+  q = jnp.asarray(normal(70, (1, 5, 2, 4), np.float32))
+  kv = jnp.asarray(normal(71, (1, 6, 2, 4), np.float32))
+  out, weights, lse = da.distance_attention(q, kv, kv, return_weights=True, return_residual=True)
+  # The weights are exp(logits - lse), with the l1 logits at the default lam = 1 written out (sqrt(D) = 2).
+  logits = -jnp.sum(jnp.abs(q.transpose(0, 2, 1, 3)[..., :, None, :] - kv.transpose(0, 2, 1, 3)[..., None, :, :]),
+                    axis=-1) / 2.0
+  assert_close(weights, jnp.exp(logits - lse.transpose(0, 2, 1)[..., None]), rtol=1e-6)
+  assert out.shape == (1, 5, 2, 4)
+  # No key: every row's normaliser is 0 (lse -inf, output 0); no query: empty arrays of the documented shapes.
+  out, lse = da.distance_attention(q, kv[:, :0], kv[:, :0], return_residual=True)
+  assert bool(jnp.all(jnp.isneginf(lse))) and lse.shape == (1, 5, 2) and not bool(jnp.any(out))
+  assert da.distance_attention(q[:, :0], kv, kv, return_residual=True)[1].shape == (1, 0, 2)
+  with pytest.raises(TypeError, match="return_residual must be a Python bool; got 'yes'"):
+    da.distance_attention(q, kv, kv, return_residual="yes")
