@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from distattn_jax import compat
 from distattn_jax.models import TruthGPTConfig
 from distattn_jax.training import steps
 
@@ -200,7 +201,7 @@ class Placement:
 
   def context(self):
     """``jax.set_mesh(mesh)`` (what the ring kernel reads its mesh from) while tracing, else nothing."""
-    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+    return compat.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def state_shardings(self, abstract: Any) -> Any:
     fsdp = self.mesh.shape["fsdp"]
