@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 LM_CONFIG := configs/lm.py:metric=l1,size=tiny
 RUN_DIR := runs/lm_tiny_l1
 
-.PHONY: run tour test clean
+.PHONY: run tour test test-fast clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,15 @@ run: $(STAMP)
 tour: $(STAMP)
 	$(PY) experiments/examples.py
 
-# Tests are compile-bound and XLA compiles on one thread, so one pytest worker per core (pytest-xdist).
+# Tests are compile-bound and XLA compiles on one thread, so one pytest worker per core (pytest-xdist); compiled
+# programs persist in .jax_cache/ (tests/conftest.py), so a rerun compiles only what changed.
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto tests
 
+# The inner loop: every test module, less the tests marked slow (end-to-end programs, the wheel in a fresh
+# environment, long sweeps); `make test` runs those too.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n auto -m "not slow" tests
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .jax_cache

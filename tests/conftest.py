@@ -1,8 +1,21 @@
-"""Test set-up: eight simulated CPU devices (set before JAX starts its backend), rank promotion as an error,
-and shared helpers."""
+"""Test set-up: eight simulated CPU devices (set before JAX starts its backend), rank promotion as an error, a
+persistent compilation cache, and shared helpers."""
 
-import jax
+import os
+import pathlib
 
+# The suite is compile-bound: XLA's executables persist in a git-ignored folder of the checkout, so a rerun
+# (and every pytest-xdist worker, and the programs the tests start as subprocesses, which inherit these
+# variables) loads what an earlier run compiled. Small compiles count too: the threshold is 0 s. A variable
+# already set wins; JAX_ENABLE_COMPILATION_CACHE=false turns the cache off.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_num_cpu_devices", 8)
 # Implicit rank broadcasting is a bug magnet in attention code (a [T, S] mask silently meeting [B, H, T, S]);
 # the library is written without it, and the suite keeps it that way.
