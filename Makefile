@@ -39,4 +39,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .jax_cache
+	rm -rf $(VENV) build *.egg-info .jax_cache .wheelhouse
