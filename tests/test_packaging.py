@@ -253,3 +253,11 @@ def test_the_engines_example_inputs_are_package_data():
   assert marketing.EXAMPLES == package / "engines" / "examples"
   assert sorted(p.name for p in marketing.EXAMPLES.glob("*.csv")) == EXAMPLE_INPUTS
 
+
+def test_the_version_is_pyproject_s_and_the_changelog_has_it():
+  import tomllib  # pylint: disable=import-outside-toplevel
+  import distattn_jax  # pylint: disable=import-outside-toplevel
+  version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+  assert distattn_jax.__version__ == version
+  headings = [line for line in (ROOT / "CHANGELOG.md").read_text().splitlines() if line.startswith("## ")]
+  assert headings and headings[0].startswith(f"## {version} "), headings[:3]
