@@ -1,6 +1,6 @@
 """The ablation suites: every metric x {learned lam, fixed calibrated lam} x tasks x 3 seeds at a fixed budget.
 
-  # MNIST-1D and ItalyPowerDemand, 84 cells (4 min 30 s on an idle 2-core machine; see README)
+  # MNIST-1D and ItalyPowerDemand, 84 cells (4 min 30 s on an idle 2-core machine; see docs/research.md)
   .venv/bin/python experiments/ablate.py --config=configs/ablate.py:suite=quick --workers=2
   # the CPU-sized suite (ListOps 50-150 tokens, MNIST-1D, Fashion-MNIST, GunPoint, ItalyPowerDemand, text)
   .venv/bin/python experiments/ablate.py --config=configs/ablate.py:suite=cpu --workers=2

@@ -289,7 +289,7 @@ def _check_dropout(dropout_rate: Any, deterministic: Any, dropout_rng: Any) -> b
 
 # "auto" picks the blockwise kernel once the reference would materialise a float32 logits array of more than
 # this many bytes (batch * heads * q_len * kv_len * 4). Beyond it the reference's memory grows quadratically,
-# and on a 2-core CPU (README, "Implementations") the blockwise forward+backward was already as fast or faster
+# and on a 2-core CPU (docs/kernels.md, "Reference") the blockwise forward+backward was already as fast or faster
 # for six of seven metrics at 8 heads x 512 x 512 (8 MiB; cosine 10% slower).
 AUTO_REFERENCE_MAX_BYTES = 4 * 2**20
 
@@ -464,7 +464,7 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       such as ``kernels.Blockwise(block_q=128, block_k=256)``. ``"auto"`` uses ``"reference"`` while its logits
       would take at most ``AUTO_REFERENCE_MAX_BYTES`` (and whenever weights are requested), else
       ``"blockwise"``, whose memory is linear in sequence length. On a GPU ``"auto"`` first tries the fused
-      ``"pallas"`` kernel and, where it declines (weights, dropout, a local window, float64), logs why.
+      ``"pallas"`` kernel and, where it declines (weights, dropout, float64), logs why.
     return_weights: also return the softmax weights ``[batch..., heads, q_len, kv_len]`` (before dropout,
       accumulation dtype unless ``force_fp32_for_softmax`` is given). Asking for weights materialises them.
     return_residual: also return the log-sum-exp of each query row's logits, ``lse [batch..., q_len, heads]``

@@ -2,7 +2,7 @@
 
   .venv/bin/python experiments/ecosystem_demo.py --config=configs/engines/ecosystem.py --out=runs/ecosystem.json
 
-Arguments: ``size`` (demo: the figures in the README; test: seconds-sized settings), ``engines`` (the enabled
+Arguments: ``size`` (demo: the figures in docs/engines.md; test: seconds-sized settings), ``engines`` (the enabled
 ones, e.g. ``engines=quantum+business``). Every field can be set by flag, e.g.
 ``--config.quantum.vqe.num_qubits=8 --config.quantum.vqe.model=heisenberg`` (the 8-qubit VQE check),
 ``--config.marketing.load.cells=my_cells.csv``, ``--config.neural.model.metric=l2``,

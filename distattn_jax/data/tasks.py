@@ -22,7 +22,7 @@ class TaskSpec:
   kind: str  # "classify" or "lm"
   embedding: str  # models.Encoder's embedding: tokens, patches or steps
   load: Callable[[pathlib.Path], Any]
-  provider: str  # where the data comes from, for messages and the README
+  provider: str  # where the data comes from, for messages and the docs
 
 
 class TextTask:
