@@ -10,11 +10,13 @@ STAMP := $(VENV)/.installed
 LM_CONFIG := configs/lm.py:metric=l1,size=tiny
 RUN_DIR := runs/lm_tiny_l1
 
-.PHONY: run tour test test-fast clean
+.PHONY: run tour test test-fast docs clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	# The lock pins the core dependencies and those of every extra (train, engines, tasks, test, docs), so this
+	# and aeon below amount to pip install -e '.[test,docs]' at the locked versions.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	# The UCR series of the time-series task are files in aeon's wheel; only the files are read, so aeon comes
 	# without its dependencies (which would pin numpy back). `pip install -e .[tasks]` installs it whole.
@@ -38,5 +40,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "not slow" tests
 
+# The documentation site (Sphinx, MyST pages, the API reference from the docstrings) into docs/_build/html. Any
+# warning or broken reference fails the build, as it fails tests/test_docs.py.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -n -q -b html -d docs/_build/doctrees docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) build *.egg-info .jax_cache .wheelhouse
+	rm -rf $(VENV) build *.egg-info .jax_cache .wheelhouse docs/_build
