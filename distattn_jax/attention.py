@@ -522,7 +522,8 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       dropout=common.Dropout(float(dropout_rate), dropout_rng, bool(broadcast_dropout)) if dropout_active else None,
       bias_shape=None if bias is None else tuple(bias.shape),
       mask_shape=None if mask is None else tuple(mask.shape), has_segments=segments is not None,
-      local_window=local_window, traced_p=not isinstance(p, float), dtype=jnp.dtype(query.dtype).name)
+      local_window=local_window, traced_p=not isinstance(p, float), dtype=jnp.dtype(query.dtype).name,
+      head_dim=int(query.shape[-1]), v_dim=int(value.shape[-1]))
   kernel = _select_kernel(implementation, request)
   if batch * q_len * kv_len * num_heads == 0:
     out_and_weights = _empty_result(query, value, batch_shape + tail, need_weights, return_weights, weights_dtype,

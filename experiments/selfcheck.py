@@ -22,8 +22,8 @@ cases, forward and the gradients of query, key, value, lam and (where the case h
   lengths+mask    query and key lengths, a random mask with a fully masked query row
   window          a causal sliding window of 64 keys
 
-A case a kernel declines (the fused "pallas" kernel has no sliding window) is left out of its count. It prints a
-table and the success rate, and exits with status 1 if any case fails.
+A case a kernel declines (its ``unsupported`` answer: the "routed" kernel takes gram metrics only) is left out
+of its count. It prints a table and the success rate, and exits with status 1 if any case fails.
 """
 
 from __future__ import annotations
@@ -224,25 +224,40 @@ def _implementation(name: str) -> Any:
   return name
 
 
-def _declined(impl: str, case: str) -> bool:
-  """Whether the kernel says it cannot run the case at all (the fused GPU kernel has no sliding window)."""
+def _declined(impl: Any, case: str, metric: str, dtype: str) -> bool:
+  """Whether the kernel says it cannot run the case at all (its ``unsupported`` answer for the case's request:
+  the routed kernel takes gram metrics only, cuDNN 16-bit inputs only)."""
   kernel = da.kernels.get(impl) if isinstance(impl, str) else impl
-  capabilities = getattr(kernel, "capabilities", None)
-  return case == "window" and capabilities is not None and not capabilities.local_window
+  ask = getattr(kernel, "unsupported", None)
+  if ask is None:
+    return False
+  inputs = case_inputs(case)
+  heads, kv_heads = inputs["heads"]
+  args = inputs["args"]
+  request = da.kernels.Request(
+      batch=2, q_len=FLAGS.q_len, kv_len=FLAGS.kv_len, num_heads=heads, num_kv_heads=kv_heads, metric=metric,
+      is_causal=bool(args.get("is_causal", False)),
+      bias_shape=tuple(inputs["arrays"]["bias"].shape) if "bias" in inputs["arrays"] else None,
+      mask_shape=tuple(args["mask"].shape) if "mask" in args else None,
+      has_segments=any(name in args for name in ("q_segment_ids", "query_seq_lengths")),
+      local_window=args.get("local_window_size"), dtype=dtype, head_dim=FLAGS.head_dim, v_dim=FLAGS.head_dim)
+  return ask(request) is not None
 
 
 def default_implementations() -> list[str]:
-  """Every registered kernel but the reference; the fused "pallas" kernel only where there is a GPU. "ring"
-  needs a device mesh and declines every case's bias, mask or window; tests/test_ring.py checks it against the
-  reference kernel on simulated devices."""
+  """Every registered kernel but the reference; the fused "pallas" kernel and the "routed" one (jax.nn's
+  attention, which tests/test_routed.py checks on a CPU) only where there is a GPU. "ring" needs a device mesh
+  and declines every case's bias, mask or window; tests/test_ring.py checks it against the reference kernel on
+  simulated devices."""
+  on_gpu = jax.default_backend() == "gpu"
   return [name for name in da.kernels.available()
-          if name not in ("reference", "ring") and (name != "pallas" or jax.default_backend() == "gpu")]
+          if name not in ("reference", "ring") and (name not in ("pallas", "routed") or on_gpu)]
 
 
 def check(impl: str, metric: str, dtype: str, cases=CASES) -> dict:
   """Every case for one implementation, metric and dtype, against the oracle on the same rounded inputs."""
   failures, fwd_err, grad_err = [], 0.0, 0.0
-  cases = [case for case in cases if not _declined(impl, case)]
+  cases = [case for case in cases if not _declined(_implementation(impl), case, metric, dtype)]
   for case in cases:
     inputs = case_inputs(case)
     arrays = dict(inputs["arrays"])

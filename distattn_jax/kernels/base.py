@@ -70,6 +70,10 @@ class Request(NamedTuple):
   local_window: tuple[int, int] | None = None
   traced_p: bool = False
   dtype: str | None = None  # the computation dtype's name ("float32", "bfloat16", ...); None when unknown
+  # Features per query/key head and per value head: a kernel whose layout has a width limit (cuDNN's) or pads
+  # the head axis checks them here. None when unknown.
+  head_dim: int | None = None
+  v_dim: int | None = None
 
   @property
   def has_bias(self) -> bool:
