@@ -314,20 +314,22 @@ def _unsupported(kernel: Any, request: base.Request) -> str | None:
   return None if ask is None else ask(request)
 
 
-def _select_kernel(implementation: Any, request: base.Request, platform: str | None = None) -> Any:
+def _select_kernel(implementation: Any, request: base.Request, platform: str | None = None,
+                   device_kind: str | None = None) -> Any:
   """The kernel to run. Explicit names and kernel objects are honoured (or raise the kernel's reason when it
-  declines the request); "auto" chooses as documented above: on a GPU (``platform``, default
-  ``jax.default_backend()``) the fused "pallas" kernel whenever it accepts the request (otherwise the reason
-  is logged and the choice below applies); elsewhere, and then, the reference whenever weights are requested
-  or its logits are small, else the blockwise kernel unless it declines (e.g. a dropout key it cannot draw tile
-  by tile)."""
+  declines the request); "auto" chooses by evidence. On a GPU (``platform``, default ``jax.default_backend()``;
+  ``device_kind``, default the first device's, names its class): a gram metric goes to the routed kernel on
+  cuDNN (:mod:`kernels.routed`, exact algebra onto the platform's flash attention) whenever it accepts the
+  request, and any metric to the fused "pallas" kernel where :mod:`kernels.evidence` holds a measurement on that
+  class of GPU, for that metric, head_dim and dtype, in which it beat the blockwise kernel; a declined routed or
+  evidenced pallas kernel logs its reason. Elsewhere, and on a GPU otherwise, the reference whenever weights are
+  requested or its logits are small, else the blockwise kernel unless it declines (e.g. a dropout key it cannot
+  draw tile by tile)."""
   if implementation is None or implementation == "auto":
     if (platform or jax.default_backend()) == "gpu":
-      pallas = kernels.get("pallas")
-      reason = _unsupported(pallas, request)
-      if reason is None:
-        return pallas
-      _log_fallback(reason)
+      chosen = _gpu_choice(request, device_kind if device_kind is not None else jax.devices()[0].device_kind)
+      if chosen is not None:
+        return chosen
     reference = kernels.get("reference")
     logits_bytes = request.batch * request.num_heads * request.q_len * request.kv_len * 4
     if request.return_weights or logits_bytes <= AUTO_REFERENCE_MAX_BYTES:
@@ -341,11 +343,32 @@ def _select_kernel(implementation: Any, request: base.Request, platform: str | N
   return kernel
 
 
+# What "auto" routes gram metrics to on a GPU: cuDNN's flash attention, which XLA does not pick by itself.
+_ROUTED_CUDNN = kernels.Routed(implementation="cudnn")
+
+
+def _gpu_choice(request: base.Request, device_kind: str) -> Any:
+  """The routed or fused kernel "auto" takes on a GPU, or None for the reference/blockwise rule."""
+  record = metrics.get(request.metric)
+  if not record.parametric and isinstance(record.form, metrics.Gram):
+    reason = _unsupported(_ROUTED_CUDNN, request)
+    if reason is None:
+      return _ROUTED_CUDNN
+    _log_fallback("routed (cuDNN)", reason)
+  if kernels.evidence.pallas_beats_blockwise(kernels.evidence.gpu_class(device_kind), request.metric,
+                                             request.head_dim, request.dtype):
+    pallas = kernels.get("pallas")
+    reason = _unsupported(pallas, request)
+    if reason is None:
+      return pallas
+    _log_fallback("fused 'pallas'", reason)
+  return None
+
+
 @functools.lru_cache(maxsize=64)
-def _log_fallback(reason: str) -> None:
+def _log_fallback(kernel: str, reason: str) -> None:
   # Once per distinct reason: "auto" runs at every trace, and a training loop would repeat it at each one.
-  _LOG.warning("implementation='auto': the fused 'pallas' kernel %s; using the reference or blockwise kernel",
-               reason)
+  _LOG.warning("implementation='auto': the %s kernel %s; using the reference or blockwise kernel", kernel, reason)
 
 
 def _sow_weights(module: Any, weights: Array) -> None:
@@ -463,8 +486,10 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
     implementation: ``None``/``"auto"``, a registered kernel name (``kernels.available()``), or a kernel object
       such as ``kernels.Blockwise(block_q=128, block_k=256)``. ``"auto"`` uses ``"reference"`` while its logits
       would take at most ``AUTO_REFERENCE_MAX_BYTES`` (and whenever weights are requested), else
-      ``"blockwise"``, whose memory is linear in sequence length. On a GPU ``"auto"`` first tries the fused
-      ``"pallas"`` kernel and, where it declines (weights, dropout, float64), logs why.
+      ``"blockwise"``, whose memory is linear in sequence length. On a GPU ``"auto"`` first sends gram metrics
+      (dot, cosine, sqeuclidean) to ``kernels.Routed("cudnn")``, cuDNN's flash attention by exact algebra, and
+      any metric to the fused ``"pallas"`` kernel where ``kernels.evidence`` records it beating blockwise on
+      that GPU class; where either declines (weights, dropout, float32 on cuDNN, ...) it logs why.
     return_weights: also return the softmax weights ``[batch..., heads, q_len, kv_len]`` (before dropout,
       accumulation dtype unless ``force_fp32_for_softmax`` is given). Asking for weights materialises them.
     return_residual: also return the log-sum-exp of each query row's logits, ``lse [batch..., q_len, heads]``

@@ -217,14 +217,34 @@ def _request(**kw):
   return kernels.Request(**{**base, **kw})
 
 
-def test_auto_picks_pallas_on_gpu_and_logs_why_it_falls_back(caplog):
-  assert attention_module._select_kernel("auto", _request(), platform="gpu") is kernels.get("pallas")
-  assert attention_module._select_kernel("auto", _request(), platform="cpu") is kernels.get("reference")
+def test_auto_picks_pallas_on_gpu_and_logs_why_it_falls_back(caplog, monkeypatch):
+  # On a GPU "auto" takes the fused kernel only where kernels.evidence records it beating blockwise on that GPU
+  # class for the metric, head_dim and dtype; the table ships empty, so without an entry the CPU rule applies.
+  h100 = "NVIDIA H100 80GB HBM3"
+  l1 = _request(head_dim=64)
+  select = attention_module._select_kernel
+  assert select("auto", l1, platform="gpu", device_kind=h100) is kernels.get("reference")
+  monkeypatch.setitem(kernels.evidence.PALLAS_OVER_BLOCKWISE, ("H100", "l1", 64, "float32"), 1.8)
+  assert select("auto", l1, platform="gpu", device_kind=h100) is kernels.get("pallas")
+  assert select("auto", l1, platform="gpu", device_kind="NVIDIA A100-SXM4-80GB") is kernels.get("reference")
+  assert select("auto", _request(head_dim=128), platform="gpu", device_kind=h100) is kernels.get("reference")
+  big = _request(head_dim=128, q_len=4096, kv_len=4096)  # past the reference's size: blockwise, not pallas
+  assert select("auto", big, platform="gpu", device_kind=h100) is kernels.get("blockwise")
+  # The CPU policy is unchanged whatever the evidence says.
+  assert select("auto", l1, platform="cpu", device_kind=h100) is kernels.get("reference")
   attention_module._log_fallback.cache_clear()
   with caplog.at_level(logging.WARNING, logger="distattn_jax"):
-    chosen = attention_module._select_kernel("auto", _request(return_weights=True), platform="gpu")
+    chosen = select("auto", _request(head_dim=64, return_weights=True), platform="gpu", device_kind=h100)
   assert chosen is kernels.get("reference")
-  assert "cannot return attention weights" in caplog.text
+  assert "the fused 'pallas' kernel cannot return attention weights" in caplog.text
+  # Gram metrics go to cuDNN's flash attention (the routed kernel) where it accepts the request, and fall back
+  # with the reason where it does not (float32: cuDNN takes 16-bit inputs).
+  routed = select("auto", _request(metric="sqeuclidean", dtype="bfloat16", head_dim=64), platform="gpu",
+                  device_kind=h100)
+  assert routed == kernels.Routed("cudnn")
+  with caplog.at_level(logging.WARNING, logger="distattn_jax"):
+    chosen = select("auto", _request(metric="cosine", head_dim=64), platform="gpu", device_kind=h100)
+  assert chosen is kernels.get("reference") and "routed (cuDNN) kernel cannot take float32 inputs" in caplog.text
   assert kernels.get("pallas").unsupported(_request(local_window=(2, 2))) is None
   assert "cannot take float64 inputs" in kernels.get("pallas").unsupported(_request(dtype="float64"))
 

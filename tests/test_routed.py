@@ -193,3 +193,11 @@ def test_auto_on_cpu_never_routes():
   # The CPU policy is unchanged: the reference while its logits are small, else blockwise.
   assert attention_module._select_kernel("auto", _request(dtype="float32"), platform="cpu") is kernels.get(
       "reference")
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-80GB", "A100"),
+    ("NVIDIA L4", "L4"), ("NVIDIA GH200 480GB", "GH200"), ("Some Accelerator", "Some Accelerator"),
+])
+def test_gpu_class_keys_the_evidence_by_model(kind, expected):
+  assert kernels.evidence.gpu_class(kind) == expected
