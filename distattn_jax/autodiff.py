@@ -4,8 +4,9 @@ The elementwise metric forms and the tiled kernels have hand-written backward pa
 ``T x S`` (or ``N x M x D``) array. Forward mode (``jax.jvp``, ``jacfwd``, ``linearize``, ``hessian``) needs a
 ``jax.custom_jvp``, and JAX derives reverse mode from a ``custom_jvp`` by transposing its tangent map. So the
 tangent map is computed by :func:`linear_call`: evaluated, it runs the kernel's own lean tangent loops;
-transposed, it runs the kernel's existing backward loops. Reverse mode therefore costs what the ``custom_vjp`` it
-replaces cost, and forward mode gets a tangent of the same memory class.
+transposed, it runs the kernel's backward loops. Reverse mode therefore costs what a ``custom_vjp`` with that
+backward costs (the same compiled operations and temporaries), and forward mode gets a tangent of the same
+memory class.
 
 Why not the two tools JAX offers: a ``jax.custom_vjp`` called inside a ``custom_jvp`` rule cannot be
 transposed (``custom_vjp_call`` has no transpose rule, so ``jax.grad`` fails), and
@@ -16,6 +17,11 @@ rule asserts their tangents are zero, so ``jax.hessian`` and ``jvp`` of ``grad``
 * differentiating it in the residuals runs plain JAX autodiff through the map (or, once transposed, through the
   backward loops) -- second-order derivatives are rarer and may hold what autodiff of a loop holds;
 * ``vmap`` maps both functions.
+
+Transposed where only some linear arguments need a cotangent (``jax.grad`` in q alone), the backward is cut to
+those by JAX's dead code elimination, as a ``custom_vjp``'s would be. A printed jaxpr shows the call as one
+``distattn_linear_call`` equation; its ``maps`` parameter's ``jaxpr`` is the map's own, for tools that walk a
+program (``maps.jaxpr``).
 """
 
 from __future__ import annotations
@@ -26,33 +32,67 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
+from jax.interpreters import partial_eval as pe
 
 Array = jax.Array
 
 
 class _Maps:
-  """The two flat functions of one :func:`linear_call` and their shapes (a primitive parameter, hashed by
-  identity: each call site binds its own)."""
+  """The two flat functions of one :func:`linear_call` and the types of their operands (a primitive parameter,
+  hashed by identity: each call site binds its own)."""
 
-  __slots__ = ("fun", "transpose", "num_res", "out_avals", "lin_avals")
+  __slots__ = ("fun", "transpose", "res_avals", "lin_avals", "out_avals")
 
-  def __init__(self, fun: Callable, transpose: Callable, num_res: int, out_avals: tuple, lin_avals: tuple):
+  def __init__(self, fun: Callable, transpose: Callable, res_avals: tuple, lin_avals: tuple, out_avals: tuple):
     self.fun = fun
     self.transpose = transpose
-    self.num_res = num_res
-    self.out_avals = out_avals
+    self.res_avals = res_avals
     self.lin_avals = lin_avals
+    self.out_avals = out_avals
+
+  @property
+  def num_res(self) -> int:
+    return len(self.res_avals)
+
+  @property
+  def jaxpr(self) -> jex_core.ClosedJaxpr:
+    """``fun`` as a closed jaxpr (traced on demand), for tools that walk a program's jaxprs."""
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.res_avals + self.lin_avals]
+    return jax.make_jaxpr(self.fun)(*structs)
 
   def __repr__(self) -> str:
     # What a printed jaxpr shows for the parameter.
     return f"{getattr(self.fun, '__name__', 'fun')}/{getattr(self.transpose, '__name__', 'transpose')}"
 
   def transposed(self) -> "_Maps":
-    return _Maps(self.transpose, self.fun, self.num_res, self.lin_avals, self.out_avals)
+    return _Maps(self.transpose, self.fun, self.res_avals, self.out_avals, self.lin_avals)
 
+  def pruned(self, keep: list[bool]) -> "_Maps":
+    """The map restricted to the outputs ``keep`` marks, with the computation of the others removed (JAX's dead
+    code elimination of ``fun``'s jaxpr, into shard_maps and loops): a transpose whose caller needs the
+    cotangents of some linear arguments only (reverse mode in q alone) does not compute, or reduce over a mesh,
+    the others'."""
+    fun = self.fun
 
-def _aval(x: Any):
-  return jax.core.ShapedArray(x.shape, x.dtype)
+    def selected(*args):
+      return [o for o, k in zip(fun(*args), keep) if k]
+
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.res_avals + self.lin_avals]
+    closed = jax.make_jaxpr(selected)(*structs)
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * sum(keep), instantiate=True)
+    kept_fun = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, closed.consts))
+    kept_fun.__name__ = getattr(fun, "__name__", "fun")
+    out_avals = self.out_avals
+    num_res, transpose = self.num_res, self.transpose
+
+    def kept_transpose(*args):
+      cts = iter(args[num_res:])
+      full = [next(cts) if k else jnp.zeros(a.shape, a.dtype) for k, a in zip(keep, out_avals)]
+      return transpose(*args[:num_res], *full)
+
+    kept_transpose.__name__ = getattr(transpose, "__name__", "transpose")
+    kept_avals = tuple(a for a, k in zip(out_avals, keep) if k)
+    return _Maps(kept_fun, kept_transpose, self.res_avals, self.lin_avals, kept_avals)
 
 
 _linear_call_p = jex_core.Primitive("distattn_linear_call")
@@ -102,8 +142,14 @@ def _transpose(cts, *args, maps: _Maps):
     raise ValueError("linear_call: the map is linear in its linear arguments only; it cannot be transposed with "
                      "respect to a residual")
   cts = [jnp.zeros(a.shape, a.dtype) if _is_zero(ct) else ct for ct, a in zip(cts, maps.out_avals)]
-  lin_cts = _linear_call_p.bind(*res, *cts, maps=maps.transposed())
-  return [None] * maps.num_res + [ct if ad.is_undefined_primal(x) else None for x, ct in zip(lin, lin_cts)]
+  wanted = [ad.is_undefined_primal(x) for x in lin]  # the others are constants (instantiated zero tangents)
+  if not any(wanted):
+    return [None] * len(args)
+  transposed = maps.transposed()
+  if not all(wanted):
+    transposed = transposed.pruned(wanted)
+  lin_cts = iter(_linear_call_p.bind(*res, *cts, maps=transposed))
+  return [None] * maps.num_res + [next(lin_cts) if w else None for w in wanted]
 
 
 def _batch(args, dims, *, maps: _Maps):
@@ -122,9 +168,12 @@ def _batch(args, dims, *, maps: _Maps):
     # A linear argument shared by the whole batch receives the sum of the batch's cotangents.
     return [o if ax == 0 else jnp.sum(o, axis=0) for o, ax in zip(outs, lin_axes)]
 
-  batched = lambda a: jax.core.ShapedArray((size,) + a.shape, a.dtype)  # noqa: E731
-  lin_avals = tuple(a if ax is None else batched(a) for a, ax in zip(maps.lin_avals, lin_axes))
-  new = _Maps(fun, transpose, maps.num_res, tuple(batched(a) for a in maps.out_avals), lin_avals)
+  def batched(avals, in_axes):
+    return tuple(a if ax is None else jax.core.ShapedArray((size,) + a.shape, a.dtype)
+                 for a, ax in zip(avals, in_axes))
+
+  new = _Maps(fun, transpose, batched(maps.res_avals, axes[:maps.num_res]), batched(maps.lin_avals, lin_axes),
+              batched(maps.out_avals, [0] * num_out))
   return _linear_call_p.bind(*args, maps=new), [0] * num_out
 
 
@@ -144,18 +193,20 @@ def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, line
   Evaluated, jitted or differentiated in forward mode it runs ``fun``; transposed (reverse mode) it runs
   ``fun_transpose``. Its derivative in ``residual_args`` is JAX's autodiff of ``fun`` (or of ``fun_transpose`` in
   a transposed map). Both functions must be written with JAX operations and must not close over traced values
-  (pass them as residuals). Leaves of ``residual_args`` may be None-free pytrees of any arrays (integer masks,
-  random keys); ``linear_args`` leaves must be floating-point arrays.
+  (pass them as residuals). ``residual_args`` is a pytree of arrays of any dtype (integer masks, random keys)
+  and None; ``linear_args`` one of floating-point arrays and None.
   """
   res_flat, res_tree = jax.tree.flatten(residual_args)
   lin_flat, lin_tree = jax.tree.flatten(linear_args)
-  out_shapes = jax.eval_shape(fun, residual_args, linear_args)
-  out_flat_shapes, out_tree = jax.tree.flatten(out_shapes)
   num_res = len(res_flat)
+  out_trees = []
 
   def flat_fun(*args):
     res, lin = jax.tree.unflatten(res_tree, args[:num_res]), jax.tree.unflatten(lin_tree, args[num_res:])
-    return jax.tree.leaves(fun(res, lin))
+    leaves, tree = jax.tree.flatten(fun(res, lin))
+    if not out_trees:
+      out_trees.append(tree)
+    return leaves
 
   def flat_transpose(*args):
     res, cts = jax.tree.unflatten(res_tree, args[:num_res]), jax.tree.unflatten(out_tree, args[num_res:])
@@ -166,8 +217,11 @@ def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, line
     return jax.tree.leaves(out)
 
   flat_fun.__name__, flat_transpose.__name__ = _name(fun), _name(fun_transpose)
-  maps = _Maps(flat_fun, flat_transpose, num_res, tuple(_aval(s) for s in out_flat_shapes),
-               tuple(_aval(x) for x in lin_flat))
+  # The output types (shapes, dtypes and, under Explicit mesh axes, shardings) from one abstract trace.
+  out_avals = tuple(jax.make_jaxpr(flat_fun)(*res_flat, *lin_flat).out_avals)
+  out_tree = out_trees[0]
+  maps = _Maps(flat_fun, flat_transpose, tuple(jax.typeof(x) for x in res_flat),
+               tuple(jax.typeof(x) for x in lin_flat), out_avals)
   out = _linear_call_p.bind(*res_flat, *lin_flat, maps=maps)
   return jax.tree.unflatten(out_tree, out)
 
