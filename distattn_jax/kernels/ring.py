@@ -8,9 +8,16 @@ each partial result is the blockwise kernel's own tiled computation (:mod:`dista
 on one pair of chunks, with the chunks' global positions, so every metric (user-registered ones included),
 grouped-query attention, a traced ``lam`` and ``p``, segment ids and sequence lengths work as they do there.
 
-The backward pass (``jax.custom_vjp``) is a ring too: the key/value shares go round again, each with its
-``dk``/``dv`` accumulator, which arrives home after the last hop; ``dq`` stays where its queries are and
-``dlam``/``dp`` are summed over the mesh. No device holds more than its share plus the one in flight.
+The backward pass is a ring too: the key/value shares go round again, each with its ``dk``/``dv``
+accumulator, which arrives home after the last hop; ``dq`` stays where its queries are and ``dlam``/``dp`` are
+summed over the mesh. No device holds more than its share plus the one in flight.
+
+Forward mode (``jax.jvp``, ``jacfwd``, ``linearize``, ``hessian``) is a third ring: the key/value shares go
+round with their tangents, and each pair of chunks adds the tile core's tangent sums (:func:`tiles.tangent_sums`,
+with ``P`` from the final ``lse``, so the pairs' shares add up without a merge); the output's tangent is then
+:func:`tiles.tangent_out` of the sums. As in the blockwise kernel, the ring is a ``jax.custom_jvp`` whose tangent
+map is a :func:`distattn_jax.autodiff.linear_call` transposing to the backward ring, so ``jax.grad`` runs the
+backward ring on the forward ring's residuals.
 
 Layout. ``layout="zigzag"`` (default) cuts the sequence into ``2n`` chunks and gives device ``i`` chunks ``i``
 and ``2n-1-i``: under ``is_causal`` every device then has the same number of visible chunk pairs on every hop
@@ -29,9 +36,9 @@ supported (a clear error names the alternative): one that varies over queries (a
 not shard with a key share; segment ids and sequence lengths express padding and packing per position),
 returning weights, attention dropout (its draw is defined over the whole ``[T, S]`` array), ``local_window_size``.
 
-The module is long because the forward ring, the backward ring and the layout all read one private plan (the
-chunks, the kinds of chunk pair, the hop schedule); split over files, each would reach into the others' private
-helpers.
+The module is long because the forward ring, the backward ring, the tangent ring and the layout all read one
+private plan (the chunks, the kinds of chunk pair, the hop schedule); split over files, each would reach into the
+others' private helpers.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from distattn_jax import metrics
+from distattn_jax import autodiff, metrics
 from distattn_jax.kernels import base, blockwise, common, registry, tiles
 
 Array = jax.Array
@@ -60,7 +67,7 @@ _SKIP, _FULL, _PARTIAL = 0, 1, 2
 
 
 class _Plan(NamedTuple):
-  """Everything static about one ring call (hashable: the custom_vjp's non-differentiable argument)."""
+  """Everything static about one ring call (hashable: the custom_jvp's non-differentiable argument)."""
 
   full: tiles.TileConfig      # a chunk pair every query sees all of
   partial: tiles.TileConfig   # a chunk pair the causal mask cuts
@@ -126,7 +133,7 @@ def _shift(plan: _Plan, tree):
 
 
 # Names of the per-position arrays and the axis their positions are on.
-_SEQ_AXIS = {"q": 2, "k": 2, "v": 2, "d_out": 2, "delta": 2, "q_ids": 1, "kv_ids": 1}
+_SEQ_AXIS = {"q": 2, "k": 2, "v": 2, "d_out": 2, "delta": 2, "q_ids": 1, "kv_ids": 1, "dq": 2, "dk": 2, "dv": 2}
 
 
 def _zigzag_dest(plan: _Plan, chunk: int) -> int:
@@ -167,10 +174,10 @@ def _relayout(plan: _Plan, local: dict[str, Array], names) -> dict[str, Array]:
 
 
 def _key_operands(plan: _Plan, local):
-  """``(moving, fixed)`` bias and mask: one that varies over keys is laid out and travels with its key share
-  (``moving``); one broadcast over keys stays (``fixed``)."""
+  """``(moving, fixed)`` bias, mask (and bias tangent): one that varies over keys is laid out and travels with
+  its key share (``moving``); one broadcast over keys stays (``fixed``)."""
   moving, fixed = {}, {}
-  for name in ("bias", "mask"):
+  for name in ("bias", "mask", "d_bias"):
     x = local.get(name)
     if x is not None and x.shape[4] > 1:
       moving[name] = _to_ring(plan, x, 4)
@@ -304,12 +311,60 @@ def _local_backward(plan: _Plan, local):
           None if p is None else dp.astype(p.dtype), dbias)
 
 
+def _local_tangent(plan: _Plan, local):
+  """The tangent's sums (:func:`tiles.tangent_sums`) over every key share, laid out as the queries are at home:
+  the key shares and their tangents go round as in the forward pass; with the final ``lse`` (a residual) each
+  pair's sums are its exact share, so they add up with no merge."""
+  # q, k, v and lse arrive laid out already (the forward pass's residuals); their tangents are laid out here.
+  moving, fixed = _key_operands(plan, local)
+  local = _relayout(plan, local, ("dq", "dk", "dv", "q_ids", "kv_ids"))
+  q, lam5, p, lse = local["q"], local["lam5"], local.get("p"), local["lse"]
+  dq, dlam5, dp = local["dq"], local["dlam5"], local.get("dp")
+  me = jax.lax.axis_index(plan.axis_name)
+  acc = metrics.accumulation_dtype(q.dtype)
+  batch, num_kv, rows, group, _ = q.shape
+  v_dim = local["v"].shape[-1]
+  stats_shape = (batch, num_kv, plan.q_chunk, group)
+
+  def skip(q_a, dq_a, lse_a, k_b, v_b, dk_b, dv_b, seg, bias_b, mask_b, dbias_b):
+    return jnp.zeros(stats_shape, acc), jnp.zeros(stats_shape + (v_dim,), acc)
+
+  def compute(cfg, q_a, dq_a, lse_a, k_b, v_b, dk_b, dv_b, seg, bias_b, mask_b, dbias_b):
+    res = tiles.Residuals(q_a, k_b, v_b, lam5, bias_b, mask_b, seg, p, rng=None, out=None, lse=lse_a)
+    return tiles.tangent_sums(cfg, res, tiles.Tangents(dq_a, dk_b, dv_b, dlam5, dbias_b, dp))
+
+  def hop(step, carry):
+    k, v, dk, dv, kv_ids, moving, d_lse, d_acc = carry
+    src = (me - step) % plan.size
+
+    def pair(index, state):
+      d_lse, d_acc = state
+      a, b = index // plan.chunks, index % plan.chunks
+      seg = _pair_segments(plan, local, kv_ids, me, src, a, b)
+      kind = _pair_kind(plan, _chunk_index(plan, me, a), _chunk_index(plan, src, b))
+      part_lse, part_acc = jax.lax.switch(
+          kind, _branches(plan, skip, compute), *(_chunk(x, 2, a, plan.q_chunk) for x in (q, dq, lse)),
+          *(_chunk(x, 2, b, plan.kv_chunk) for x in (k, v, dk, dv)), seg,
+          *(_key_chunk(plan, moving, fixed, name, b) for name in ("bias", "mask", "d_bias")))
+      return _add_chunk(d_lse, 2, a, part_lse), _add_chunk(d_acc, 2, a, part_acc)
+
+    d_lse, d_acc = jax.lax.fori_loop(0, plan.chunks ** 2, pair, (d_lse, d_acc))
+    k, v, dk, dv, kv_ids, moving = _shift(plan, (k, v, dk, dv, kv_ids, moving))
+    return k, v, dk, dv, kv_ids, moving, d_lse, d_acc
+
+  init = (local["k"], local["v"], local["dk"], local["dv"], local.get("kv_ids"), moving,
+          jnp.zeros((batch, num_kv, rows, group), acc), jnp.zeros((batch, num_kv, rows, group, v_dim), acc))
+  *_, d_lse, d_acc = jax.lax.fori_loop(0, plan.size, hop, init)
+  return _from_ring(plan, d_lse, 2), _from_ring(plan, d_acc, 2)
+
+
 def _specs(plan: _Plan, arrays: dict[str, Array]) -> dict[str, P]:
   b, s = plan.batch_spec, plan.axis_name
   by_name = {"q": P(b, None, s), "k": P(b, None, s), "v": P(b, None, s), "delta": P(b, None, s),
              "d_out": P(b, None, s), "lse": P(b, None, s), "d_lse": P(b, None, s), "lam5": P(), "p": P(),
-             "q_ids": P(b, s), "kv_ids": P(b, s), "q_lengths": P(b), "kv_lengths": P(b)}
-  for name in ("bias", "mask"):
+             "q_ids": P(b, s), "kv_ids": P(b, s), "q_lengths": P(b), "kv_lengths": P(b), "dq": P(b, None, s),
+             "dk": P(b, None, s), "dv": P(b, None, s), "dlam5": P(), "dp": P()}
+  for name in ("bias", "mask", "d_bias"):
     if name in arrays:
       by_name[name] = _key_operand_spec(plan, arrays[name])
   return {name: by_name[name] for name in arrays}
@@ -330,12 +385,38 @@ def _shard_map(plan: _Plan, fn, arrays, out_specs):
                        out_specs=out_specs, check_vma=False)(arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _ring(plan: _Plan, q, k, v, lam5, bias5, mask5, seg, p):
-  return _ring_fwd(plan, q, k, v, lam5, bias5, mask5, seg, p)[0]
+  return _ring_forward(plan, q, k, v, lam5, bias5, mask5, seg, p)[0]
 
 
-def _ring_fwd(plan: _Plan, q, k, v, lam5, bias5, mask5, seg, p):
+@_ring.defjvp
+def _ring_jvp(plan: _Plan, primals, tangents):
+  # As the blockwise kernel: the tangent is a linear map whose transpose is the backward ring, so reverse mode
+  # (JAX transposes the tangent map) runs the backward ring on the forward ring's residuals.
+  (out, lse), res = _ring_forward(plan, *primals)
+  dq, dk, dv, dlam5, dbias5, _, _, dp = tangents  # the mask and the segments have no tangent
+  d_out, d_lse = autodiff.linear_call(functools.partial(_ring_tangent, plan),
+                                      functools.partial(_ring_cotangent, plan), res,
+                                      (dq, dk, dv, dlam5, dbias5, dp))
+  return (out, lse), (d_out, d_lse)
+
+
+# The forward ring with its residuals, called as one opaque function inside the custom_jvp rule: when jax.grad
+# linearizes the rule, inputs that are all known pass a custom_jvp call straight to the enclosing trace, while a
+# shard_map would be partially evaluated and its loops restructured (XLA then held a stacked copy of the query
+# chunks, +16% of the ring's compiled gradient temporaries). Its own derivative (second order) is JAX's.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _ring_forward(plan: _Plan, q, k, v, lam5, bias5, mask5, seg, p):
+  return _ring_forward_rule(plan, q, k, v, lam5, bias5, mask5, seg, p)
+
+
+@_ring_forward.defjvp
+def _ring_forward_jvp(plan: _Plan, primals, tangents):
+  return jax.jvp(functools.partial(_ring_forward_rule, plan), primals, tangents)
+
+
+def _ring_forward_rule(plan: _Plan, q, k, v, lam5, bias5, mask5, seg, p):
   q_ids, kv_ids, q_lengths, kv_lengths = seg
   arrays = _present(q=q, k=k, v=v, lam5=lam5, p=p, q_ids=q_ids, kv_ids=kv_ids, q_lengths=q_lengths,
                     kv_lengths=kv_lengths, bias=bias5, mask=mask5)
@@ -344,7 +425,19 @@ def _ring_fwd(plan: _Plan, q, k, v, lam5, bias5, mask5, seg, p):
   return (out, lse), (q_z, k_z, v_z, lam5, bias5, mask5, seg, p, out, lse_z)
 
 
-def _ring_bwd(plan: _Plan, res, cotangents):
+def _ring_tangent(plan: _Plan, res, dots):
+  q, k, v, lam5, bias5, mask5, seg, p, out, lse = res
+  dq, dk, dv, dlam5, dbias5, dp = dots
+  q_ids, kv_ids, q_lengths, kv_lengths = seg
+  arrays = _present(q=q, k=k, v=v, lam5=lam5, p=p, q_ids=q_ids, kv_ids=kv_ids, q_lengths=q_lengths,
+                    kv_lengths=kv_lengths, bias=bias5, mask=mask5, lse=lse, dq=dq, dk=dk, dv=dv, dlam5=dlam5,
+                    dp=dp, d_bias=dbias5)
+  row = P(plan.batch_spec, None, plan.axis_name)
+  d_lse, d_acc = _shard_map(plan, _local_tangent, arrays, (row, row))
+  return tiles.tangent_out(d_acc, d_lse, out), d_lse
+
+
+def _ring_cotangent(plan: _Plan, res, cotangents):
   q, k, v, lam5, bias5, mask5, seg, p, out, lse = res
   d_out, d_lse = cotangents
   q_ids, kv_ids, q_lengths, kv_lengths = seg
@@ -354,10 +447,7 @@ def _ring_bwd(plan: _Plan, res, cotangents):
   row = P(plan.batch_spec, None, plan.axis_name)
   bias_spec = P() if bias5 is None else _key_operand_spec(plan, bias5)
   dq, dk, dv, dlam, dp, dbias = _shard_map(plan, _local_backward, arrays, (row, row, row, P(), P(), bias_spec))
-  return dq, dk, dv, dlam, dbias, None, None, dp
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
+  return dq, dk, dv, dlam, dbias, dp
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -403,16 +493,16 @@ def _auto_axes_mesh(mesh):
   return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _typed_identity(x, spec):
   return x
 
 
-def _typed_identity_bwd(spec, _, cotangent):
-  return (jax.sharding.reshard(cotangent, spec),)
-
-
-_typed_identity.defvjp(lambda x, spec: (x, None), _typed_identity_bwd)
+@_typed_identity.defjvp
+def _typed_identity_jvp(spec, primals, tangents):
+  # The tangent passes unchanged; its transpose, the cotangent, is given the sharding type back.
+  tangent = autodiff.linear_call(lambda _, t: t, lambda _, ct: jax.sharding.reshard(ct, spec), (), tangents[0])
+  return primals[0], tangent
 
 
 def _with_typed_cotangent(x):

@@ -3,10 +3,12 @@
 Forward: one program per (batch, query head, query tile). The query tile stays on chip while the program
 streams the key/value tiles of its key/value head (grouped-query heads map through the BlockSpec index maps),
 computes the score tile, keeps the online-softmax statistics in float32 and writes the output and ``lse``.
-Backward (``jax.custom_vjp``): a dq kernel (one program per query tile, streaming key tiles; it also writes the
-per-row partial sums of the ``lam`` and ``p`` gradients and the bias gradient) and a dk/dv kernel (one program
-per key tile, streaming query tiles). Neither holds anything of size ``T x S`` except the bias gradient, which
-is only produced when a bias (itself ``T x S``) is given.
+Backward (the transpose of the tangent map): a dq kernel (one program per query tile, streaming key tiles; it
+also writes the per-row partial sums of the ``lam`` and ``p`` gradients and the bias gradient) and a dk/dv kernel
+(one program per key tile, streaming query tiles). Neither holds anything of size ``T x S`` except the bias
+gradient, which is only produced when a bias (itself ``T x S``) is given. Forward mode (``jax.jvp``, ``jacfwd``,
+``linearize``, ``hessian``): no Triton program; the tangent is the tile core's XLA loop (linear memory, XLA's
+speed) inside a ``jax.custom_jvp`` whose tangent map transposes to the two backward programs (:mod:`.calls`).
 
 The kernel is generated from the metric record (:mod:`distattn_jax.metrics.record`), so a user-registered
 metric gets a fused kernel too:
@@ -29,7 +31,7 @@ backend (CPU in the tests).
 The package's files mirror that structure: :mod:`.config` (tiles, the static call description), :mod:`.gram`
 and :mod:`.elementwise` (the two metric forms' tiles and their VJPs), :mod:`.tile` (one tile pair: form, mask
 rule, logits), :mod:`.programs` (the forward, dq and dk/dv programs), :mod:`.calls` (``pallas_call`` and the
-custom_vjp) and :mod:`.kernel` (the :class:`Pallas` object). The online-softmax step, its finalisation, the
+custom_jvp) and :mod:`.kernel` (the :class:`Pallas` object). The online-softmax step, its finalisation, the
 backward row terms and the tile ranges a causal mask or window skips are the shared tile core's
 (:mod:`distattn_jax.kernels.tiles`).
 """

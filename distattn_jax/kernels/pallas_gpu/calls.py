@@ -1,7 +1,13 @@
-"""The ``pallas_call`` plumbing over the padded layout, and the custom_vjp joining the forward to the two
+"""The ``pallas_call`` plumbing over the padded layout, and the custom_jvp joining the forward to the two
 backward programs:
   q [B, Tp, H, Dp], k [B, Sp, K, Dp], v [B, Sp, K, Dvp], lam [H], bias/mask [B|1, H|1, Tp|1, Sp|1],
-  q_ids [B, Tp], kv_ids [B, Sp], kv_valid [B, Sp], p [1]."""
+  q_ids [B, Tp], kv_ids [B, Sp], kv_valid [B, Sp], p [1].
+
+Forward mode has no Triton program: the tangent of ``(out, lse)`` is the tile core's XLA loop
+(:func:`tiles.tangent_sums`, the blockwise kernel's) on the same operands laid out as the tile core wants them,
+with ``P`` from the fused forward's ``lse``, so its memory is linear in the lengths but it runs at XLA's speed.
+That tangent map is a :func:`distattn_jax.autodiff.linear_call` whose transpose is the two fused backward
+programs, so ``jax.grad`` runs exactly the Triton backward it ran as a ``custom_vjp``."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from distattn_jax import metrics
+from distattn_jax import autodiff, metrics
 from distattn_jax.kernels import tiles as tile_core
 from distattn_jax.kernels.pallas_gpu.config import CallConfig
 from distattn_jax.kernels.pallas_gpu.programs import dkv_program, dq_program, forward_program
@@ -117,17 +123,70 @@ def call_backward(cfg: CallConfig, inputs: dict, do, lse, delta):
   return dq_outs, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+# The operands with a tangent; the mask, the ids and the valid keys are integers.
+DIFFERENTIABLE = ("q", "k", "v", "lam", "bias", "p")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def fused(cfg: CallConfig, inputs: dict):
   return call_forward(cfg, inputs)
 
 
-def _fused_fwd(cfg, inputs):
+@fused.defjvp
+def _fused_jvp(cfg: CallConfig, primals, tangents):
+  (inputs,), (dots,) = primals, tangents
   out, lse = call_forward(cfg, inputs)
-  return (out, lse), (inputs, out, lse)
+  linear = {name: dots[name] for name in DIFFERENTIABLE if name in inputs}
+  d_out, d_lse = autodiff.linear_call(functools.partial(_tangents, cfg), functools.partial(_cotangents, cfg),
+                                      (inputs, out, lse), linear)
+  return (out, lse), (d_out, d_lse)
 
 
-def _fused_bwd(cfg, res, cotangents):
+def _tangents(cfg: CallConfig, res, dots: dict):
+  """``(d_out [B, Tp, H, Dvp], d_lse [B, H, Tp])`` from the tile core's tangent loop, on the operands laid out
+  as it wants them: heads grouped onto their kv head, the zero-padded features cut off (a user's ``phi(0)``
+  need not be 0, and the scale reads the feature count), masks as booleans, the valid keys as lengths."""
+  inputs, out, lse = res
+  q, k, v = inputs["q"], inputs["k"], inputs["v"]
+  batch, t_pad, num_heads, _ = q.shape
+  num_kv, group, dim = k.shape[2], cfg.group, cfg.head_dim
+  s_pad = k.shape[1]
+
+  def queries(x):  # [B, Tp, H, Dp] -> [B, K, Tp, G, D]
+    return x[..., :dim].reshape(batch, t_pad, num_kv, group, dim).transpose(0, 2, 1, 3, 4)
+
+  def keys(x, features=None):  # [B, Sp, K, D'] -> [B, K, Sp, D']
+    return (x if features is None else x[..., :features]).transpose(0, 2, 1, 3)
+
+  def heads(x):  # [H] -> [1, K, 1, G, 1]
+    return x.reshape(1, num_kv, 1, group, 1)
+
+  def grouped(x, fill):
+    return None if x is None else tile_core.group_operand(x, num_kv, group, t_pad, s_pad, fill)
+
+  mask = inputs.get("mask")
+  kv_valid = inputs.get("kv_valid")
+  seg = tile_core.TileSegments(
+      q_ids=inputs.get("q_ids"), kv_ids=inputs.get("kv_ids"),
+      kv_lengths=None if kv_valid is None else jnp.sum(kv_valid, axis=1))
+  p = inputs.get("p")
+  tile_cfg = cfg.geometry._replace(p=cfg.p, precision=cfg.precision)
+  lse5 = lse.reshape(batch, num_kv, group, t_pad).transpose(0, 1, 3, 2)
+  residuals = tile_core.Residuals(
+      queries(q), keys(k, dim), keys(v), heads(inputs["lam"]), grouped(inputs.get("bias"), 0.0),
+      grouped(None if mask is None else mask != 0, False), seg, None if p is None else p[0], None, None, lse5)
+  d_bias, d_p = dots.get("bias"), dots.get("p")
+  tangents = tile_core.Tangents(
+      queries(dots["q"]), keys(dots["k"], dim), keys(dots["v"]), heads(dots["lam"]), grouped(d_bias, 0.0),
+      None if d_p is None else d_p[0])
+  d_lse, d_acc = tile_core.tangent_sums(tile_cfg, residuals, tangents)
+  out5 = out.reshape(batch, t_pad, num_kv, group, out.shape[-1]).transpose(0, 2, 1, 3, 4)
+  d_out = tile_core.tangent_out(d_acc, d_lse, out5)
+  d_out = d_out.transpose(0, 2, 1, 3, 4).reshape(out.shape).astype(out.dtype)
+  return d_out, d_lse.transpose(0, 1, 3, 2).reshape(lse.shape).astype(lse.dtype)
+
+
+def _cotangents(cfg: CallConfig, res, cotangents) -> dict:
   inputs, out, lse = res
   d_out, d_lse = cotangents
   delta = tile_core.row_terms(out, d_out, d_lse.transpose(0, 2, 1)).transpose(0, 2, 1)
@@ -146,7 +205,6 @@ def _fused_bwd(cfg, res, cotangents):
     grads["p"] = jnp.sum(dq_outs[2]).reshape(1).astype(inputs["p"].dtype)
   if "bias" in inputs:
     grads["bias"] = metrics.sum_to_shape(dq_outs[-1], inputs["bias"].shape).astype(inputs["bias"].dtype)
-  return (grads,)
+  return {name: grads[name] for name in DIFFERENTIABLE if name in inputs}
 
 
-fused.defvjp(_fused_fwd, _fused_bwd)

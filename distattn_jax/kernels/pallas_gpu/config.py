@@ -1,4 +1,4 @@
-"""The tiles and the static description of one call (hashable: the custom_vjp's non-differentiable argument)."""
+"""The tiles and the static description of one call (hashable: the custom_jvp's non-differentiable argument)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def default_tiles(metric: str, p: Any, head_dim: int) -> Tiles:
 
 
 class CallConfig(NamedTuple):
-  """Everything static about one call (hashable: the custom_vjp's non-differentiable argument)."""
+  """Everything static about one call (hashable: the custom_jvp's non-differentiable argument)."""
 
   metric: str
   p: float | None  # None when p is traced
