@@ -14,7 +14,7 @@ The kernel is generated from the metric record (:mod:`distattn_jax.metrics.recor
 metric gets a fused kernel too:
 
 * :class:`~distattn_jax.metrics.Gram` forms: each term ``sum_d x^a y^b`` is a matmul on the tensor cores
-  (``pl.dot``), or a row sum where an exponent is 0; the record's ``fn`` is applied to the tiles, and its
+  (``jax.experimental.pallas.triton.dot``), or a row sum where an exponent is 0; the record's ``fn`` is applied to the tiles, and its
   derivative comes from ``jax.vjp`` of ``fn`` on the tile. Centring (translation-invariant records) and row
   normalisation (``normalize=True``) are applied to ``q`` and ``k`` before the kernel, in float32, so autodiff
   carries their gradient.

@@ -1,5 +1,5 @@
 """The kernel object: the protocol's capabilities and checks, the tiles of a call, and the layout it hands the
-``pallas_call``s (padding, centring and normalisation of gram forms, the mask operands)."""
+``pallas_call`` programs (padding, centring and normalisation of gram forms, the mask operands)."""
 
 from __future__ import annotations
 

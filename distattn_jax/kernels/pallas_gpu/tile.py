@@ -1,6 +1,7 @@
 """One (query tile, key tile) pair as the three programs see it: the metric form's value and VJP (dispatched to
-:mod:`.gram` or :mod:`.elementwise`), the mask rule per tile (:func:`distattn_jax.kernels.common.allowed_pairs`
-plus key validity and a dense mask), the bias, and the logits."""
+:mod:`distattn_jax.kernels.pallas_gpu.gram` or :mod:`distattn_jax.kernels.pallas_gpu.elementwise`), the mask
+rule per tile (:func:`distattn_jax.kernels.common.allowed_pairs` plus key validity and a dense mask), the bias,
+and the logits."""
 
 from __future__ import annotations
 
