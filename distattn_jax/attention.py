@@ -543,7 +543,7 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
   batch = math.prod(batch_shape)
   request = base.Request(
       batch=batch, q_len=q_len, kv_len=kv_len, num_heads=num_heads, num_kv_heads=num_kv_heads, metric=metric,
-      is_causal=bool(is_causal), return_weights=need_weights,
+      is_causal=bool(is_causal), return_weights=need_weights, return_residual=bool(return_residual),
       dropout=common.Dropout(float(dropout_rate), dropout_rng, bool(broadcast_dropout)) if dropout_active else None,
       bias_shape=None if bias is None else tuple(bias.shape),
       mask_shape=None if mask is None else tuple(mask.shape), has_segments=segments is not None,

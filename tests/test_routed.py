@@ -201,3 +201,16 @@ def test_auto_on_cpu_never_routes():
 ])
 def test_gpu_class_keys_the_evidence_by_model(kind, expected):
   assert kernels.evidence.gpu_class(kind) == expected
+
+
+def test_a_differentiable_lse_is_declined_by_name():
+  """jax.nn's residual is rounded to the input dtype and carries no gradient: a request for the log-sum-exp goes
+  elsewhere under "auto" and is refused by name, rather than differentiating to a silent zero."""
+  request = da.kernels.Request(batch=1, q_len=8, kv_len=8, num_heads=2, num_kv_heads=2, metric="dot",
+                               dtype="float32", head_dim=8, v_dim=8)
+  assert ROUTED.unsupported(request) is None
+  assert (ROUTED.unsupported(request._replace(return_residual=True))
+          == "cannot return a differentiable log-sum-exp (return_residual=True)")
+  q = k = v = jnp.ones((1, 8, 2, 8), jnp.float32)
+  with pytest.raises(ValueError, match=r"return a differentiable log-sum-exp"):
+    da.distance_attention(q, k, v, metric="dot", implementation=ROUTED, return_residual=True)

@@ -37,6 +37,7 @@ class Capabilities:
     segments: evaluates :class:`Segments` (segment ids and sequence lengths) per position.
     local_window: evaluates a ``(left, right)`` sliding window per position.
     traced_p: accepts a traced (learned) order ``p`` of the lp metric.
+    residual: returns each query row's log-sum-exp with its exact gradient (``return_residual=True``).
     memory: ``"quadratic"`` (holds ``[B, H, T, S]`` arrays) or ``"linear"`` (holds tiles); informational.
   """
 
@@ -48,6 +49,7 @@ class Capabilities:
   segments: bool = True
   local_window: bool = True
   traced_p: bool = True
+  residual: bool = True
   memory: str = "linear"
 
 
@@ -69,6 +71,7 @@ class Request(NamedTuple):
   has_segments: bool = False
   local_window: tuple[int, int] | None = None
   traced_p: bool = False
+  return_residual: bool = False
   dtype: str | None = None  # the computation dtype's name ("float32", "bfloat16", ...); None when unknown
   # Features per query/key head and per value head: a kernel whose layout has a width limit (cuDNN's) or pads
   # the head axis checks them here. None when unknown.
@@ -96,6 +99,8 @@ def unsupported(capabilities: Capabilities, request: Request) -> str | None:
       (request.has_segments and not capabilities.segments, "evaluate segment ids or sequence lengths"),
       (request.local_window is not None and not capabilities.local_window, "evaluate local_window_size"),
       (request.traced_p and not capabilities.traced_p, "take a traced p"),
+      (request.return_residual and not capabilities.residual,
+       "return a differentiable log-sum-exp (return_residual=True)"),
   )
   for failed, what in checks:
     if failed:

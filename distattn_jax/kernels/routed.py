@@ -188,7 +188,8 @@ class Routed:
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"Routed: implementation must be one of {IMPLEMENTATIONS}; got {self.implementation!r}")
 
-  capabilities = base.Capabilities(weights=False, dropout=False, traced_p=False, memory="linear")
+  # jax.nn's residual is rounded to the input dtype and carries no gradient, so a differentiable lse is declined.
+  capabilities = base.Capabilities(weights=False, dropout=False, traced_p=False, residual=False, memory="linear")
 
   def unsupported(self, request: base.Request) -> str | None:
     reason = base.unsupported(self.capabilities, request)
