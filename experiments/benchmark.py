@@ -22,6 +22,15 @@ the headline and the best round is printed beside it.
 
   python experiments/benchmark.py --mode=train --config=configs/lm.py:size=tiny --out=runs/benchmark/train.json
 
+``--mode=transforms``: what forward mode costs, per metric x implementation x N, each against the same kernel's
+own forward and forward+backward: the time of ``jax.jit`` of ``jax.jvp`` (tangents in q, k and v) divided by the
+forward's and by the forward+backward's, and of the Hessian-vector product (forward over reverse: ``jax.jvp`` of
+the q, k, v gradient) divided by the forward+backward's; with the compiled temporaries of all four. With
+``--max_temp_gib=0`` every cell is compiled for its memory and none is run.
+
+  python experiments/benchmark.py --mode=transforms --implementations=blockwise --lengths=2048 --repeats=3
+  python experiments/benchmark.py --mode=transforms --implementations=blockwise --lengths=8192 --max_temp_gib=0
+
 ``--mode=scaling``: on ``--devices`` simulated CPU devices (the mode sets ``jax_num_cpu_devices`` itself, before
 JAX starts its backend); ``--scaling_parts`` picks any of three measurements. (a) ``ring_memory``
 (:func:`ring_memory_table`): the compiled temporaries per device of one attention forward+backward with
@@ -64,8 +73,9 @@ from distattn_jax.training.host import machine
 import cli  # experiments/cli.py, beside this file
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "attention", ["attention", "train", "scaling"],
-                  "Attention kernels, training throughput, or scaling over simulated devices.")
+flags.DEFINE_enum("mode", "attention", ["attention", "transforms", "train", "scaling"],
+                  "Attention kernels, their forward mode (jvp, hvp), training throughput, or scaling over "
+                  "simulated devices.")
 cli.define_config_file("config", "configs/lm.py:size=tiny", "--mode=train: the model and batch to time.",
                        lock_config=True)
 flags.DEFINE_integer("train_steps", 20, "--mode=train: timed steps per measurement.")
@@ -270,6 +280,85 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
   fig.suptitle(f"distance attention vs {BASELINE} ({m['processor']}, {m['cpu_count']} CPUs, {m['backend']})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --mode=transforms
+
+TRANSFORMS = ("forward", "forward_backward", "jvp", "hvp")
+
+
+def transforms(attend: Callable) -> dict[str, Callable]:
+  """The four programs of one cell, each a function of ``(q, k, v, cotangent)``: the forward, the q, k, v
+  gradient of ``sum(out * cotangent)``, the jvp with tangents in q, k and v, and the jvp of that gradient (a
+  Hessian-vector product). ``cotangent`` doubles as every tangent: the values do not change the work."""
+  fwd, grad = forward_and_backward(attend)
+
+  def jvp(q, k, v, cotangent):
+    return jax.jvp(attend, (q, k, v), (cotangent,) * 3)
+
+  def hvp(q, k, v, cotangent):
+    return jax.jvp(lambda q, k, v: grad(q, k, v, cotangent), (q, k, v), (cotangent,) * 3)
+
+  return {"forward": fwd, "forward_backward": grad, "jvp": jvp, "hvp": hvp}
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], field: str) -> float | None:
+  return a[field] / b[field] if a[field] and b[field] else None
+
+
+def run_transforms() -> dict[str, Any]:
+  """``{"rows": [{"n", "metric", "implementation", <each of TRANSFORMS>: measure()'s cell, "ratios"}]}``; the
+  ratios divide medians (and temporaries) of the same kernel measured one after the other."""
+  dtype = jnp.dtype(FLAGS.dtype)
+  rows = []
+  for n in map(int, FLAGS.lengths):
+    args = inputs(n, dtype)
+    for metric in FLAGS.metrics:
+      for impl in implementations():
+        attend = functools.partial(da.distance_attention, metric=metric, p=FLAGS.p, is_causal=FLAGS.causal,
+                                   implementation=kernel_for(impl))
+        row: dict[str, Any] = {"n": n, "metric": metric, "implementation": impl}
+        for name, fn in transforms(attend).items():
+          row[name] = measure(fn, args, FLAGS.repeats)
+        f, fb, jvp, hvp = (row[name] for name in TRANSFORMS)
+        row["ratios"] = {"jvp_to_forward": _ratio(jvp, f, "seconds"),
+                         "jvp_to_forward_backward": _ratio(jvp, fb, "seconds"),
+                         "hvp_to_forward_backward": _ratio(hvp, fb, "seconds"),
+                         "jvp_temp_to_forward_backward_temp": _ratio(jvp, fb, "temp_bytes")}
+        print(f"N={n:<6} {metric:<12} {impl:<10} " + " ".join(
+            f"{name} {_fmt_s(row[name]['seconds']):>9} ({_fmt_bytes(row[name]['temp_bytes'])})"
+            for name in TRANSFORMS), flush=True)
+        rows.append(row)
+  return {"machine": machine(), "mode": "transforms",
+          "command": " ".join(["python experiments/benchmark.py"] + sys.argv[1:]),
+          "settings": {"batch": FLAGS.batch, "heads": FLAGS.heads, "head_dim": FLAGS.head_dim,
+                       "dtype": FLAGS.dtype, "p": FLAGS.p, "causal": FLAGS.causal, "repeats": FLAGS.repeats,
+                       "max_temp_gib": FLAGS.max_temp_gib},
+          "rows": rows}
+
+
+def transforms_markdown(report: dict[str, Any]) -> str:
+  m, s = report["machine"], report["settings"]
+  lines = [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['backend']} ({m['device']}), jax {m['jax']}. "
+           f"batch {s['batch']}, {s['heads']} heads, head_dim {s['head_dim']}, {s['dtype']}, causal={s['causal']}, "
+           f"lp p={s['p']:g}; median of up to {s['repeats']} calls after a warm-up; tangents in q, k and v.",
+           "",
+           "jvp and hvp (jvp of the q, k, v gradient) against the same kernel's forward and forward+backward; "
+           "temp: compiled temporaries (a cell over --max_temp_gib is compiled, not run).",
+           "",
+           "| N | metric | implementation | fwd | fwd+bwd | jvp | hvp | jvp / fwd | jvp / fwd+bwd | hvp / fwd+bwd | "
+           "fwd+bwd temp | jvp temp | hvp temp |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for row in report["rows"]:
+    r = row["ratios"]
+    lines.append(f"| {row['n']} | {row['metric']} | {row['implementation']} | "
+                 + " | ".join(_fmt_s(row[name]["seconds"]) for name in TRANSFORMS) + " | "
+                 + " | ".join(_fmt_ratio(r[name]) for name in ("jvp_to_forward", "jvp_to_forward_backward",
+                                                                 "hvp_to_forward_backward")) + " | "
+                 + " | ".join(_fmt_bytes(row[name]["temp_bytes"]) for name in ("forward_backward", "jvp", "hvp"))
+                 + " |")
+  return "\n".join(lines) + "\n"
 
 
 def run_train() -> dict[str, Any]:
@@ -534,11 +623,11 @@ def main(argv) -> None:
     print("\n" + table)
     print(f"wrote {out} and {doc}")
     return
-  report = run_train() if FLAGS.mode == "train" else run_attention()
+  report = {"train": run_train, "transforms": run_transforms}.get(FLAGS.mode, run_attention)()
   out = pathlib.Path(FLAGS.out or f"runs/benchmark/{FLAGS.mode}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1))
-  table = {"train": train_markdown, "scaling": scaling_markdown}.get(FLAGS.mode, markdown)(report)
+  table = {"train": train_markdown, "transforms": transforms_markdown}.get(FLAGS.mode, markdown)(report)
   out.with_suffix(".md").write_text(table)
   print("\n" + table)
   print(f"wrote {out} and {out.with_suffix('.md')}")

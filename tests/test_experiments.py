@@ -100,3 +100,26 @@ def test_benchmark_scaling_mode_reports_ring_memory_and_longest_sequences(tmp_pa
     assert r["longest_length"] == (max(fitting) if fitting else None)
   assert longest["ring"]["longest_length"] > longest["blockwise"]["longest_length"]
   assert "--mode=scaling" in doc.read_text() and "| 2048 | dot |" in doc.read_text()
+
+
+def test_benchmark_transforms_mode_reports_jvp_and_hvp_against_the_kernels_own_passes(tmp_path):
+  # The smallest cell: one metric, one length, blockwise tiles so it loops over tiles. Each ratio must be the
+  # quotient of the medians (and temporaries) this run measured, not a figure from elsewhere.
+  out = tmp_path / "transforms.json"
+  proc = run("benchmark.py", "--mode=transforms", "--metrics=l1", "--implementations=blockwise:32x32",
+             "--lengths=64", "--heads=2", "--head_dim=8", "--repeats=2", f"--out={out}")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  report = json.loads(out.read_text())
+  [row] = report["rows"]
+  assert (report["mode"], row["n"], row["metric"], row["implementation"]) == ("transforms", 64, "l1",
+                                                                               "blockwise:32x32")
+  for phase in ("forward", "forward_backward", "jvp", "hvp"):
+    cell = row[phase]
+    assert len(cell["times"]) == 2 and cell["seconds"] == statistics.median(cell["times"]) > 0
+    assert cell["temp_bytes"] is not None
+  f, fb, jvp, hvp = (row[p]["seconds"] for p in ("forward", "forward_backward", "jvp", "hvp"))
+  r = row["ratios"]
+  assert (r["jvp_to_forward"], r["jvp_to_forward_backward"], r["hvp_to_forward_backward"]) == (jvp / f, jvp / fb,
+                                                                                              hvp / fb)
+  assert r["jvp_temp_to_forward_backward_temp"] == row["jvp"]["temp_bytes"] / row["forward_backward"]["temp_bytes"]
+  assert f"| 64 | l1 | blockwise:32x32 | {f * 1e3:.1f} ms |" in out.with_suffix(".md").read_text()
