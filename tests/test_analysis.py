@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
+import pytest
 
 import distattn_jax as da
 from distattn_jax import analysis
@@ -97,3 +98,83 @@ def test_plots_are_png_images_with_one_panel_per_statistic_or_head(tmp_path):
   # statistics: 4 panels of 3.2 inches side by side at 100 dpi; maps: 2 heads by 2 layers of 2.2 inches.
   assert matplotlib.image.imread(tmp_path / "stats.png").shape[1] == 4 * 320
   assert matplotlib.image.imread(tmp_path / "maps.png").shape[:2] == (440, 440)
+
+
+# Jacobian norms and Lipschitz lower bounds (Kim et al., 2021), against numpy's SVD and row sums.
+
+
+def _linear(rows, cols, seed=0):
+  a = (np.random.default_rng(seed).standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+  return a, (lambda x: jnp.asarray(a) @ x), jnp.asarray(np.random.default_rng(seed + 1).standard_normal(cols),
+                                                        jnp.float32)
+
+
+def test_jacobian_norm_of_a_linear_map_is_its_largest_singular_value_and_largest_row_sum():
+  for rows, cols in [(7, 5), (5, 9)]:  # both sides of the jacfwd / jacrev choice
+    a, f, x = _linear(rows, cols)
+    spectral = analysis.jacobian_norm(f, x)
+    assert spectral.method == "exact" and spectral.iterations == 0
+    np.testing.assert_allclose(spectral.value, np.linalg.svd(a.astype(np.float64), compute_uv=False)[0], rtol=1e-5)
+    row_sum = np.abs(a.astype(np.float64)).sum(axis=1).max()
+    np.testing.assert_allclose(analysis.jacobian_norm(f, x, ord=np.inf).value, row_sum, rtol=1e-6)
+    # Row blocks of 2 rows (max_exact_entries below the Jacobian's size) give the same maximum.
+    by_rows = analysis.jacobian_norm(f, x, ord="inf", max_exact_entries=2 * cols)
+    np.testing.assert_allclose(by_rows.value, row_sum, rtol=1e-6)
+
+
+def test_power_iteration_converges_to_the_largest_singular_value():
+  a, f, x = _linear(48, 32)
+  sigma = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+  result = analysis.jacobian_norm(f, x, method="power_iteration", iterations=1000, tol=1e-7)
+  assert result.method == "power_iteration" and 1 < result.iterations < 1000  # stopped by tol, not the cap
+  # Gap sigma_2 / sigma_1 here is about 0.9 (printed on failure); float32 rounding bounds the agreement.
+  np.testing.assert_allclose(result.value, sigma[0], rtol=1e-4, err_msg=f"sigma_2/sigma_1 = {sigma[1] / sigma[0]}")
+  # "auto" switches to power iteration above max_exact_entries.
+  assert analysis.jacobian_norm(f, x, max_exact_entries=100).method == "power_iteration"
+
+
+def test_jacobian_norm_of_self_attention_agrees_between_exact_and_power_iteration():
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((5, 1, 4)), jnp.float32)  # [T, heads, D]
+
+  def attend(x):
+    return da.distance_attention(x, x, x, metric="l2", lam=1.0)
+
+  exact = analysis.jacobian_norm(attend, x, method="exact")
+  power = analysis.jacobian_norm(attend, x, method="power_iteration", iterations=1000, tol=1e-7)
+  assert exact.method == "exact" and power.method == "power_iteration"
+  np.testing.assert_allclose(power.value, exact.value, rtol=1e-4)
+
+
+def test_jacobian_norm_rejects_bad_arguments():
+  _, f, x = _linear(3, 2)
+  for kwargs, match in [({"ord": 1}, "ord must be 2 or inf"), ({"method": "svd"}, "method must be one of"),
+                        ({"ord": np.inf, "method": "power_iteration"}, r"\(ord=2\) only"),
+                        ({"iterations": 0}, "iterations must be a positive int")]:
+    with pytest.raises(ValueError, match=match):
+      analysis.jacobian_norm(f, x, **kwargs)
+  with pytest.raises(TypeError, match="floating-point"):
+    analysis.jacobian_norm(f, jnp.arange(2))
+
+
+def test_lipschitz_lower_bound_of_a_linear_map_is_its_norm():
+  a, f, x = _linear(6, 4)
+  bound = analysis.lipschitz_lower_bound(f, x, steps=3)
+  np.testing.assert_allclose(bound.value, np.linalg.svd(a.astype(np.float64), compute_uv=False)[0], rtol=1e-5)
+  assert bound.history.shape == (4,) and bound.x.shape == x.shape
+
+
+@pytest.mark.parametrize("method", ["exact", "power_iteration"])
+def test_lipschitz_lower_bound_of_tanh_climbs_towards_but_never_past_the_norm_of_a(method):
+  # J(x) = diag(1 - tanh^2(Ax)) A, so ||J(x)||_2 <= ||A||_2 with equality at Ax = 0 (x = 0 for square A).
+  a, _, x0 = _linear(12, 12, seed=4)
+  norm_a = np.linalg.svd(a.astype(np.float64), compute_uv=False)[0]
+  bound = analysis.lipschitz_lower_bound(lambda x: jnp.tanh(jnp.asarray(a) @ x), x0, steps=60,
+                                         learning_rate=0.1, method=method)
+  assert bound.method == method
+  np.testing.assert_allclose(bound.initial_value, analysis.jacobian_norm(
+      lambda x: jnp.tanh(jnp.asarray(a) @ x), x0).value, rtol=1e-4)
+  assert bound.initial_value <= bound.value <= norm_a * (1 + 1e-5)
+  # The ascent closes at least half of the gap between the start and the supremum.
+  assert bound.value - bound.initial_value >= 0.5 * (norm_a - bound.initial_value), (bound.history, norm_a)
+  np.testing.assert_allclose(analysis.jacobian_norm(lambda x: jnp.tanh(jnp.asarray(a) @ x), bound.x).value,
+                             bound.value, rtol=1e-4)
