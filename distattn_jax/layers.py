@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax.linen.linear import DenseGeneral, default_kernel_init
 
 from distattn_jax import metrics
-from distattn_jax.module_helpers import (KVCache, apply_rotary, attend, check_config, initial_lambda, lam_and_p,
-                                         resolve_inputs)
+from distattn_jax.module_helpers import (KVCache, apply_rotary, attend, check_config, check_tied_inputs,
+                                         initial_lambda, lam_and_p, resolve_inputs)
 
 __all__ = ["DistanceBasedAttention", "KVCache", "apply_rotary"]
 
@@ -70,6 +70,13 @@ class DistanceBasedAttention(nn.Module):
       ``positions``; key positions are the keys' own, ``arange(kv_length)`` (offset likewise), unless it passes
       ``key_positions``. Passing ``positions`` alone applies them to the keys too, which needs
       ``kv_length == q_length`` (self-attention); otherwise it is a ValueError asking for ``key_positions``.
+    tied_qk: one projection for queries and keys, ``W^Q = W^K``, as the Lipschitz L2 self-attention of Kim,
+      Papamakarios and Mnih (2021) needs (in self-attention every query then lies at distance 0 from its own
+      key). The parameters are ``query``, ``value``, ``out`` (and ``query_ln`` with ``normalize_qk``, shared the
+      same way), with no ``key`` (nor ``key_ln``). A cross-attention call still works: the shared projection
+      maps ``inputs_k`` too, which therefore needs the features of ``inputs_q`` (a ValueError otherwise).
+      ``num_kv_heads`` must be None or ``num_heads``. With the key parameters set to the query's, the untied
+      module computes the same.
 
   ``decode=True`` keeps a KV cache in the ``cache`` collection exactly as Flax does, generalised to chunks: a
   call with ``L`` new positions writes them at the cache index and lets position ``i`` of the chunk attend to
@@ -103,6 +110,7 @@ class DistanceBasedAttention(nn.Module):
   use_bias: bool = True
   decode: bool = False
   normalize_qk: bool = False
+  tied_qk: bool = False
 
   def _lam_and_p(self, metric: str, head_dim: int) -> tuple[Array | float, Array | float]:
     """The current lam (``[num_heads]`` or a float) and p, from their parameters when they are learned."""
@@ -140,17 +148,24 @@ class DistanceBasedAttention(nn.Module):
     metric, num_kv_heads = check_config(
         name, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qkv_features=qkv_features,
         metric=self.metric, p=self.p, learnable_p=self.learnable_p, lambda_init=self.lambda_init,
-        dropout_rate=self.dropout_rate, rotary_base=self.rotary_base)
+        dropout_rate=self.dropout_rate, rotary_base=self.rotary_base, tied_qk=self.tied_qk)
     head_dim = qkv_features // self.num_heads
     dense = functools.partial(DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
                               kernel_init=self.kernel_init, bias_init=self.bias_init, use_bias=self.use_bias,
                               precision=self.precision)
-    query = dense(features=(self.num_heads, head_dim), name="query")(inputs_q)
-    key = dense(features=(num_kv_heads, head_dim), name="key")(inputs_k)
+    query_proj = dense(features=(self.num_heads, head_dim), name="query")
+    query = query_proj(inputs_q)
+    if self.tied_qk:
+      check_tied_inputs(name, inputs_q, inputs_k)
+      key = query_proj(inputs_k)
+    else:
+      key = dense(features=(num_kv_heads, head_dim), name="key")(inputs_k)
     value = dense(features=(num_kv_heads, head_dim), name="value")(inputs_v)
     if self.normalize_qk:
-      query = nn.LayerNorm(name="query_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(query)
-      key = nn.LayerNorm(name="key_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(key)
+      query_ln = nn.LayerNorm(name="query_ln", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+      key_ln = query_ln if self.tied_qk else nn.LayerNorm(name="key_ln", use_bias=False, dtype=self.dtype,
+                                                          param_dtype=self.param_dtype)
+      query, key = query_ln(query), key_ln(key)
 
     cache = None
     if self.decode:

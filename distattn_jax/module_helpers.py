@@ -48,7 +48,7 @@ class KVCache(NamedTuple):
 
 def check_config(name: str, *, num_heads: Any, num_kv_heads: Any, qkv_features: int, metric: Any, p: float,
                  learnable_p: bool, lambda_init: Any, dropout_rate: float,
-                 rotary_base: float | None) -> tuple[str, int]:
+                 rotary_base: float | None, tied_qk: bool = False) -> tuple[str, int]:
   """The checks of a distance attention module's configuration (Linen and NNX share them); returns (metric
   name, kv heads). Messages start with the module's ``name``."""
   if not isinstance(num_heads, int) or num_heads < 1:
@@ -59,6 +59,10 @@ def check_config(name: str, *, num_heads: Any, num_kv_heads: Any, qkv_features: 
   if not isinstance(kv_heads, int) or kv_heads < 1 or num_heads % kv_heads:
     raise ValueError(f"{name}: num_kv_heads must be a positive divisor of num_heads ({num_heads}); "
                      f"got {num_kv_heads!r}")
+  if tied_qk and kv_heads != num_heads:
+    # One projection makes the queries and the keys, so they have the same heads.
+    raise ValueError(f"{name}: tied_qk=True shares the query projection with the keys, so num_kv_heads must be "
+                     f"None or num_heads ({num_heads}); got {num_kv_heads!r}")
   metric = metrics.canonical_name(metric)
   metrics.check_p(p)
   if learnable_p and not metrics.get(metric).parametric:
@@ -100,6 +104,14 @@ def resolve_inputs(name: str, inputs_q: Array, inputs_k: Array | None,
       raise ValueError(f"{name}: inputs_v was given without inputs_k")
     inputs_k = inputs_q
   return inputs_q, inputs_k, inputs_k if inputs_v is None else inputs_v
+
+
+def check_tied_inputs(name: str, inputs_q: Array, inputs_k: Array) -> None:
+  """With ``tied_qk=True`` the query projection also projects ``inputs_k`` (cross-attention included), so both
+  need its input features; raises a ValueError naming them otherwise (rather than an XLA shape error)."""
+  if inputs_k.shape[-1] != inputs_q.shape[-1]:
+    raise ValueError(f"{name}: tied_qk=True projects inputs_k with the query projection, which takes "
+                     f"{inputs_q.shape[-1]} features (inputs_q's); inputs_k has {inputs_k.shape[-1]}")
 
 
 def rotate_query_key(name: str, query: Array, key: Array, positions: Array | None, key_positions: Array | None,

@@ -36,6 +36,12 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
   ``attention_fn``: the attention is this module's). With ``metric="dot"`` and ``lambda_init=1.0`` it computes
   what ``nnx.MultiHeadAttention`` computes, dropout draws included.
 
+  ``tied_qk=True`` shares the ``query`` projection (and ``query_ln``) with the keys as the Linen module's
+  ``tied_qk`` does: the module has no ``key`` (nor ``key_ln``), ``num_kv_heads`` must be None or ``num_heads``
+  and ``in_kv_features`` None or ``in_features``. Its other parameters are drawn as the untied module's are
+  (``nnx.MultiHeadAttention`` builds the key projection from the same ``rngs`` before it is dropped), so the
+  same seed gives the same ``query``, ``value`` and ``out``.
+
   Decoding follows NNX: ``init_cache(input_shape)`` sizes the cache, then calls with ``decode=True`` (or the
   constructor's ``decode``) write their keys and values into it. A call may carry a chunk of several positions
   (a prefill), each attending to the cache up to its own position; writing past the cache's end is an error
@@ -46,8 +52,9 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
                out_features: int | None = None, num_kv_heads: int | None = None, in_kv_features: int | None = None,
                *, metric: str | metrics.DistanceType = "l1", lambda_init: float | None = None,
                learnable_lambda: bool = True, p: float = 2.0, learnable_p: bool = False,
-               implementation: Any = None, rotary_base: float | None = None, dropout_rate: float = 0.0,
-               param_dtype: Any = jnp.float32, rngs: rnglib.Rngs, **flax_kwargs: Any):
+               implementation: Any = None, rotary_base: float | None = None, tied_qk: bool = False,
+               dropout_rate: float = 0.0, param_dtype: Any = jnp.float32, rngs: rnglib.Rngs,
+               **flax_kwargs: Any):
     name = type(self).__name__
     if "attention_fn" in flax_kwargs:
       raise TypeError(f"{name}: attention_fn is not an argument (the attention is distance attention; use "
@@ -55,13 +62,22 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
     qkv = in_features if qkv_features is None else qkv_features
     metric, _ = module_helpers.check_config(
         name, num_heads=num_heads, num_kv_heads=num_kv_heads, qkv_features=qkv, metric=metric, p=p,
-        learnable_p=learnable_p, lambda_init=lambda_init, dropout_rate=dropout_rate, rotary_base=rotary_base)
+        learnable_p=learnable_p, lambda_init=lambda_init, dropout_rate=dropout_rate, rotary_base=rotary_base,
+        tied_qk=tied_qk)
+    if tied_qk and in_kv_features not in (None, in_features):
+      raise ValueError(f"{name}: tied_qk=True projects the keys' inputs with the query projection, so "
+                       f"in_kv_features must be None or in_features ({in_features}); got {in_kv_features!r}")
     super().__init__(num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features,
                      dropout_rate=dropout_rate, param_dtype=param_dtype, rngs=rngs, **flax_kwargs)
     self.metric = metric
     self.p = float(p)
     self.implementation = implementation
     self.rotary_base = rotary_base
+    self.tied_qk = bool(tied_qk)
+    if self.tied_qk:
+      # The queries' projection and norm make the keys; dropping Flax's keeps the parameter tree honest.
+      self.key = flax_nnx.data(None)
+      self.key_ln = flax_nnx.data(None)
     self.lambda_init = module_helpers.initial_lambda(metric, self.head_dim, p, lambda_init)
     self.log_lambda: flax_nnx.Param | None = flax_nnx.data(None)
     self.log_p: flax_nnx.Param | None = flax_nnx.data(None)
@@ -94,10 +110,15 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
                        f"in_features={self.in_features}")
 
     query = self.query(inputs_q, out_sharding=qkv_sharding)
-    key = self.key(inputs_k, out_sharding=qkv_sharding)
+    if self.tied_qk:
+      module_helpers.check_tied_inputs(name, inputs_q, inputs_k)
+      key = self.query(inputs_k, out_sharding=qkv_sharding)
+    else:
+      key = self.key(inputs_k, out_sharding=qkv_sharding)
     value = self.value(inputs_v, out_sharding=qkv_sharding)
     if self.normalize_qk:
-      query, key = self.query_ln(query), self.key_ln(key)
+      key_ln = self.query_ln if self.tied_qk else self.key_ln
+      query, key = self.query_ln(query), key_ln(key)
 
     decode = bool(self.decode if decode is None else decode)
     cache = None

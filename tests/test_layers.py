@@ -296,6 +296,8 @@ CONFIG_ERRORS = [
     (dict(num_heads=4, metric="lp", p=0.0), r"p must be > 0"),
     (dict(num_heads=4, rotary_base=1.0), r"rotary_base must be None or > 1; got 1.0"),
     (dict(num_heads=16, rotary_base=100.0), r"rotary positions need an even head dimension; got 1"),
+    (dict(num_heads=4, num_kv_heads=2, tied_qk=True), r"tied_qk=True shares the query projection with the keys, "
+     r"so num_kv_heads must be None or num_heads \(4\); got 2"),
 ]
 
 
