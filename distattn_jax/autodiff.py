@@ -19,13 +19,17 @@ rule asserts their tangents are zero, so ``jax.hessian`` and ``jvp`` of ``grad``
 * ``vmap`` maps both functions.
 
 Transposed where only some linear arguments need a cotangent (``jax.grad`` in q alone), the backward is cut to
-those by JAX's dead code elimination, as a ``custom_vjp``'s would be. A printed jaxpr shows the call as one
+those by JAX's dead code elimination, as a ``custom_vjp``'s would be. Dead code elimination cannot split one
+primitive with several outputs (a ``pallas_call`` keeps every output whichever are used), so a transpose built
+of such calls may ask to be told which cotangents are needed (``linear_call(..., transpose_needs=True)``) and
+not launch, or not write, the rest. A printed jaxpr shows the call as one
 ``distattn_linear_call`` equation; its ``maps`` parameter's ``jaxpr`` is the map's own, for tools that walk a
 program (``maps.jaxpr``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -41,14 +45,19 @@ class _Maps:
   """The two flat functions of one :func:`linear_call` and the types of their operands (a primitive parameter,
   hashed by identity: each call site binds its own)."""
 
-  __slots__ = ("fun", "transpose", "res_avals", "lin_avals", "out_avals")
+  __slots__ = ("fun", "transpose", "res_avals", "lin_avals", "out_avals", "fun_keep", "transpose_keep")
 
-  def __init__(self, fun: Callable, transpose: Callable, res_avals: tuple, lin_avals: tuple, out_avals: tuple):
+  def __init__(self, fun: Callable, transpose: Callable, res_avals: tuple, lin_avals: tuple, out_avals: tuple,
+               fun_keep: Callable | None = None, transpose_keep: Callable | None = None):
     self.fun = fun
     self.transpose = transpose
     self.res_avals = res_avals
     self.lin_avals = lin_avals
     self.out_avals = out_avals
+    # ``fun_keep(keep, *args)``: ``fun``'s outputs, told which (``keep``, a tuple of bools) its caller uses, so
+    # that it can leave out work dead code elimination cannot (the others may be any value of their type).
+    self.fun_keep = fun_keep
+    self.transpose_keep = transpose_keep
 
   @property
   def num_res(self) -> int:
@@ -65,14 +74,15 @@ class _Maps:
     return f"{getattr(self.fun, '__name__', 'fun')}/{getattr(self.transpose, '__name__', 'transpose')}"
 
   def transposed(self) -> "_Maps":
-    return _Maps(self.transpose, self.fun, self.res_avals, self.out_avals, self.lin_avals)
+    return _Maps(self.transpose, self.fun, self.res_avals, self.out_avals, self.lin_avals, self.transpose_keep,
+                 self.fun_keep)
 
   def pruned(self, keep: list[bool]) -> "_Maps":
     """The map restricted to the outputs ``keep`` marks, with the computation of the others removed (JAX's dead
     code elimination of ``fun``'s jaxpr, into shard_maps and loops): a transpose whose caller needs the
     cotangents of some linear arguments only (reverse mode in q alone) does not compute, or reduce over a mesh,
     the others'."""
-    fun = self.fun
+    fun = self.fun if self.fun_keep is None else functools.partial(self.fun_keep, tuple(keep))
 
     def selected(*args):
       return [o for o, k in zip(fun(*args), keep) if k]
@@ -81,7 +91,7 @@ class _Maps:
     closed = jax.make_jaxpr(selected)(*structs)
     jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * sum(keep), instantiate=True)
     kept_fun = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, closed.consts))
-    kept_fun.__name__ = getattr(fun, "__name__", "fun")
+    kept_fun.__name__ = getattr(self.fun, "__name__", "fun")
     out_avals = self.out_avals
     num_res, transpose = self.num_res, self.transpose
 
@@ -162,18 +172,25 @@ def _batch(args, dims, *, maps: _Maps):
   def fun(*a):
     return jax.vmap(lambda *b: list(maps.fun(*b)), in_axes=axes, out_axes=0)(*a)
 
-  def transpose(*a):
-    outs = jax.vmap(lambda *b: list(maps.transpose(*b)), in_axes=axes[:maps.num_res] + [0] * num_out,
-                    out_axes=0)(*a)
-    # A linear argument shared by the whole batch receives the sum of the batch's cotangents.
-    return [o if ax == 0 else jnp.sum(o, axis=0) for o, ax in zip(outs, lin_axes)]
+  def transpose_of(inner):
+    def transpose(*a):
+      outs = jax.vmap(lambda *b: list(inner(*b)), in_axes=axes[:maps.num_res] + [0] * num_out, out_axes=0)(*a)
+      # A linear argument shared by the whole batch receives the sum of the batch's cotangents.
+      return [o if ax == 0 else jnp.sum(o, axis=0) for o, ax in zip(outs, lin_axes)]
+    return transpose
+
+  transpose = transpose_of(maps.transpose)
+  transpose_keep = None
+  if maps.transpose_keep is not None:
+    def transpose_keep(keep, *a):
+      return transpose_of(functools.partial(maps.transpose_keep, keep))(*a)
 
   def batched(avals, in_axes):
     return tuple(a if ax is None else jax.core.ShapedArray((size,) + a.shape, a.dtype)
                  for a, ax in zip(avals, in_axes))
 
   new = _Maps(fun, transpose, batched(maps.res_avals, axes[:maps.num_res]), batched(maps.lin_avals, lin_axes),
-              batched(maps.out_avals, [0] * num_out))
+              batched(maps.out_avals, [0] * num_out), transpose_keep=transpose_keep)
   return _linear_call_p.bind(*args, maps=new), [0] * num_out
 
 
@@ -186,9 +203,15 @@ def _name(fn: Callable) -> str:
   return getattr(getattr(fn, "func", fn), "__name__", type(fn).__name__)
 
 
-def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, linear_args: Any) -> Any:
+def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, linear_args: Any, *,
+                transpose_needs: bool = False) -> Any:
   """``fun(residual_args, linear_args)``, a map linear in ``linear_args``, whose transpose is
   ``fun_transpose(residual_args, cotangent)`` (returning the structure of ``linear_args``).
+
+  With ``transpose_needs=True`` the transpose is called ``fun_transpose(residual_args, cotangent, needed)``,
+  ``needed`` a pytree of bools of ``linear_args``' structure marking the cotangents the caller uses; those not
+  needed may be returned as zeros of their type (they are dropped). For transposes whose unneeded outputs dead
+  code elimination cannot remove (several outputs of one ``pallas_call``).
 
   Evaluated, jitted or differentiated in forward mode it runs ``fun``; transposed (reverse mode) it runs
   ``fun_transpose``. Its derivative in ``residual_args`` is JAX's autodiff of ``fun`` (or of ``fun_transpose`` in
@@ -208,20 +231,27 @@ def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, line
       out_trees.append(tree)
     return leaves
 
-  def flat_transpose(*args):
+  def flat_transpose_keep(keep, *args):
     res, cts = jax.tree.unflatten(res_tree, args[:num_res]), jax.tree.unflatten(out_tree, args[num_res:])
-    out = fun_transpose(res, cts)
+    if transpose_needs:
+      out = fun_transpose(res, cts, jax.tree.unflatten(lin_tree, list(keep)))
+    else:
+      out = fun_transpose(res, cts)
     if jax.tree.structure(out) != lin_tree:
       raise TypeError(f"linear_call: fun_transpose must return the structure of linear_args, {lin_tree}; got "
                       f"{jax.tree.structure(out)}")
     return jax.tree.leaves(out)
+
+  def flat_transpose(*args):
+    return flat_transpose_keep((True,) * len(lin_flat), *args)
 
   flat_fun.__name__, flat_transpose.__name__ = _name(fun), _name(fun_transpose)
   # The output types (shapes, dtypes and, under Explicit mesh axes, shardings) from one abstract trace.
   out_avals = tuple(jax.make_jaxpr(flat_fun)(*res_flat, *lin_flat).out_avals)
   out_tree = out_trees[0]
   maps = _Maps(flat_fun, flat_transpose, tuple(jax.typeof(x) for x in res_flat),
-               tuple(jax.typeof(x) for x in lin_flat), out_avals)
+               tuple(jax.typeof(x) for x in lin_flat), out_avals,
+               transpose_keep=flat_transpose_keep if transpose_needs else None)
   out = _linear_call_p.bind(*res_flat, *lin_flat, maps=maps)
   return jax.tree.unflatten(out_tree, out)
 

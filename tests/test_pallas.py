@@ -151,6 +151,15 @@ def test_dense_mask_and_broadcast_bias_with_four_heads():
   _compare("dot", mask=mask, bias=bias, heads=heads, kv_heads=2, q_len=q_len, kv_len=kv_len, dim=16)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 20, 24), (2, 1, 1, 24), (2, 2, 20, 24), (1, 2, 20, 1)])
+def test_bias_gradient_in_the_bias_shape(shape):
+  # The dq program sums the bias gradient over the axes the bias broadcasts along: over batch and heads by
+  # looping over them in one program ([1, 1, T, S]), over the two query tiles by one row per tile
+  # ([B, 1, 1, S]), over the keys inside the tile ([1, H, T, 1]); [B, H, T, S] is stored as computed.
+  bias = jax.random.normal(jax.random.PRNGKey(9), shape, jnp.float32)
+  _compare("l1", is_causal=True, bias=bias, batch=2, heads=2, kv_heads=1, q_len=20, kv_len=24)
+
+
 @pytest.mark.parametrize("metric", ["l1", "dot", "cosine"])
 def test_bfloat16(metric):
   # dot: causal over three tiles, so whole key tiles above the diagonal are skipped.
@@ -195,6 +204,47 @@ def test_memory_is_linear_no_length_squared_array_outside_the_kernels():
   walk(jaxpr.jaxpr)
   assert calls == 3  # forward, dq, dk/dv
   assert max(sizes) < n * n // 8, max(sizes)  # the largest are [n, heads, features] arrays (n * 16 here)
+
+
+def _pallas_outputs(fn, *args):
+  """The output shapes of every pallas_call in ``fn``'s jaxpr, by kernel name (into linear_call maps too)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found.append((str(eqn.params["name"]).split()[0],
+                      [tuple(v.aval.shape) for v in eqn.outvars]))
+        continue
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", None)
+        if inner is not None:
+          walk(getattr(inner, "jaxpr", inner))
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_bias_gradient_is_the_bias_shape_and_absent_when_not_needed():
+  """A [1, 1, T, S] bias gets one [1, 1, T, S] gradient from the dq program, no [B, H, T, S] one; a bias that
+  gets no gradient gets no T x S output at all, and grad in q alone runs no dk/dv program."""
+  batch, heads, n = 2, 2, 32
+  q, k, v, lam = _inputs(8, batch=batch, q_len=n, kv_len=n, heads=heads, kv_heads=1, dim=16)
+  bias = jnp.zeros((1, 1, n, n), jnp.float32)
+
+  def loss(q, k, v, lam, bias):
+    result = PALLAS(q, k, v, lam=lam, bias=bias, mask=None, segments=None, local_window=None, metric="l1",
+                    p=2.0, is_causal=False, dropout=None, precision=None, return_weights=False)
+    return jnp.sum(result.out) + jnp.sum(result.lse)
+
+  full = (batch, heads, n, n)
+  calls = _pallas_outputs(jax.grad(loss, (0, 1, 2, 3, 4)), q, k, v, lam, bias)
+  shapes = [shape for _, outs in calls for shape in outs]
+  assert len(calls) == 3 and full not in shapes and (1, 1, n, n) in shapes, calls
+  calls = _pallas_outputs(jax.grad(loss, (0, 1, 2, 3)), q, k, v, lam, bias)
+  assert len(calls) == 3 and not [s for _, outs in calls for s in outs if len(s) == 4 and s[-1] == n], calls
+  calls = _pallas_outputs(jax.grad(loss, 0), q, k, v, lam, bias)
+  assert [name for name, _ in calls] == ["distance_attention_fwd", "distance_attention_dq"], calls
 
 
 # ------------------------------------------------------------------------------------------------------------

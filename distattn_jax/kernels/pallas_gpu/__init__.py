@@ -6,7 +6,12 @@ computes the score tile, keeps the online-softmax statistics in float32 and writ
 Backward (the transpose of the tangent map): a dq kernel (one program per query tile, streaming key tiles; it
 also writes the per-row partial sums of the ``lam`` and ``p`` gradients and the bias gradient) and a dk/dv kernel
 (one program per key tile, streaming query tiles). Neither holds anything of size ``T x S`` except the bias
-gradient, which is only produced when a bias (itself ``T x S``) is given. Forward mode (``jax.jvp``, ``jacfwd``,
+gradient, which is produced only when the bias gets a gradient and then in the bias's own shape: the dq program
+sums it over the key tiles of a ``[.., T, 1]`` bias, writes one row per query tile for a ``[.., 1, S]`` bias
+(summed outside) and, for a bias shared by the batch or the heads, loops over them itself, so that a
+``[1, 1, T, S]`` bias gets one ``T x S`` float32 gradient, not ``B * H`` of them. The transpose is told which
+cotangents are needed (:func:`distattn_jax.autodiff.linear_call`'s ``transpose_needs``) and launches only the
+programs they come from. Forward mode (``jax.jvp``, ``jacfwd``,
 ``linearize``, ``hessian``): no Triton program; the tangent is the tile core's XLA loop (linear memory, XLA's
 speed) inside a ``jax.custom_jvp`` whose tangent map transposes to the two backward programs (:mod:`.calls`).
 

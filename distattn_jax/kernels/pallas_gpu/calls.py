@@ -18,49 +18,81 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from distattn_jax import autodiff, metrics
+from distattn_jax import autodiff
 from distattn_jax.kernels import tiles as tile_core
 from distattn_jax.kernels.pallas_gpu.config import CallConfig
 from distattn_jax.kernels.pallas_gpu.programs import dkv_program, dq_program, forward_program
 
 
-def in_specs(cfg: CallConfig, names: list[str], shapes: dict, *, by_q: bool):
-  """BlockSpecs over the grid (batch, head, tile): ``by_q`` tiles the queries (forward, dq), else the keys."""
-  bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
-  g = cfg.group
-  t_pad, s_pad = shapes["q"][1], shapes["k"][1]
+# The role of each axis of an operand in the padded layout: the batch, query heads ("h"), key/value heads
+# ("kv", query head // group), query positions ("t"), key positions ("s"), features ("d"), the per-head lam
+# ("lam", kept as a length-1 block) and a scalar operand ("one").
+ROLES = {
+    "q": ("b", "t", "h", "d"), "do": ("b", "t", "h", "d"), "dq": ("b", "t", "h", "d"),
+    "k": ("b", "s", "kv", "d"), "v": ("b", "s", "kv", "d"),
+    "lam": ("lam",), "p": ("one",),
+    "bias": ("b", "h", "t", "s"), "mask": ("b", "h", "t", "s"),
+    "q_ids": ("b", "t"), "kv_ids": ("b", "s"), "kv_valid": ("b", "s"),
+    "lse": ("b", "h", "t"), "delta": ("b", "h", "t"), "dlam": ("b", "h", "t"), "dp": ("b", "h", "t"),
+}
+
+
+def spec_and_fixed(cfg: CallConfig, name: str, shape, *, by_q: bool, t_pad: int, s_pad: int,
+                   loop_b: bool = False, loop_h: bool = False):
+  """The BlockSpec of operand ``name`` over the grid (batch, head, tile), and the axes its program must index
+  itself (``{axis: "b" | "h" | "kv"}``).
+
+  ``by_q`` tiles the queries (forward, dq), else the keys. ``loop_b``/``loop_h``: the program loops over the
+  batch/heads itself (the grid has one position there), so it gets the whole axis and indexes it per pass. An
+  axis of size 1 (a broadcast bias or mask, one batch) is always squeezed at index 0.
+  """
+  bq, bk, g = cfg.tiles.block_q, cfg.tiles.block_k, cfg.group
   tq = bq if by_q else t_pad
   tk = s_pad if by_q else bk
-  qi = (lambda t: t) if by_q else (lambda t: 0)
-  ki = (lambda t: 0) if by_q else (lambda t: t)
-  specs = []
-  for name in names:
-    shape = shapes[name]
-    if name == "q":
-      specs.append(pl.BlockSpec((None, tq, None, shape[-1]), lambda b, h, t: (b, qi(t), h, 0)))
-    elif name in ("k", "v"):
-      specs.append(pl.BlockSpec((None, tk, None, shape[-1]), lambda b, h, t: (b, ki(t), h // g, 0)))
-    elif name == "lam":
-      specs.append(pl.BlockSpec((1,), lambda b, h, t: (h,)))
-    elif name == "p":
-      specs.append(pl.BlockSpec((1,), lambda b, h, t: (0,)))
-    elif name in ("bias", "mask"):
-      bb, hh, tt, ss = shape
-      specs.append(pl.BlockSpec(
-          (None, None, tq if tt > 1 else 1, tk if ss > 1 else 1),
-          lambda b, h, t, bb=bb, hh=hh, tt=tt, ss=ss: (b if bb > 1 else 0, h if hh > 1 else 0,
-                                                       qi(t) if tt > 1 else 0, ki(t) if ss > 1 else 0)))
-    elif name == "q_ids":
-      specs.append(pl.BlockSpec((None, tq), lambda b, h, t: (b, qi(t))))
-    elif name in ("kv_ids", "kv_valid"):
-      specs.append(pl.BlockSpec((None, tk), lambda b, h, t: (b, ki(t))))
-    elif name == "do":
-      specs.append(pl.BlockSpec((None, tq, None, shape[-1]), lambda b, h, t: (b, qi(t), h, 0)))
-    elif name in ("lse", "delta"):
-      specs.append(pl.BlockSpec((None, None, tq), lambda b, h, t: (b, h, qi(t))))
+  looped = {"b": loop_b, "h": loop_h, "kv": loop_h}
+  block, fixed = [], {}
+  for axis, (role, n) in enumerate(zip(ROLES[name], shape)):
+    if role in looped:
+      if n > 1 and looped[role]:
+        block.append(n)
+        fixed[axis] = role
+      else:
+        block.append(None)
+    elif role == "lam":
+      block.append(n if loop_h else 1)
+      if loop_h:
+        fixed[axis] = "h"
+    elif role == "t":
+      block.append(tq if n > 1 else 1)
+    elif role == "s":
+      block.append(tk if n > 1 else 1)
     else:
-      raise AssertionError(name)
-  return specs
+      block.append(n)
+
+  def index_map(b, h, t, roles=ROLES[name], shape=tuple(shape)):
+    where = {"b": b, "h": h, "kv": h // g, "lam": h,
+             "t": t if by_q else 0, "s": 0 if by_q else t, "d": 0, "one": 0}
+    out = []
+    for role, n in zip(roles, shape):
+      if role in ("t", "s"):
+        out.append(where[role] if n > 1 else 0)
+      elif role in looped:
+        out.append(where[role] if n > 1 and not looped[role] else 0)
+      elif role == "lam":
+        out.append(0 if loop_h else h)
+      else:
+        out.append(0)
+    return tuple(out)
+
+  # The program's ref has the squeezed (None) axes removed: number the fixed axes as it sees them.
+  kept = [axis for axis, size in enumerate(block) if size is not None]
+  return pl.BlockSpec(tuple(block), index_map), {kept.index(axis): role for axis, role in fixed.items()}
+
+
+def in_specs(cfg: CallConfig, names: list[str], shapes: dict, *, by_q: bool):
+  """BlockSpecs over the grid (batch, head, tile): ``by_q`` tiles the queries (forward, dq), else the keys."""
+  t_pad, s_pad = shapes["q"][1], shapes["k"][1]
+  return [spec_and_fixed(cfg, n, shapes[n], by_q=by_q, t_pad=t_pad, s_pad=s_pad)[0] for n in names]
 
 
 def compiler_params(cfg: CallConfig):
@@ -85,7 +117,21 @@ def call_forward(cfg: CallConfig, inputs: dict):
   )(*inputs.values())
 
 
-def call_backward(cfg: CallConfig, inputs: dict, do, lse, delta):
+def bias_grad_loops(cfg: CallConfig, batch: int, num_heads: int) -> tuple[bool, bool]:
+  """Whether the dq program loops over the batch and over the heads itself, so that the bias gradient, summed
+  over the axes the bias broadcasts along, is one program's sum (a sum across programs would need atomics or a
+  second pass over a ``[B, H, T, S]`` partial). It costs parallelism: a ``[1, 1, T, S]`` bias gives
+  ``T / block_q`` programs of ``B * H`` passes each, against ``B * H * T / block_q`` programs without a bias
+  gradient; at the lengths where a ``T x S`` bias is worth keeping that is still hundreds of programs."""
+  bb, hh = cfg.bias_shape[:2]
+  return bb == 1 and batch > 1, hh == 1 and num_heads > 1
+
+
+def call_backward(cfg: CallConfig, inputs: dict, do, lse, delta, *, want_dq: bool = True,
+                  want_bias: bool = True, want_dkv: bool = True):
+  """The dq program (dq, the lam and p row sums, and with ``want_bias`` the bias gradient in the bias's own
+  shape, except that a bias broadcast over the queries gets one row per query tile, summed by the caller) and
+  the dk/dv program; either is left out (None) when not wanted."""
   names = list(inputs)
   every = dict(inputs, do=do, lse=lse, delta=delta)
   shapes = {n: x.shape for n, x in every.items()}
@@ -93,33 +139,48 @@ def call_backward(cfg: CallConfig, inputs: dict, do, lse, delta):
   s_pad, v_dim = shapes["k"][1], shapes["v"][-1]
   bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
   all_names = names + ["do", "lse", "delta"]
-  rows = jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)
-  row_spec = pl.BlockSpec((None, None, bq), lambda b, h, t: (b, h, t))
-  out_shape = [jax.ShapeDtypeStruct((batch, t_pad, num_heads, dim), jnp.float32), rows]
-  out_specs = [pl.BlockSpec((None, bq, None, dim), lambda b, h, t: (b, t, h, 0)), row_spec]
-  if "p" in inputs:
-    out_shape.append(rows)
-    out_specs.append(row_spec)
-  if cfg.bias_shape is not None:
-    out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, t_pad, s_pad), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, None, bq, s_pad), lambda b, h, t: (b, h, t, 0)))
-  dq_outs = pl.pallas_call(
-      functools.partial(dq_program, cfg=cfg, names=names),
-      grid=(batch, num_heads, t_pad // bq),
-      in_specs=in_specs(cfg, all_names, shapes, by_q=True),
-      out_specs=out_specs, out_shape=out_shape,
-      compiler_params=compiler_params(cfg), interpret=cfg.interpret, name="distance_attention_dq",
-  )(*every.values())
-  dk, dv = pl.pallas_call(
-      functools.partial(dkv_program, cfg=cfg, names=names),
-      grid=(batch, num_heads, s_pad // bk),
-      in_specs=in_specs(cfg, all_names, shapes, by_q=False),
-      out_specs=[pl.BlockSpec((None, bk, None, dim), lambda b, h, t: (b, t, h, 0)),
-                 pl.BlockSpec((None, bk, None, v_dim), lambda b, h, t: (b, t, h, 0))],
-      out_shape=[jax.ShapeDtypeStruct((batch, s_pad, num_heads, dim), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, s_pad, num_heads, v_dim), jnp.float32)],
-      compiler_params=compiler_params(cfg), interpret=cfg.interpret, name="distance_attention_dkv",
-  )(*every.values())
+  want_bias = want_bias and cfg.bias_shape is not None
+  dq_outs = dk = dv = None
+  if want_dq or want_bias:
+    loop_b, loop_h = bias_grad_loops(cfg, batch, num_heads) if want_bias else (False, False)
+    specs_fixed = [spec_and_fixed(cfg, n, shapes[n], by_q=True, t_pad=t_pad, s_pad=s_pad, loop_b=loop_b,
+                                  loop_h=loop_h) for n in all_names]
+    rows = jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)
+    out_names = ["dq", "dlam"] + (["dp"] if "p" in inputs else [])
+    out_shape = [jax.ShapeDtypeStruct((batch, t_pad, num_heads, dim), jnp.float32)]
+    out_shape += [rows] * (len(out_names) - 1)
+    out_fixed = [spec_and_fixed(cfg, n, o.shape, by_q=True, t_pad=t_pad, s_pad=s_pad, loop_b=loop_b,
+                                loop_h=loop_h) for n, o in zip(out_names, out_shape)]
+    out_specs = [spec for spec, _ in out_fixed]
+    if want_bias:
+      bb, hh, tt, ss = cfg.bias_shape
+      # One row per query tile where the bias broadcasts over the queries (the caller sums them): T / block_q
+      # rows, not T.
+      out_shape.append(jax.ShapeDtypeStruct((bb, hh, t_pad // bq if tt == 1 else t_pad, ss), jnp.float32))
+      out_specs.append(pl.BlockSpec(
+          (None, None, 1 if tt == 1 else bq, ss),
+          lambda b, h, t, bb=bb, hh=hh: (b if bb > 1 else 0, h if hh > 1 else 0, t, 0)))
+    fixed = {n: f for n, (_, f) in zip(all_names, specs_fixed)}
+    fixed.update({n: f for n, (_, f) in zip(out_names, out_fixed)})
+    dq_outs = pl.pallas_call(
+        functools.partial(dq_program, cfg=cfg, names=names, fixed=fixed, want_bias=want_bias,
+                          passes=(batch if loop_b else 1, num_heads if loop_h else 1)),
+        grid=(1 if loop_b else batch, 1 if loop_h else num_heads, t_pad // bq),
+        in_specs=[spec for spec, _ in specs_fixed],
+        out_specs=out_specs, out_shape=out_shape,
+        compiler_params=compiler_params(cfg), interpret=cfg.interpret, name="distance_attention_dq",
+    )(*every.values())
+  if want_dkv:
+    dk, dv = pl.pallas_call(
+        functools.partial(dkv_program, cfg=cfg, names=names),
+        grid=(batch, num_heads, s_pad // bk),
+        in_specs=in_specs(cfg, all_names, shapes, by_q=False),
+        out_specs=[pl.BlockSpec((None, bk, None, dim), lambda b, h, t: (b, t, h, 0)),
+                   pl.BlockSpec((None, bk, None, v_dim), lambda b, h, t: (b, t, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((batch, s_pad, num_heads, dim), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, s_pad, num_heads, v_dim), jnp.float32)],
+        compiler_params=compiler_params(cfg), interpret=cfg.interpret, name="distance_attention_dkv",
+    )(*every.values())
   return dq_outs, dk, dv
 
 
@@ -137,8 +198,10 @@ def _fused_jvp(cfg: CallConfig, primals, tangents):
   (inputs,), (dots,) = primals, tangents
   out, lse = call_forward(cfg, inputs)
   linear = {name: dots[name] for name in DIFFERENTIABLE if name in inputs}
+  # The transpose is told which cotangents are needed: a pallas_call keeps all its outputs under dead code
+  # elimination, so the bias gradient (T x S) and the programs no needed cotangent comes from are left out here.
   d_out, d_lse = autodiff.linear_call(functools.partial(_tangents, cfg), functools.partial(_cotangents, cfg),
-                                      (inputs, out, lse), linear)
+                                      (inputs, out, lse), linear, transpose_needs=True)
   return (out, lse), (d_out, d_lse)
 
 
@@ -186,25 +249,31 @@ def _tangents(cfg: CallConfig, res, dots: dict):
   return d_out, d_lse.transpose(0, 1, 3, 2).reshape(lse.shape).astype(lse.dtype)
 
 
-def _cotangents(cfg: CallConfig, res, cotangents) -> dict:
+def _cotangents(cfg: CallConfig, res, cotangents, needed: dict) -> dict:
   inputs, out, lse = res
   d_out, d_lse = cotangents
   delta = tile_core.row_terms(out, d_out, d_lse.transpose(0, 2, 1)).transpose(0, 2, 1)
   do = d_out.astype(inputs["v"].dtype)
-  dq_outs, dk, dv = call_backward(cfg, inputs, do, lse, delta)
-  dq, dlam_rows = dq_outs[0], dq_outs[1]
-  batch, s_pad, num_heads, dim = dk.shape
-  num_kv = inputs["k"].shape[2]
-  grads = {name: None for name in inputs}
+  want_bias = needed.get("bias", False)
+  dq_outs, dk, dv = call_backward(
+      cfg, inputs, do, lse, delta, want_dq=any(needed.get(n, False) for n in ("q", "lam", "p")),
+      want_bias=want_bias, want_dkv=needed["k"] or needed["v"])
+  # What is not needed is returned as zeros, which the caller drops.
+  grads = {name: jnp.zeros_like(inputs[name]) for name in DIFFERENTIABLE if name in inputs}
   q, k, v = inputs["q"], inputs["k"], inputs["v"]
-  grads["q"] = dq.astype(q.dtype)
-  grads["k"] = dk.reshape(batch, s_pad, num_kv, cfg.group, dim).sum(3).astype(k.dtype)
-  grads["v"] = dv.reshape(batch, s_pad, num_kv, cfg.group, dv.shape[-1]).sum(3).astype(v.dtype)
-  grads["lam"] = jnp.sum(dlam_rows, axis=(0, 2)).astype(inputs["lam"].dtype)
-  if "p" in inputs:
-    grads["p"] = jnp.sum(dq_outs[2]).reshape(1).astype(inputs["p"].dtype)
-  if "bias" in inputs:
-    grads["bias"] = metrics.sum_to_shape(dq_outs[-1], inputs["bias"].shape).astype(inputs["bias"].dtype)
-  return {name: grads[name] for name in DIFFERENTIABLE if name in inputs}
-
-
+  if dq_outs is not None:
+    grads["q"] = dq_outs[0].astype(q.dtype)
+    grads["lam"] = jnp.sum(dq_outs[1], axis=(0, 2)).astype(inputs["lam"].dtype)
+    if "p" in inputs:
+      grads["p"] = jnp.sum(dq_outs[2]).reshape(1).astype(inputs["p"].dtype)
+    if want_bias:
+      dbias = dq_outs[-1]
+      if cfg.bias_shape[2] == 1:
+        dbias = jnp.sum(dbias, axis=2, keepdims=True)  # the per-query-tile rows
+      grads["bias"] = dbias.astype(inputs["bias"].dtype)
+  if dk is not None:
+    batch, s_pad, num_heads, dim = dk.shape
+    num_kv = k.shape[2]
+    grads["k"] = dk.reshape(batch, s_pad, num_kv, cfg.group, dim).sum(3).astype(k.dtype)
+    grads["v"] = dv.reshape(batch, s_pad, num_kv, cfg.group, dv.shape[-1]).sum(3).astype(v.dtype)
+  return grads
