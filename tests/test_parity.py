@@ -186,3 +186,48 @@ def test_segment_ids_equal_jax_nn_with_the_dense_mask():
   chex.assert_trees_all_close(
       da.distance_attention(q, k, v, metric="dot", q_segment_ids=ids, kv_segment_ids=ids, is_causal=True),
       jax.nn.dot_product_attention(q, k, v, mask=dense, is_causal=True), **TOL)
+
+
+# jax's own tests of jax.nn.dot_product_attention (tests/nn_test.py: testDotProductAttention over grouped heads
+# and vmap, testDotProductAttentionMask over these mask modes) at small float32 shapes, with
+# return_residual=True on both sides.
+JAX_NN_MASK_MODES = [("bias",), ("causal",), ("padding",), ("custom",), ("causal", "padding"), ("custom", "padding"),
+                     ("bias", "causal"), ("causal", "sliding_window"), ("groups=2",), ("groups=4", "vmap")]
+
+
+@pytest.mark.parametrize("mode", JAX_NN_MASK_MODES, ids="+".join)
+def test_residual_equals_jax_nn_on_jax_nn_test_cases(mode):
+  # Out and lse [B, T, N] equal jax.nn's (float32 reassociation: TOL) on every row that sees a key. A row that
+  # sees none (here: queries past query_seq_lengths) differs by design: jax.nn fills masked logits with a large
+  # finite negative, so its lse there is that number (-0.7 * float32 max; log S is below its rounding) where
+  # ours is -inf, the log of the empty sum with a zero gradient; both outputs are 0 there.
+  b, t, s, n, h = 2, 16, 16, 4, 8
+  groups = int(next((m.split("=")[1] for m in mode if m.startswith("groups=")), 1))
+  q, k, v = qkv(16, b=b, t=t, s=s, h=n, kv=n // groups, d=h)
+  bias = jnp.asarray(normal(19, (1, n, t, s), np.float32)) if "bias" in mode else None
+  mask = jnp.tril(jnp.ones((t, s), bool))[None, None] if "custom" in mode else None
+  kw = dict(is_causal="causal" in mode)
+  if "padding" in mode:
+    kw.update(query_seq_lengths=jnp.asarray([t // 2, t // 4], jnp.int32),
+              key_value_seq_lengths=jnp.asarray([s // 4, s // 2], jnp.int32))
+  if "sliding_window" in mode:
+    kw.update(local_window_size=(3, 2))
+  ours = lambda q, k, v: da.distance_attention(q, k, v, bias, mask, metric="dot", lam=1.0,  # noqa: E731
+                                               return_residual=True, implementation=da.kernels.Blockwise(8, 8),
+                                               **kw)
+  theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias, mask, return_residual=True,  # noqa: E731
+                                                        **kw)
+  if "vmap" in mode:  # over the batch, each example without a batch axis
+    ours, theirs = jax.vmap(ours), jax.vmap(theirs)
+  (out, lse), (want, want_lse) = ours(q, k, v), theirs(q, k, v)
+  assert lse.shape == want_lse.shape == (b, t, n) and lse.dtype == want_lse.dtype == jnp.float32
+  chex.assert_trees_all_close(out, want, **TOL)
+  seen = np.isfinite(np.asarray(lse))
+  if "padding" in mode:
+    rows = np.arange(t)[None, :, None] < np.asarray([t // 2, t // 4])[:, None, None]
+    np.testing.assert_array_equal(seen, np.broadcast_to(rows, seen.shape))
+    assert np.isneginf(np.asarray(lse)[~seen]).all()
+    np.testing.assert_array_equal(np.asarray(want_lse)[~seen], np.float32(-0.7 * np.finfo(np.float32).max))
+  else:
+    assert seen.all()
+  np.testing.assert_allclose(np.asarray(lse)[seen], np.asarray(want_lse)[seen], **TOL)
