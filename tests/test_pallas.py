@@ -333,6 +333,23 @@ def test_float64_is_declined_by_name():
   assert PALLAS.unsupported(request._replace(dtype="bfloat16")) is None
 
 
+def test_operands_past_int32_offsets_are_declined():
+  # An int8 mask of [2, 1, 32768, 32768] has 2^31 elements: one past what the programs' int32 offsets reach.
+  n = 32768
+  request = _request(batch=2, q_len=n, kv_len=n, head_dim=64, v_dim=64)
+  assert PALLAS.unsupported(request._replace(mask_shape=(1, 1, n, n))) is None  # 2^30 elements
+  reason = PALLAS.unsupported(request._replace(mask_shape=(2, 1, n, n)))
+  assert reason == ("cannot index a mask of 2147483648 elements in its padded layout (more than 2^31 - 1: the "
+                    "Triton programs' int32 offsets would wrap); use implementation='blockwise'")
+  assert "a bias (and its gradient) of 2147483648" in PALLAS.unsupported(request._replace(bias_shape=(2, 1, n, n)))
+  # The key/value gradient is written per query head: 2 * 32768 * 256 * 128 = 2^31 elements at 256 heads.
+  wide = request._replace(q_len=1024, num_heads=256, num_kv_heads=8, head_dim=128, v_dim=128)
+  assert "key/value gradient per query head of 2147483648" in PALLAS.unsupported(wide)
+  assert PALLAS.unsupported(wide._replace(num_heads=128)) is None
+  # Padding counts: 32767 positions are laid out as 32768.
+  assert "mask of 2147483648" in PALLAS.unsupported(request._replace(q_len=n - 1, mask_shape=(2, 1, n - 1, n)))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU: lowering (no GPU needed) and execution (GPU only).
 

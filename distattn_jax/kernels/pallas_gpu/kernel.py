@@ -15,6 +15,8 @@ from distattn_jax.kernels import tiles as tile_core
 from distattn_jax.kernels.pallas_gpu.calls import fused
 from distattn_jax.kernels.pallas_gpu.config import (DTYPES, MIN_BLOCK, CallConfig, Tiles, check_block,
                                                     default_tiles, next_pow2)
+
+INT32_MAX = 2**31 - 1
 from distattn_jax.metrics import gram as gram_lib
 
 
@@ -42,7 +44,44 @@ class Pallas:
     reason = base.unsupported(self.capabilities, request)
     if reason is None and request.dtype is not None and request.dtype not in DTYPES:
       reason = f"cannot take {request.dtype} inputs (only {', '.join(DTYPES)})"
+    if reason is None:
+      reason = self._too_large(request)
     return reason
+
+  def _too_large(self, request: base.Request) -> str | None:
+    """Why an operand is too large for Triton's int32 offsets, or None.
+
+    The Triton programs index every operand with int32 element offsets (block index times block size times
+    stride); the byte offset is formed by the pointer arithmetic at pointer width. An operand of more than
+    2^31 - 1 elements would wrap (an int8 mask of [2, 1, 32768, 32768] has 2^31), so such a call is declined
+    rather than reading or writing the wrong place. The sizes are those of the padded layout the programs see,
+    bounded from above where the tiles are not known yet (lengths padded to 128, the largest default tile, or
+    to the kernel's own larger block; an unknown width counts as the smallest tile, 16).
+    """
+    bq = max(self.block_q or 128, 128)
+    bk = max(self.block_k or 128, 128)
+    t_pad = -(-request.q_len // bq) * bq
+    s_pad = -(-request.kv_len // bk) * bk
+    d_pad = max(MIN_BLOCK, next_pow2(request.head_dim or MIN_BLOCK))
+    dv_pad = max(MIN_BLOCK, next_pow2(request.v_dim or request.head_dim or MIN_BLOCK))
+    b, h, kv = request.batch, request.num_heads, request.num_kv_heads
+    sizes = {
+        "query (and its gradient)": b * t_pad * h * d_pad,
+        "key": b * s_pad * kv * d_pad,
+        "value": b * s_pad * kv * dv_pad,
+        "output": b * t_pad * h * dv_pad,
+        # The dk/dv program writes one gradient per query head, summed over the group afterwards.
+        "key/value gradient per query head": b * s_pad * h * max(d_pad, dv_pad),
+    }
+    for name, shape in (("bias (and its gradient)", request.bias_shape), ("mask", request.mask_shape)):
+      if shape is not None:
+        bb, hh, tt, ss = shape
+        sizes[name] = bb * hh * (t_pad if tt > 1 else 1) * (s_pad if ss > 1 else 1)
+    for name, size in sizes.items():
+      if size > INT32_MAX:
+        return (f"cannot index a {name} of {size} elements in its padded layout (more than 2^31 - 1: the Triton "
+                f"programs' int32 offsets would wrap); use implementation='blockwise'")
+    return None
 
   def tiles(self, metric: str, p: Any, head_dim: int, q_len: int, kv_len: int) -> Tiles:
     """The tiles used for one call: the defaults, overridden by the kernel's, clipped to the lengths."""
