@@ -14,7 +14,10 @@ dense mask from every masking argument, and differentiates with plain autodiff. 
 both directions.
 
 Each metric (the registered ones plus a Huber distance this program registers, as a user would) runs these
-cases, forward and the gradients of query, key, value, lam and (where the case has one) bias:
+cases, forward, the gradients of query, key, value, lam and (where the case has one) bias, and forward mode: the
+``jax.jvp`` of the output with random tangents in all of them at once, against the oracle's own jvp (plain
+autodiff of its formula; ``--noforward_mode`` leaves it out: it adds two compilations per case, a third
+more CPU time at ``--q_len=70 --kv_len=45``):
 
   gqa+bias        4 query heads over 2 key/value heads, a full ``[B, H, T, S]`` bias
   causal+bias     causal, a bias broadcast over batch and heads (``[1, 1, T, S]``)
@@ -23,7 +26,8 @@ cases, forward and the gradients of query, key, value, lam and (where the case h
   window          a causal sliding window of 64 keys
 
 A case a kernel declines (its ``unsupported`` answer: the "routed" kernel takes gram metrics only) is left out
-of its count. It prints a table and the success rate, and exits with status 1 if any case fails.
+of its count. It prints a table (the largest error of the output, of any gradient and of the output's tangent,
+each relative to the oracle's largest entry) and the success rate, and exits with status 1 if any case fails.
 """
 
 from __future__ import annotations
@@ -50,11 +54,14 @@ flags.DEFINE_integer("q_len", 1000, "Query length (no tile size divides the defa
 flags.DEFINE_integer("kv_len", 777, "Key length.")
 flags.DEFINE_integer("block", 128, "Tile size of the blockwise kernel, both directions.")
 flags.DEFINE_integer("head_dim", 16, "Features per head.")
+flags.DEFINE_bool("forward_mode", True, "Also check jax.jvp of the output against the oracle's jvp.")
 
 # Errors are measured relative to the largest entry of the oracle's result. float32: the distances are exact
 # (gram forms run at HIGHEST precision) but weights @ value may use the backend's default float32 matmul
 # (TF32 on recent GPUs: 2^-11 per product), so 2e-3 leaves room for that and for float32 accumulation over
 # ~800 keys. bfloat16: outputs and the weights fed to the value matmul are rounded to 8 bits (2^-8) a few times.
+# The output's tangent is held to the same bounds: a sum of the same products, with tangents rounded to the dtype
+# like the inputs (measured on a CPU at 70 x 45: below 5e-7 in float32, 8e-3 in bfloat16).
 TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2}
 LP_ORDER = 3.0
 HUBER = "huber"
@@ -193,6 +200,35 @@ def _oracle(metric: str, arrays: dict[str, np.ndarray], allowed: np.ndarray) -> 
     return [np.asarray(a) for a in (out,) + grads]
 
 
+def _oracle_jvp(metric: str, arrays: dict[str, np.ndarray], tangents: dict[str, np.ndarray],
+                allowed: np.ndarray) -> np.ndarray:
+  """The oracle's output tangent for ``tangents`` in every differentiated input, by plain forward-mode autodiff."""
+  names = _differentiated(arrays)
+  with jax.enable_x64(True):
+    def attend(*operands):
+      x = dict(zip(names, operands))
+      return oracle_attention(metric, x["q"], x["k"], x["v"], x["lam"], x.get("bias", 0.0), jnp.asarray(allowed))
+
+    f64 = lambda source: tuple(jnp.asarray(source[name], jnp.float64) for name in names)  # noqa: E731
+    return np.asarray(jax.jit(lambda *a: jax.jvp(attend, a, f64(tangents))[1])(*f64(arrays)))
+
+
+def _kernel_jvp(impl: Any, metric: str, dtype, arrays: dict[str, np.ndarray], tangents: dict[str, np.ndarray],
+                args: dict[str, Any]) -> np.ndarray:
+  """The kernel's output tangent: ``jax.jvp`` through ``distance_attention`` (the kernel's own forward mode)."""
+  names = _differentiated(arrays)
+  p = LP_ORDER if metric == "lp" else 2.0
+
+  def attend(*operands):
+    x = dict(zip(names, operands))
+    return da.distance_attention(x["q"], x["k"], x["v"], bias=x.get("bias"), lam=x["lam"], metric=metric, p=p,
+                                 implementation=impl, **args)
+
+  cast = lambda source: tuple(jnp.asarray(source[name], jnp.float32 if name == "lam" else dtype)  # noqa: E731
+                              for name in names)
+  return np.asarray(jax.jit(lambda *a: jax.jvp(attend, a, cast(tangents))[1])(*cast(arrays)), np.float32)
+
+
 def _kernel(impl: Any, metric: str, dtype, arrays: dict[str, np.ndarray], args: dict[str, Any]) -> list[np.ndarray]:
   names = _differentiated(arrays)
   cotangent = jnp.asarray(arrays["cotangent"], jnp.float32)
@@ -256,30 +292,39 @@ def default_implementations() -> list[str]:
 
 def check(impl: str, metric: str, dtype: str, cases=CASES) -> dict:
   """Every case for one implementation, metric and dtype, against the oracle on the same rounded inputs."""
-  failures, fwd_err, grad_err = [], 0.0, 0.0
+  failures, fwd_err, grad_err, jvp_err = [], 0.0, 0.0, 0.0
   cases = [case for case in cases if not _declined(_implementation(impl), case, metric, dtype)]
   for case in cases:
     inputs = case_inputs(case)
     arrays = dict(inputs["arrays"])
-    for name in set(arrays) & {"q", "k", "v", "bias"}:  # the oracle sees exactly the values the kernel sees
-      arrays[name] = np.asarray(jnp.asarray(arrays[name], dtype).astype(jnp.float32), np.float64)
+    # Tangents from their own generator, so the primal inputs stay those of the forward and gradient checks.
+    rng = np.random.default_rng(1)
+    tangents = {name: rng.standard_normal(np.shape(arrays[name])) for name in _differentiated(arrays)}
+    for x in (arrays, tangents):  # the oracle sees exactly the values the kernel sees
+      for name in set(x) & {"q", "k", "v", "bias"}:
+        x[name] = np.asarray(jnp.asarray(x[name], dtype).astype(jnp.float32), np.float64)
     try:
       want = _oracle(metric, arrays, inputs["allowed"])
       got = _kernel(_implementation(impl), metric, jnp.dtype(dtype), arrays, inputs["args"])
       errors = dict(zip(("out",) + tuple("d" + n for n in _differentiated(arrays)),
                         (_relative_error(g, w) for g, w in zip(got, want))))
+      if FLAGS.forward_mode:
+        got.append(_kernel_jvp(_implementation(impl), metric, jnp.dtype(dtype), arrays, tangents, inputs["args"]))
+        errors["jvp out"] = _relative_error(got[-1], _oracle_jvp(metric, arrays, tangents, inputs["allowed"]))
       finite = all(np.all(np.isfinite(g)) for g in got)
     except Exception as e:  # a crash is a failure of this case, reported, not a crash of the check
       failures.append(f"{case}: {type(e).__name__}: {e}")
       continue
     fwd_err = max(fwd_err, errors["out"])
-    grad_err = max(grad_err, *(e for n, e in errors.items() if n != "out"))
+    grad_err = max(grad_err, *(e for n, e in errors.items() if n.startswith("d")))
+    jvp_err = max(jvp_err, errors.get("jvp out", 0.0))
     worst = max(errors, key=errors.get)
     if not finite or errors[worst] > TOLERANCE[dtype]:
       failures.append(f"{case}: worst {worst} error {errors[worst]:.2e} > {TOLERANCE[dtype]:g} "
                       f"({', '.join(f'{n} {e:.1e}' for n, e in errors.items())}), finite={finite}")
   return {"implementation": impl, "metric": metric, "dtype": dtype, "cases": len(cases),
           "passed": len(cases) - len(failures), "forward_error": fwd_err, "gradient_error": grad_err,
+          "jvp_error": jvp_err if FLAGS.forward_mode else None,
           "failures": failures}
 
 
@@ -297,14 +342,16 @@ def main(argv) -> int:
         f"{FLAGS.q_len} queries x {FLAGS.kv_len} keys, tiles {FLAGS.block}, head_dim {FLAGS.head_dim}; "
         f"cases: {', '.join(cases)}; oracle: float64, materialised; tolerances (relative to the oracle's largest "
         f"entry): {TOLERANCE}")
-  header = f"{'implementation':<14} {'metric':<12} {'dtype':<9} {'passed':>8} {'fwd err':>9} {'grad err':>9}"
+  header = (f"{'implementation':<14} {'metric':<12} {'dtype':<9} {'passed':>8} {'fwd err':>9} {'grad err':>9} "
+            f"{'jvp err':>9}")
   print(header + "\n" + "-" * len(header))
   results = []
   for impl, metric, dtype in itertools.product(impls, metric_names, FLAGS.dtypes):
     r = check(impl, metric, dtype, cases)
     results.append(r)
     print(f"{impl:<14} {metric:<12} {dtype:<9} {r['passed']:>4}/{r['cases']:<3} {r['forward_error']:9.1e} "
-          f"{r['gradient_error']:9.1e}", flush=True)
+          f"{r['gradient_error']:9.1e} " + (f"{r['jvp_error']:9.1e}" if r["jvp_error"] is not None else f"{'-':>9}"),
+          flush=True)
     for failure in r["failures"]:
       print(f"    FAILED {failure}")
   passed = sum(r["passed"] for r in results)
