@@ -25,6 +25,8 @@ from distattn_jax import attention as attention_module
 from distattn_jax import compat
 from distattn_jax import kernels
 from distattn_jax.kernels import pallas_gpu
+from distattn_jax.kernels.pallas_gpu import config as pallas_config
+from distattn_jax.kernels.pallas_gpu import tile as pallas_tile
 from distattn_jax.metrics import record
 
 TILE = 16
@@ -158,6 +160,23 @@ def test_bias_gradient_in_the_bias_shape(shape):
   # ([B, 1, 1, S]), over the keys inside the tile ([1, H, T, 1]); [B, H, T, S] is stored as computed.
   bias = jax.random.normal(jax.random.PRNGKey(9), shape, jnp.float32)
   _compare("l1", is_causal=True, bias=bias, batch=2, heads=2, kv_heads=1, q_len=20, kv_len=24)
+
+
+@pytest.mark.parametrize("metric", ["l1", "dot"])
+def test_head_dim_not_a_power_of_two(metric):
+  # 80 features padded to 128: the elementwise form reduces chunks 0..80 only (those past 80 are skipped, and
+  # their gradient features written as zeros), the gram form multiplies the zero-padded 128 (see gram.py).
+  assert pallas_tile.feature_chunks(_call_config("l1", 80, block_d=16), 128)[-1] == (64, 16)
+  assert pallas_tile.feature_chunks(_call_config("l1", 72, block_d=16), 128)[-1] == (64, 16)  # 8 padded
+  _compare(metric, dim=80, q_len=20, kv_len=17)
+
+
+def _call_config(metric, head_dim, block_d):
+  tiles = pallas_gpu.Tiles(block_q=16, block_k=16, block_d=block_d)
+  return pallas_config.CallConfig(
+      metric=metric, p=2.0, is_causal=False, tiles=tiles, q_len=16, kv_len=16, head_dim=head_dim, group=1,
+      precision=None, bias_shape=None, mask_shape=None, has_ids=False, has_kv_valid=False, interpret=True,
+      geometry=None)
 
 
 @pytest.mark.parametrize("metric", ["l1", "dot", "cosine"])
@@ -354,12 +373,16 @@ def test_operands_past_int32_offsets_are_declined():
 # GPU: lowering (no GPU needed) and execution (GPU only).
 
 
-@pytest.mark.parametrize("metric, dtype", [("dot", jnp.bfloat16), ("l1", jnp.float32), ("lp", jnp.bfloat16)])
-def test_lowers_for_cuda_forward_and_backward(metric, dtype):
+@pytest.mark.parametrize("metric, dtype, dim", [
+    ("dot", jnp.bfloat16, 8), ("l1", jnp.float32, 8), ("lp", jnp.bfloat16, 8),
+    ("dot", jnp.bfloat16, 32), ("l1", jnp.bfloat16, 64), ("l1", jnp.float32, 96), ("cosine", jnp.bfloat16, 96),
+    ("chebyshev", jnp.bfloat16, 128)])
+def test_lowers_for_cuda_forward_and_backward(metric, dtype, dim):
   """Triton's block-shape and dtype rules are checked when the kernel is lowered for CUDA, which needs no GPU:
-  a kernel that only runs interpreted would pass every test above and still fail on the first GPU."""
+  a kernel that only runs interpreted would pass every test above and still fail on the first GPU. Widths 32
+  to 128 at the default feature chunks, 96 with padding (skipped chunks and their zero stores)."""
   kernel = kernels.Pallas(block_q=32, block_k=32)
-  q, k, v, lam = _inputs(2, q_len=40, kv_len=40, dtype=dtype)
+  q, k, v, lam = _inputs(2, q_len=40, kv_len=40, dtype=dtype, dim=dim)
   bias = jnp.zeros((1, 1, 40, 40), jnp.float32)
   segments = kernels.Segments(jnp.zeros((1, 40), jnp.int32), jnp.zeros((1, 40), jnp.int32), None,
                               jnp.array([30], jnp.int32))

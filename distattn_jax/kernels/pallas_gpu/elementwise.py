@@ -12,9 +12,13 @@ import jax.numpy as jnp
 from distattn_jax import metrics
 
 
-def chunks(block_d: int, dim: int) -> list[tuple[int, int]]:
-  """``(start, size)`` of the feature chunks a difference tile is reduced over, ``block_d`` at a time."""
-  return [(c, min(block_d, dim - c)) for c in range(0, dim, block_d)]
+def chunks(block_d: int, dim: int, head_dim: int | None = None) -> list[tuple[int, int]]:
+  """``(start, size)`` of the feature chunks a difference tile is reduced over, ``block_d`` at a time, over the
+  ``dim`` features of the padded layout. Chunks that start at or past ``head_dim`` hold padding only and are
+  left out (80 features padded to 128 take 10 chunks of 8, not 16); the last chunk kept may still end in
+  padding, which :func:`feature_valid` masks."""
+  end = dim if head_dim is None else min(dim, head_dim)
+  return [(c, min(block_d, dim - c)) for c in range(0, end, block_d)]
 
 
 def feature_valid(head_dim: int, start: int, size: int):

@@ -1,6 +1,15 @@
 """The gram tile form: each term ``sum_d x^a y^b`` of a :class:`~distattn_jax.metrics.Gram` record is a matmul on
 the tensor cores, or a row sum where an exponent is 0; the record's ``fn`` is applied to the tiles, and its
-derivative comes from ``jax.vjp`` of ``fn`` on the tile."""
+derivative comes from ``jax.vjp`` of ``fn`` on the tile.
+
+The cost of padding: Triton loads power-of-two tiles and ``tl.dot`` takes a power-of-two inner dimension, so a
+head_dim that is not a power of two is zero-padded to the next one (80 and 96 to 128) and every matmul of the
+score tile and of its cotangent runs over the padded width: 128 / 80 = 1.6 and 128 / 96 = 1.33 times the
+tensor-core work of the real features (the zeros add nothing to the terms, so the values are exact). Splitting
+the inner dimension into power-of-two pieces (64 + 16 for 80) would remove it at the price of a second dot per
+term and of keeping two q tiles; not done until a GPU run measures that the padded matmuls, not the softmax and
+the memory traffic, bound the kernel at those widths. Elementwise forms do not pay it: their feature chunks
+that hold padding only are skipped (:func:`distattn_jax.kernels.pallas_gpu.elementwise.chunks`)."""
 
 from __future__ import annotations
 

@@ -50,12 +50,18 @@ def forward_program(*refs, cfg: CallConfig, names: list[str]):
 
 
 def store_chunks(ref, chunks, parts, dim: int) -> None:
-  """Writes a gradient accumulated per feature chunk (``chunks``) into its output tile."""
+  """Writes a gradient accumulated per feature chunk (``chunks``) into its output tile, and zeros into the
+  features past the last chunk (padding the form never computed: the caller cuts them off, but an unwritten
+  GPU buffer could hold NaNs), one chunk's width at a time (power-of-two stores)."""
   for (c, size), part in zip(chunks, parts):
     if size == dim:
       ref[...] = part
     else:
       ref[:, pl.ds(c, size)] = part
+  c, size = chunks[-1]
+  rows = parts[-1].shape[0]
+  for start in range(c + size, dim, size):
+    ref[:, pl.ds(start, size)] = jnp.zeros((rows, size), jnp.float32)
 
 
 class Picked:

@@ -21,9 +21,12 @@ def form_of(cfg: CallConfig):
 
 
 def feature_chunks(cfg: CallConfig, dim: int) -> list[tuple[int, int]]:
-  """The feature chunks the form works in: ``block_d`` at a time for an elementwise form, all at once for gram."""
+  """The feature chunks the form works in: ``block_d`` at a time for an elementwise form, up to the last one
+  holding a real feature (``head_dim`` is static, so a chunk entirely in the padding of ``dim`` is never
+  computed); all ``dim`` at once for a gram form (``tl.dot`` takes a power-of-two inner dimension, see
+  :mod:`distattn_jax.kernels.pallas_gpu.gram`)."""
   if isinstance(form_of(cfg), metrics.Elementwise):
-    return elementwise.chunks(cfg.tiles.block_d, dim)
+    return elementwise.chunks(cfg.tiles.block_d, dim, cfg.head_dim)
   return [(0, dim)]
 
 
