@@ -168,7 +168,8 @@ def test_head_dim_not_a_power_of_two(metric):
   # their gradient features written as zeros), the gram form multiplies the zero-padded 128 (see gram.py).
   assert pallas_tile.feature_chunks(_call_config("l1", 80, block_d=16), 128)[-1] == (64, 16)
   assert pallas_tile.feature_chunks(_call_config("l1", 72, block_d=16), 128)[-1] == (64, 16)  # 8 padded
-  _compare(metric, dim=80, q_len=20, kv_len=17)
+  _compare(metric, dim=80, q_len=20, kv_len=17,
+           kernel=kernels.Pallas(block_q=TILE, block_k=TILE, block_d=16, interpret=True))
 
 
 def _call_config(metric, head_dim, block_d):
@@ -280,6 +281,16 @@ def test_default_tiles_are_powers_of_two_and_follow_the_form():
   assert pallas_gpu.default_tiles("l1", 2.0, 64).block_d == 8
   # Clipped to the (power-of-two) length: a 20-long sequence runs in one 32-long tile, not a 128-long one.
   assert kernels.Pallas().tiles("dot", 2.0, 64, 20, 20).block_q == 32
+  # Keyed by form, width and the dtype the programs load.
+  assert pallas_gpu.default_tiles("dot", 2.0, 64, "bfloat16") == pallas_gpu.Tiles(128, 64, 64, 4, 3)
+  assert pallas_gpu.default_tiles("dot", 2.0, 48, jnp.float32) == pallas_gpu.Tiles(64, 64, 64, 4, 2)
+  assert pallas_gpu.default_tiles("dot", 2.0, 96, "bfloat16") == pallas_gpu.Tiles(64, 64, 128, 8, 2)
+  assert pallas_gpu.default_tiles("l1", 2.0, 80, "bfloat16") == pallas_gpu.Tiles(64, 32, 8, 4, 1)
+  # The user's settings override the defaults; a gram form ignores block_d (it takes every feature at once).
+  mine = kernels.Pallas(block_d=32, num_warps=2, num_stages=3)
+  assert mine.tiles("l1", 2.0, 80, 500, 500) == pallas_gpu.Tiles(64, 32, 32, 2, 3)
+  assert mine.tiles("l1", 2.0, 8, 500, 500).block_d == 16  # clipped to the padded width
+  assert mine.tiles("dot", 2.0, 64, 500, 500, "bfloat16") == pallas_gpu.Tiles(128, 64, 64, 2, 3)
 
 
 def _request(**kw):
@@ -322,6 +333,11 @@ def test_auto_picks_pallas_on_gpu_and_logs_why_it_falls_back(caplog, monkeypatch
 @pytest.mark.parametrize("kwargs, match", [
     (dict(block_q=24), "block_q must be None or a power of two >= 16"),
     (dict(block_k=8), "block_k must be None or a power of two >= 16"),
+    (dict(block_d=12), "block_d must be None or a power of two"),
+    (dict(num_warps=64), "num_warps must be None or a power of two from 1 to 32"),
+    (dict(num_warps=3), "num_warps must be None or a power of two from 1 to 32"),
+    (dict(num_stages=0), "num_stages must be None or an int >= 1"),
+    (dict(num_stages=True), "num_stages must be None or an int >= 1"),
 ])
 def test_bad_tiles(kwargs, match):
   with pytest.raises(ValueError, match=match):

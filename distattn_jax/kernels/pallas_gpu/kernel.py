@@ -14,7 +14,7 @@ from distattn_jax.kernels import base, common
 from distattn_jax.kernels import tiles as tile_core
 from distattn_jax.kernels.pallas_gpu.calls import fused
 from distattn_jax.kernels.pallas_gpu.config import (DTYPES, MIN_BLOCK, CallConfig, Tiles, check_block,
-                                                    default_tiles, next_pow2)
+                                                    check_launch, default_tiles, next_pow2)
 
 INT32_MAX = 2**31 - 1
 from distattn_jax.metrics import gram as gram_lib
@@ -24,17 +24,26 @@ from distattn_jax.metrics import gram as gram_lib
 class Pallas:
   """The fused GPU kernel (registered as ``"pallas"``); ``None`` tiles pick :func:`default_tiles`.
 
-  ``interpret=True`` runs the kernel through Pallas' interpreter (any backend, slow): how the tests check it
-  on CPU. Without it the kernel needs a CUDA GPU (the Triton lowering).
+  Attributes:
+    block_q, block_k: query and key positions per tile (powers of two, at least 16; clipped to the lengths).
+    block_d: features per step of an elementwise form's difference tile (a power of two; clipped to the
+      padded width). Gram forms take every feature at once and ignore it.
+    num_warps, num_stages: Triton's launch parameters (a power of two up to 32; at least 1).
+    interpret: run the kernel through Pallas' interpreter (any backend, slow): how the tests check it on CPU.
+      Without it the kernel needs a CUDA GPU (the Triton lowering).
   """
 
   block_q: int | None = None
   block_k: int | None = None
   interpret: bool = False
+  block_d: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
 
   def __post_init__(self):
     check_block("Pallas", "block_q", self.block_q)
     check_block("Pallas", "block_k", self.block_k)
+    check_launch("Pallas", self.block_d, self.num_warps, self.num_stages)
     if not isinstance(self.interpret, bool):
       raise TypeError(f"Pallas: interpret must be a bool; got {self.interpret!r}")
 
@@ -83,12 +92,19 @@ class Pallas:
                 f"programs' int32 offsets would wrap); use implementation='blockwise'")
     return None
 
-  def tiles(self, metric: str, p: Any, head_dim: int, q_len: int, kv_len: int) -> Tiles:
-    """The tiles used for one call: the defaults, overridden by the kernel's, clipped to the lengths."""
-    default = default_tiles(metric, p, head_dim)
+  def tiles(self, metric: str, p: Any, head_dim: int, q_len: int, kv_len: int, dtype: Any = "float32") -> Tiles:
+    """The tiles used for one call: the defaults for the form, width and the ``dtype`` the programs load,
+    overridden by the kernel's, clipped to the lengths and the padded width."""
+    default = default_tiles(metric, p, head_dim, dtype)
     block_q = min(self.block_q or default.block_q, max(MIN_BLOCK, next_pow2(q_len)))
     block_k = min(self.block_k or default.block_k, max(MIN_BLOCK, next_pow2(kv_len)))
-    return dataclasses.replace(default, block_q=block_q, block_k=block_k)
+    block_d = default.block_d
+    gram = isinstance(metrics.get(metric).resolve(p if isinstance(p, float) else None), metrics.Gram)
+    if self.block_d is not None and not gram:  # a gram form takes every feature at once
+      block_d = min(self.block_d, max(MIN_BLOCK, next_pow2(head_dim)))
+    return dataclasses.replace(
+        default, block_q=block_q, block_k=block_k, block_d=block_d,
+        num_warps=self.num_warps or default.num_warps, num_stages=self.num_stages or default.num_stages)
 
   def __call__(self, q, k, v, *, lam, bias=None, mask=None, segments: common.Segments | None = None,
                local_window: tuple[int, int] | None = None, metric: str, p: Any = 2.0, is_causal: bool = False,
@@ -98,16 +114,18 @@ class Pallas:
     # Triton computes in.
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv, v_dim = k.shape[1], k.shape[2], v.shape[-1]
-    tiles = self.tiles(metric, p, head_dim, q_len, kv_len)
-    t_pad = -(-q_len // tiles.block_q) * tiles.block_q
-    s_pad = -(-kv_len // tiles.block_k) * tiles.block_k
-    d_pad = max(MIN_BLOCK, next_pow2(head_dim))
-    dv_pad = max(MIN_BLOCK, next_pow2(v_dim))
-    tiles = dataclasses.replace(tiles, block_d=min(tiles.block_d, d_pad))
     record = metrics.get(metric)
     if not record.parametric:
       p = 2.0  # ignored by the form; a traced value must not become a kernel operand
     form = record.resolve(p if isinstance(p, float) else None)
+    # The dtype the programs load: a centred or normalised gram form gets float32 operands (below).
+    loads = (jnp.float32 if isinstance(form, metrics.Gram) and (record.translation_invariant or form.normalize)
+             else q.dtype)
+    tiles = self.tiles(metric, p, head_dim, q_len, kv_len, loads)
+    t_pad = -(-q_len // tiles.block_q) * tiles.block_q
+    s_pad = -(-kv_len // tiles.block_k) * tiles.block_k
+    d_pad = max(MIN_BLOCK, next_pow2(head_dim))
+    dv_pad = max(MIN_BLOCK, next_pow2(v_dim))
 
     acc = jnp.float32
     if isinstance(form, metrics.Gram):
