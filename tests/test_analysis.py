@@ -1,4 +1,5 @@
-"""Attention statistics against closed forms, the sown weights against distance_attention, lam history, plots."""
+"""Attention statistics against closed forms, the sown weights against distance_attention, lam history, plots;
+Jacobian norms and Lipschitz lower bounds against numpy's SVD, row sums and closed forms."""
 
 import chex
 import jax
@@ -10,6 +11,8 @@ import pytest
 import distattn_jax as da
 from distattn_jax import analysis
 from distattn_jax.models import TruthGPT, TruthGPTConfig
+
+import scripts  # tests/scripts.py
 
 T = 6
 
@@ -178,3 +181,14 @@ def test_lipschitz_lower_bound_of_tanh_climbs_towards_but_never_past_the_norm_of
   assert bound.value - bound.initial_value >= 0.5 * (norm_a - bound.initial_value), (bound.history, norm_a)
   np.testing.assert_allclose(analysis.jacobian_norm(lambda x: jnp.tanh(jnp.asarray(a) @ x), bound.x).value,
                              bound.value, rtol=1e-4)
+
+
+def test_lipschitz_program_writes_one_row_of_bounds_per_head(tmp_path):
+  out = tmp_path / "lipschitz.md"
+  result = scripts.run_script("lipschitz.py", "--lengths=2", "--heads=dot,sqeuclidean_tied", "--steps=1",
+                              f"--out={out}", timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
+  assert [r[0].strip() for r in rows] == ["head", "dot", "sqeuclidean_tied"]
+  assert [c.strip() for c in rows[0][1:]] == ["N=2"]
+  assert all(float(c) > 0 for r in rows[1:] for c in r[1:])  # a spectral norm of a non-constant map
