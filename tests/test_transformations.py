@@ -428,3 +428,95 @@ def test_forward_mode_memory_grows_linearly(metric):
 
   small, large = temp(256), temp(1024)
   assert large < 4 * small, (small, large)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("impl, metric, policy", [(BLOCKS, "lp", "nothing_saveable"),
+                                                  ("reference", "l1", "dots_with_no_batch_dims_saveable")])
+def test_checkpoint_with_a_remat_policy(impl, metric, policy):
+  # A remat policy decides which of the kernel's intermediates the backward pass keeps and which it recomputes;
+  # either way the gradient in every input (a traced p included) and, through the transposed tangent map, the
+  # Hessian-vector product (jvp of that gradient) stay the oracle's.
+  args, kwargs, allowed = attention_case(120, "dense")
+  lean = jax.checkpoint(lambda *a: scalar_loss(attend(impl, metric, kwargs, *a)),
+                        policy=getattr(jax.checkpoint_policies, policy))
+  plain = lambda *a: scalar_loss(plain_attention(*a, metric=metric, allowed=allowed)[0])  # noqa: E731
+  argnums = tuple(range(6)) if metric == "lp" else tuple(range(5))
+  tangents = random_tangents(121, args)
+
+  def grad_and_hvp(f):
+    grad = jax.grad(f, argnums=argnums)
+    return jax.jvp(grad, args, tangents)
+
+  assert_close(jax.jit(lambda: grad_and_hvp(lean))(), grad_and_hvp(plain))
+
+
+@pytest.mark.usefixtures("x64")
+def test_vmap_of_the_gradient_over_lam_and_a_per_example_mask_reference_kernel():
+  # Reverse mode under vmap in the materialised kernel (the blockwise one is mapped around jvp above): each
+  # example's lam and mask, its gradient in q, k, v and lam against the oracle's for that example alone.
+  args, kwargs, _ = attention_case(130, "positional")
+  lams = jnp.asarray(np.linspace(0.5, 1.5, 2 * H).reshape(2, H))
+  t = args[0].shape[1]
+  masks = np.random.default_rng(130).uniform(size=(2, B, H, t, t)) > 0.3
+  argnums = (0, 1, 2, 3)
+
+  def lean(lam, mask):
+    loss = lambda *a: scalar_loss(attend("reference", "l1", dict(kwargs, mask=mask), *a))  # noqa: E731
+    return jax.grad(loss, argnums=argnums)(*args[:3], lam, *args[4:])
+
+  grads = jax.jit(jax.vmap(lean))(lams, jnp.asarray(masks))
+  for i in range(2):
+    allowed = dense_allowed(t, t, mask=masks[i], is_causal=True, window=(5, 2), q_lengths=np.array([t, t - 5]))
+    plain = lambda *a: scalar_loss(plain_attention(*a, metric="l1", allowed=allowed)[0])  # noqa: E731
+    assert_close(jax.tree.map(lambda g: g[i], grads), jax.grad(plain, argnums=argnums)(*args[:3], lams[i],
+                                                                                        *args[4:]))
+
+
+def every_kernel():
+  """One instance of each registered kernel that runs on a CPU: the ring over 2 of the simulated devices, the
+  fused kernel through Pallas' interpreter."""
+  from jax.sharding import AxisType
+  mesh = jax.make_mesh((1, 2), ("data", "seq"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:2])
+  return {"reference": "reference", "blockwise": BLOCKS, "ring": da.kernels.Ring(mesh=mesh),
+          "pallas": da.kernels.Pallas(block_q=16, block_k=16, interpret=True), "routed": "routed"}
+
+
+def shapes_of_transformations(impl, transforms, residual=True):
+  """``jax.eval_shape`` of each named transformation of cosine attention through ``impl`` (traced, never compiled
+  or run), beside the shapes each must have: jvp (tangents in q, k, v and lam), the gradient, the Hessian-vector
+  product (jvp of the gradient) and vmap over a batch of three lam."""
+  t, f32 = 32, jnp.float32
+  q = jax.ShapeDtypeStruct((B, t, H, D), f32)
+  kv = jax.ShapeDtypeStruct((B, t, K, D), f32)
+  lam = jax.ShapeDtypeStruct((H,), f32)
+  f = functools.partial(da.distance_attention, metric="cosine", is_causal=True, implementation=impl,
+                        return_residual=residual)
+  attend = lambda q, k, v, lam: f(q, k, v, lam=lam)  # noqa: E731
+  grad = jax.grad(lambda *a: jnp.sum(jax.tree.leaves(attend(*a))[0] ** 2), argnums=(0, 1, 2, 3))
+  out = ((jax.ShapeDtypeStruct((B, t, H, D), f32), jax.ShapeDtypeStruct((B, t, H), f32)) if residual
+         else jax.ShapeDtypeStruct((B, t, H, D), f32))
+  programs = {"jvp": (lambda *a: jax.jvp(attend, a, a), (out, out)),
+              "grad": (grad, (q, kv, kv, lam)),
+              "hvp": (lambda *a: jax.jvp(grad, a, a)[1], (q, kv, kv, lam)),
+              "vmap": (lambda q, k, v, lam: jax.vmap(lambda l: attend(q, k, v, l))(jnp.stack([lam] * 3)),
+                       jax.tree.map(lambda s: jax.ShapeDtypeStruct((3,) + s.shape, s.dtype), out))}
+  return {name: (jax.eval_shape(programs[name][0], q, kv, kv, lam), programs[name][1]) for name in transforms}
+
+
+@pytest.mark.parametrize("name", ["reference", "blockwise", "ring", "pallas", "routed"])
+def test_eval_shape_of_every_transformation_through_every_kernel(name):
+  # The routed kernel (jax.nn's attention) declines the residual, so it returns the output alone. The fused
+  # kernel's Hessian-vector product is the strict xfail below.
+  kernels = every_kernel()
+  assert set(kernels) == set(da.kernels.available())
+  transforms = ("jvp", "grad", "vmap") if name == "pallas" else ("jvp", "grad", "hvp", "vmap")
+  for transform, (got, want) in shapes_of_transformations(kernels[name], transforms, name != "routed").items():
+    assert got == want, transform
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the fused kernel's gradient is its Triton backward programs, and a pallas_call has no forward-mode rule "
+    "inside a grid, so jvp of the gradient (the Hessian-vector product) does not trace yet"))
+def test_eval_shape_of_the_fused_kernels_hessian_vector_product():
+  shapes_of_transformations(every_kernel()["pallas"], ("hvp",))
