@@ -192,3 +192,15 @@ def test_lipschitz_program_writes_one_row_of_bounds_per_head(tmp_path):
   assert [r[0].strip() for r in rows] == ["head", "dot", "sqeuclidean_tied"]
   assert [c.strip() for c in rows[0][1:]] == ["N=2"]
   assert all(float(c) > 0 for r in rows[1:] for c in r[1:])  # a spectral norm of a non-constant map
+
+
+def test_lipschitz_lower_bound_in_the_max_norm_by_row_blocks_stays_below_the_largest_row_of_a():
+  # ||J(x)||_inf = max_i (1 - tanh^2(a_i x)) |a_i|_1 <= max_i |a_i|_1, with equality where the best row has a_i x = 0.
+  a, _, x0 = _linear(6, 4, seed=5)
+  fn = lambda x: jnp.tanh(jnp.asarray(a) @ x)
+  bound = analysis.lipschitz_lower_bound(fn, x0, ord=np.inf, steps=20, learning_rate=0.1, max_exact_entries=8)
+  exact = analysis.lipschitz_lower_bound(fn, x0, ord=np.inf, steps=20, learning_rate=0.1)
+  assert bound.method == exact.method == "exact"
+  np.testing.assert_allclose(bound.initial_value, exact.initial_value, rtol=1e-6)
+  assert bound.initial_value <= bound.value <= np.abs(a.astype(np.float64)).sum(axis=1).max() * (1 + 1e-6)
+  assert bound.value > bound.initial_value  # the ascent moved uphill
