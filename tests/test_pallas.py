@@ -415,6 +415,9 @@ def test_lowers_for_cuda_forward_and_backward(metric, dtype, dim):
     text = jax.jit(jax.grad(loss, argnums)).trace(q, k, v, lam, bias, p).lower(
         lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dq and dk/dv kernels
+  # The softmax runs on exp2 with log2(e) folded into the logit scale (the Triton modules name libdevice's
+  # functions); only a metric whose own functions call exp (none of these) would bring exp back.
+  assert "__nv_exp2f" in text and "__nv_expf" not in text
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")

@@ -113,23 +113,30 @@ class Tangents(NamedTuple):
 # Softmax numerics.
 
 
-def online_step(m: Array, l: Array, logits: Array) -> tuple[Array, Array, Array, Array]:
+def online_step(m: Array, l: Array, logits: Array, *, base2: bool = False) -> tuple[Array, Array, Array, Array]:
   """One key tile of the online softmax over the last axis of ``logits``: returns ``(m_new, probs,
   correction, l_new)``; the caller rescales its accumulator by ``correction`` and adds ``probs @ v``. A row
-  that has seen only masked keys (``-inf``) keeps ``m = -inf``, ``l = 0`` and contributes nothing."""
+  that has seen only masked keys (``-inf``) keeps ``m = -inf``, ``l = 0`` and contributes nothing.
+
+  ``base2``: the logits are in log2 units (multiplied by log2(e)) and the step uses ``exp2``, which a GPU
+  evaluates in one instruction where ``exp`` also multiplies by log2(e) per element; a fused kernel folds that
+  factor into its logit scale instead."""
+  exp = jnp.exp2 if base2 else jnp.exp
   m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
   m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-  probs = jnp.exp(logits - m_safe[..., None])
-  correction = jnp.exp(m - m_safe)
+  probs = exp(logits - m_safe[..., None])
+  correction = exp(m - m_safe)
   return m_new, probs, correction, l * correction + jnp.sum(probs, axis=-1)
 
 
-def finalize(acc: Array, m: Array, l: Array) -> tuple[Array, Array]:
+def finalize(acc: Array, m: Array, l: Array, *, base2: bool = False) -> tuple[Array, Array]:
   """``(out, lse)`` from the accumulator ``acc [..., Dv]`` and the statistics ``m``, ``l``: ``out = acc / l``,
-  ``lse = m + log(l)``; a row that saw no key gets output 0 and ``lse = -inf``."""
+  ``lse = m + log(l)``; a row that saw no key gets output 0 and ``lse = -inf``. With ``base2`` (``m`` from
+  :func:`online_step` in log2 units) the lse is in log2 units too: ``m + log2(l)``."""
   has_any = l > 0
   safe = jnp.where(has_any, l, 1.0)
-  return acc / safe[..., None], jnp.where(has_any, m + jnp.log(safe), -jnp.inf)
+  log = jnp.log2 if base2 else jnp.log
+  return acc / safe[..., None], jnp.where(has_any, m + log(safe), -jnp.inf)
 
 
 def masked_softmax(logits: Array, mask: Array | None) -> tuple[Array, Array]:

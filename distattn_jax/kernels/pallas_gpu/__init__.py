@@ -28,7 +28,9 @@ metric gets a fused kernel too:
   from ``jax.jvp`` of the record's own functions, with the same conventions as :mod:`.metrics.elementwise`
   (ties of ``reduce="max"`` share the gradient, a non-finite root derivative gives 0, ``rescale``).
 
-With ``is_causal`` key tiles entirely above the diagonal are skipped. Segment ids and sequence lengths are
+The programs' logits are in log2 units (log2(e) folded into the per-head scale) so that the softmax runs on
+``exp2``, one GPU instruction; ``lse`` is in natural units at the interface. With ``is_causal`` key tiles
+entirely above the diagonal are skipped. Segment ids and sequence lengths are
 evaluated per tile from ``[B, T]``/``[B, S]`` arrays; lengths that are not multiples of the tile are padded
 inside and the padding masked. ``interpret=True`` runs the same kernel through Pallas' interpreter on any
 backend (CPU in the tests).

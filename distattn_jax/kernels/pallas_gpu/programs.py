@@ -13,8 +13,8 @@ from jax.experimental import pallas as pl
 from distattn_jax.kernels import tiles as tile_core
 from distattn_jax.kernels.pallas_gpu.config import CallConfig
 from distattn_jax.kernels.pallas_gpu.gram import dot
-from distattn_jax.kernels.pallas_gpu.tile import (feature_chunks, form_vjp, loader, logits_to_values,
-                                                  order_params, pair)
+from distattn_jax.kernels.pallas_gpu.tile import (LN2, LOG2E, feature_chunks, form_vjp, loader,
+                                                  logits_to_values, order_params, pair)
 
 
 def forward_program(*refs, cfg: CallConfig, names: list[str]):
@@ -36,7 +36,7 @@ def forward_program(*refs, cfg: CallConfig, names: list[str]):
     k_slice = pl.ds(k_start, bk)
     _, _, logits = pair(cfg, r, load_q, loader(k_ref, dim, k_slice), dim, params, lam, q_start, k_start,
                          slice(None), k_slice)
-    m, probs, correction, l = tile_core.online_step(m, l, logits)
+    m, probs, correction, l = tile_core.online_step(m, l, logits, base2=True)
     v = v_ref[k_slice, :]
     o = o * correction[:, None] + dot(probs.astype(v.dtype), v, precision=cfg.precision)
     return o, m, l
@@ -44,9 +44,9 @@ def forward_program(*refs, cfg: CallConfig, names: list[str]):
   init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
   o, m, l = jax.lax.fori_loop(*tile_core.kv_block_range(cfg.geometry, i, num_k), body, init)
-  out, lse = tile_core.finalize(o, m, l)
+  out, lse2 = tile_core.finalize(o, m, l, base2=True)
   out_ref[...] = out.astype(out_ref.dtype)
-  lse_ref[...] = lse
+  lse_ref[...] = lse2 * LN2  # natural units at the interface (-inf stays -inf)
 
 
 def store_chunks(ref, chunks, parts, dim: int) -> None:
@@ -151,7 +151,7 @@ def dq_program(*refs, cfg: CallConfig, names: list[str], fixed: dict, want_bias:
     load_q = loader(q_ref, dim)
     do = r["do"][...]
     lse = r["lse"][...]
-    lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+    lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse) * LOG2E  # log2 units, as the logits
     delta = r["delta"][...]
     chunks = feature_chunks(cfg, dim)
 
@@ -162,7 +162,7 @@ def dq_program(*refs, cfg: CallConfig, names: list[str], fixed: dict, want_bias:
       load_k = loader(k_ref, dim, k_slice)
       aux, score, logits = pair(cfg, r, load_q, load_k, dim, params, lam, q_start, k_start, slice(None),
                                 k_slice)
-      probs = jnp.exp(logits - lse_safe[:, None])
+      probs = jnp.exp2(logits - lse_safe[:, None])
       v = v_ref[k_slice, :]
       d_probs = dot(do, v, trans_b=True, precision=cfg.precision)
       d_logits = probs * (d_probs - delta[:, None])
@@ -223,7 +223,7 @@ def dkv_program(*refs, cfg: CallConfig, names: list[str]):
     load_q = loader(q_ref, dim, q_slice)
     aux, _, logits = pair(cfg, r, load_q, load_k, dim, params, lam, q_start, k_start, q_slice, slice(None))
     lse = r["lse"][q_slice]
-    probs = jnp.exp(logits - jnp.where(jnp.isneginf(lse), 0.0, lse)[:, None])
+    probs = jnp.exp2(logits - (jnp.where(jnp.isneginf(lse), 0.0, lse) * LOG2E)[:, None])
     do = r["do"][q_slice, :]
     dv = dv + dot(probs.astype(do.dtype), do, trans_a=True, precision=cfg.precision)
     d_probs = dot(do, v, trans_b=True, precision=cfg.precision)

@@ -73,13 +73,22 @@ def tile_allowed(cfg: CallConfig, r: dict, q_start, k_start, q_slice, k_slice, t
   return None if allowed is None else jnp.broadcast_to(allowed, (tq, tk))
 
 
+# The programs' logits are in log2 units, so that the softmax takes exp2 (one instruction on a GPU; exp is exp2
+# after a multiply by log2(e) per element): the factor is folded into the per-head scale here (and multiplies the
+# bias tile), and the forward converts its lse back to natural units at the interface (lse = lse2 * ln 2), the
+# backward the other way per row.
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
 def masked_logits(cfg: CallConfig, r: dict, value, lam, q_slice, k_slice, allowed, tq, tk):
-  scale = 1.0 / math.sqrt(cfg.head_dim)
+  """The score (the negated distance, or the similarity) and the masked logits in log2 units."""
+  scale = LOG2E / math.sqrt(cfg.head_dim)
   score = value if metrics.get(cfg.metric).similarity else -value
   logits = score * (lam * scale)
   if cfg.bias_shape is not None:
     logits = logits + broadcast_tile(r["bias"], cfg.bias_shape, q_slice, k_slice, tq, tk).astype(
-        jnp.float32)
+        jnp.float32) * LOG2E
   if allowed is not None:
     logits = jnp.where(allowed, logits, -jnp.inf)
   return score, logits
@@ -101,7 +110,7 @@ def loader(ref, dim: int, rows=None):
 def pair(cfg: CallConfig, r: dict, load_q, load_k, dim: int, params: tuple, lam, q_start, k_start, q_slice,
           k_slice):
   """One (query tile, key tile) pair as all three kernels see it: the form's residuals, the score (the negated
-  distance, or the similarity) and the masked logits, ``[block_q, block_k]``."""
+  distance, or the similarity) and the masked logits in log2 units, ``[block_q, block_k]``."""
   bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
   value, aux = form_value(cfg, load_q, load_k, dim, params, (bq, bk))
   allowed = tile_allowed(cfg, r, q_start, k_start, q_slice, k_slice, bq, bk)
