@@ -3,6 +3,7 @@
 import json
 import statistics
 
+import pytest
 import scripts
 
 ROOT = scripts.ROOT
@@ -14,6 +15,7 @@ run = scripts.run_script
 SMALL_SELFCHECK = ("--q_len=70", "--kv_len=45", "--block=16")
 
 
+@pytest.mark.slow
 def test_selfcheck_passes_and_lists_every_implementation():
   # Small shapes that still span several 16-wide tiles with lengths no tile divides; one dtype and two metrics
   # (a shipped one and the user-registered Huber distance) keep this under a minute.
@@ -41,19 +43,24 @@ def test_selfcheck_fails_on_a_wrong_kernel(tmp_path):
       "import selfcheck\n"
       "from absl import app\n"
       "app.run(lambda argv: sys.exit(selfcheck.main(argv)))\n")
-  proc = run(script, "--implementations=broken", "--metrics=dot", "--dtypes=float32", *SMALL_SELFCHECK)
+  # One case is enough to catch it (the passing run above covers every case); each case costs two compiles.
+  proc = run(script, "--implementations=broken", "--metrics=dot", "--dtypes=float32", "--cases=causal+bias",
+             *SMALL_SELFCHECK)
   assert proc.returncode == 1, proc.stdout + proc.stderr
-  assert "0/5 cases passed (0.0%)" in proc.stdout and "FAILED" in proc.stdout
+  assert "0/1 cases passed (0.0%)" in proc.stdout and "FAILED causal+bias:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_writes_ratios_measured_against_the_baseline(tmp_path):
   out = tmp_path / "bench.json"
-  proc = run("benchmark.py", "--metrics=l1,dot", "--implementations=reference,blockwise:32x64", "--lengths=64,128",
+  # One metric (the metric is not the subject: every cell is timed the same way), both kinds of implementation
+  # spec (a name, a name with tiles) and two lengths, so each ratio must use its own length's baseline.
+  proc = run("benchmark.py", "--metrics=l1", "--implementations=reference,blockwise:32x64", "--lengths=64,128",
              "--heads=2", "--head_dim=8", "--repeats=2", f"--out={out}")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   report = json.loads(out.read_text())
   rows = report["rows"]
-  assert len(rows) == 2 * (1 + 2 * 2)  # per length: the baseline plus 2 metrics x 2 implementations
+  assert len(rows) == 2 * (1 + 1 * 2)  # per length: the baseline plus 1 metric x 2 implementations
   for row in rows:
     for phase in ("forward", "forward_backward"):
       cell = row[phase]
@@ -66,6 +73,7 @@ def test_benchmark_writes_ratios_measured_against_the_baseline(tmp_path):
   assert "| 128 | l1 | blockwise:32x64 |" in table and "jax.nn.dot_product_attention" in table
 
 
+@pytest.mark.slow
 def test_benchmark_train_mode_reports_tokens_per_second_beside_dot(tmp_path):
   out = tmp_path / "train.json"
   proc = run("benchmark.py", "--mode=train", "--config=configs/lm.py:size=tiny", "--config.model.depth=1",
@@ -81,14 +89,16 @@ def test_benchmark_train_mode_reports_tokens_per_second_beside_dot(tmp_path):
   assert "| l1 |" in out.with_suffix(".md").read_text()
 
 
-def test_benchmark_scaling_mode_reports_ring_memory_and_longest_sequences(tmp_path):
-  # Compile-only on 8 simulated devices (the mode sets them itself): the ring's per-device temporaries are below
-  # the unsharded blockwise kernel's, and its doubling search reaches further under the same budget.
+@pytest.mark.slow
+def test_benchmark_scaling_mode_reports_ring_memory_longest_sequences_and_data_parallel_times(tmp_path):
+  # On 8 simulated devices (the mode sets them itself). Compile-only parts: the ring's per-device temporaries are
+  # below the unsharded blockwise kernel's, and its doubling search reaches further under the same budget (256
+  # fits both, 512 only the ring: two probes each). The timed part at its smallest: one round of one step.
   out, doc = tmp_path / "scaling.json", tmp_path / "scaling.md"
   proc = run("benchmark.py", "--mode=scaling", "--causal", "--scaling_lengths=2048", "--scaling_metrics=dot",
              "--heads=2", "--head_dim=16", "--config=configs/lm.py:size=tiny", "--config.model.depth=1",
-             "--min_train_length=256", "--max_train_length=1024", "--budget_mib=8", f"--out={out}",
-             f"--scaling_doc={doc}")
+             "--min_train_length=256", "--max_train_length=512", "--budget_mib=8", "--per_device_batch=1",
+             "--train_steps=1", "--warmup_steps=0", "--repeats=1", f"--out={out}", f"--scaling_doc={doc}")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   report = json.loads(out.read_text())
   [row] = report["ring_memory"]
@@ -99,7 +109,16 @@ def test_benchmark_scaling_mode_reports_ring_memory_and_longest_sequences(tmp_pa
     fitting = [p["length"] for p in r["probes"] if p["temp_bytes"] <= 8 * 2**20]
     assert r["longest_length"] == (max(fitting) if fitting else None)
   assert longest["ring"]["longest_length"] > longest["blockwise"]["longest_length"]
-  assert "--mode=scaling" in doc.read_text() and "| 2048 | dot |" in doc.read_text()
+  dp = report["data_parallel"]
+  assert (dp["devices"], dp["per_device_batch"], dp["global_batch"]) == (8, 1, 8)
+  t = dp["median_step_seconds"]
+  for name, runs in dp["runs"].items():
+    assert len(runs) == 1 and t[name] == statistics.median(runs) > 0
+  assert dp["ratio_same_per_device_batch"] == t["mesh"] / t["one_device_same_per_device_batch"]
+  assert dp["ratio_per_unit_of_work"] == t["mesh"] / (8 * t["one_device_same_per_device_batch"])
+  assert dp["ratio_same_global_batch"] == t["mesh"] / t["one_device_same_global_batch"]
+  text = doc.read_text()
+  assert "--mode=scaling" in text and "| 2048 | dot |" in text and "| mesh data=8 | 8 (1 per device) |" in text
 
 
 def test_benchmark_transforms_mode_reports_jvp_and_hvp_against_the_kernels_own_passes(tmp_path):
