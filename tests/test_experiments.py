@@ -121,6 +121,7 @@ def test_benchmark_scaling_mode_reports_ring_memory_longest_sequences_and_data_p
   assert "--mode=scaling" in text and "| 2048 | dot |" in text and "| mesh data=8 | 8 (1 per device) |" in text
 
 
+@pytest.mark.slow
 def test_benchmark_transforms_mode_reports_jvp_and_hvp_against_the_kernels_own_passes(tmp_path):
   # The smallest cell: one metric, one length, blockwise tiles so it loops over tiles. Each ratio must be the
   # quotient of the medians (and temporaries) this run measured, not a figure from elsewhere.
