@@ -77,7 +77,7 @@ DEFAULT_TILES: dict[tuple[str, int, str], Tiles] = {
 
 def default_tiles(metric: str, p: Any, head_dim: int, dtype: Any = "float32") -> Tiles:
   """The default tiles for ``metric`` at order ``p``, ``head_dim`` features and the ``dtype`` the programs load:
-  :data:`DEFAULT_TILES`'s entry (its comment gives the reasoning; none is measured yet), with a gram form's
+  ``DEFAULT_TILES``'s entry (its comment gives the reasoning; none is measured yet), with a gram form's
   ``block_d`` the padded width (a gram form takes every feature at once) and an elementwise form's at most
   that."""
   form = metrics.get(metric).resolve(p if isinstance(p, float) else None)
