@@ -180,17 +180,16 @@ def _batch(args, dims, *, maps: _Maps):
     return transpose
 
   transpose = transpose_of(maps.transpose)
-  transpose_keep = None
-  if maps.transpose_keep is not None:
-    def transpose_keep(keep, *a):
-      return transpose_of(functools.partial(maps.transpose_keep, keep))(*a)
+  def transpose_keep(keep, *a):
+    return transpose_of(functools.partial(maps.transpose_keep, keep))(*a)
 
   def batched(avals, in_axes):
     return tuple(a if ax is None else jax.core.ShapedArray((size,) + a.shape, a.dtype)
                  for a, ax in zip(avals, in_axes))
 
   new = _Maps(fun, transpose, batched(maps.res_avals, axes[:maps.num_res]), batched(maps.lin_avals, lin_axes),
-              batched(maps.out_avals, [0] * num_out), transpose_keep=transpose_keep)
+              batched(maps.out_avals, [0] * num_out),
+              transpose_keep=None if maps.transpose_keep is None else transpose_keep)
   return _linear_call_p.bind(*args, maps=new), [0] * num_out
 
 

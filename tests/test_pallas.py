@@ -265,6 +265,10 @@ def test_bias_gradient_is_the_bias_shape_and_absent_when_not_needed():
   assert len(calls) == 3 and not [s for _, outs in calls for s in outs if len(s) == 4 and s[-1] == n], calls
   calls = _pallas_outputs(jax.grad(loss, 0), q, k, v, lam, bias)
   assert [name for name, _ in calls] == ["distance_attention_fwd", "distance_attention_dq"], calls
+  # The same under vmap (the batched linear map keeps the needed-cotangent information).
+  mapped = lambda q, *rest: jnp.sum(jax.vmap(loss, (0, None, None, None, None))(q, *rest))  # noqa: E731
+  calls = _pallas_outputs(jax.grad(mapped, 0), jnp.stack([q, q]), k, v, lam, bias)
+  assert [name for name, _ in calls] == ["distance_attention_fwd", "distance_attention_dq"], calls
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def dq_program(*refs, cfg: CallConfig, names: list[str], fixed: dict, want_bias:
     # The bias gradient reduced to the bias's axes inside the tile: summed over the rows where it broadcasts over
     # the queries (one row per query tile), over the columns where it broadcasts over the keys.
     rows_b, cols_b = cfg.bias_shape[2] == 1, cfg.bias_shape[3] == 1
-    tb, sb = (1 if rows_b else bq), (1 if cols_b else bk)
+    tb = 1 if rows_b else bq
 
     def reduce_bias(d_logits):
       if rows_b:
