@@ -440,3 +440,14 @@ def test_compiled_on_gpu_matches_reference(metric):
   # product, as experiments/selfcheck.py allows for), the fused kernel's are IEEE float32.
   _compare(metric, p=3.0, tol=2e-3, kernel=kernels.Pallas(block_q=32, block_k=32), is_causal=True, q_len=100,
            kv_len=70, heads=4, kv_heads=2, dim=64)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("shape", [(1, 1, 100, 70), (2, 1, 1, 70), (2, 4, 100, 70)])
+def test_compiled_on_gpu_bias_gradients_match_reference(shape):
+  # A bias shared by the batch or the heads is summed by one dq program looping over them, adding into its own
+  # output tile (a load after a store in one Triton program); compiled, that must give the reference's gradient.
+  bias = jax.random.normal(jax.random.PRNGKey(11), shape, jnp.float32)
+  _compare("l1", bias=bias, tol=2e-3, kernel=kernels.Pallas(block_q=32, block_k=32), is_causal=True, batch=2,
+           q_len=100, kv_len=70, heads=4, kv_heads=2, dim=64)
+
