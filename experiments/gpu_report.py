@@ -24,6 +24,11 @@ B. Speed: median of 5 calls after a warm-up, bfloat16, batch 1, 16 heads, N = 81
 C. Memory: a ``[1, 1, T, S]`` float32 bias at N = 4096 (batch 1, 16 heads, head_dim 64), forward+backward with
    the bias's gradient: the compiled program's temporaries and its whole footprint (arguments, outputs and
    temporaries) for cuDNN, the routed, fused, blockwise and reference kernels.
+D. Tiles (only with ``--parts`` naming D; the default budget has no room for it): the fused kernel's
+   forward+backward at part B's shape and head_dim 64 for dot and l1 over :data:`TILE_SWEEP`'s candidates
+   (``Pallas(block_q=, block_k=, block_d=, num_warps=, num_stages=)``), the default first, so that
+   ``distattn_jax/kernels/pallas_gpu/config.py``'s unmeasured ``DEFAULT_TILES`` can be replaced by the fastest.
+   With D the deadlines are A 40%, B 70%, C 80% and D the rest of the budget.
 
 With ``--dry_run`` the shapes shrink to a few dozen positions, the fused kernel runs through Pallas' interpreter
 and XLA's attention stands in for cuDNN (in the baseline and the routed kernel), so it runs on a CPU: about 4
@@ -100,6 +105,19 @@ class Report:
     tmp = self.path.with_suffix(".tmp")
     tmp.write_text(json.dumps(self.doc, indent=1, default=str))
     os.replace(tmp, self.path)  # a reader never sees half a file
+
+
+# Part D's candidates per metric (None: the default tiles): around the defaults, one step each way in the tile,
+# the warps and the pipeline depth.
+TILE_SWEEP: dict[str, tuple[dict[str, int] | None, ...]] = {
+    "dot": (None, dict(block_q=64, block_k=64), dict(block_q=128, block_k=128, num_warps=8),
+            dict(block_q=128, block_k=64, num_stages=2), dict(block_q=128, block_k=64, num_stages=4),
+            dict(block_q=64, block_k=32, num_warps=2)),
+    "l1": (None, dict(block_q=32, block_k=32), dict(block_q=64, block_k=64, num_warps=8),
+           dict(block_d=16), dict(block_d=4), dict(num_stages=2), dict(num_warps=8)),
+}
+DRY_TILE_SWEEP: dict[str, tuple[dict[str, int] | None, ...]] = {
+    "dot": (None, dict(block_q=32, block_k=16, num_warps=2)), "l1": (None, dict(block_d=4, num_stages=2))}
 
 
 def kernels_under_test(dry_run: bool, names: list[str]) -> dict[str, Any]:
@@ -317,6 +335,30 @@ def part_c(report: Report, sizes: Sizes, kernels: dict[str, Any], deadline: floa
 # The markdown page.
 
 
+def part_d(report: Report, sizes: Sizes, metrics: list[str], deadline: float, dry_run: bool) -> None:
+  n, h, dim = sizes.speed_n, sizes.speed_heads, sizes.memory_dim
+  rng = np.random.default_rng(dim)
+  args = tuple(jnp.asarray(rng.standard_normal((1, n, h, dim)), jnp.bfloat16) for _ in range(3))
+  args += (jnp.ones((h,), jnp.float32),)
+  sweep = DRY_TILE_SWEEP if dry_run else TILE_SWEEP
+  for metric in [m for m in metrics if m in sweep]:
+    for candidate in sweep[metric]:
+      settings = dict(candidate or {}, **({"block_q": 16, "block_k": 16} if dry_run and not candidate else {}))
+      kernel = da.kernels.Pallas(interpret=dry_run, **settings)
+      tiles = kernel.tiles(metric, LP_ORDER, dim, n, n, "bfloat16")
+      cell = {"metric": metric, "head_dim": dim, "n": n, "heads": h, "default": candidate is None,
+              "tiles": dataclasses.asdict(tiles)}
+      if time.perf_counter() > deadline:
+        report.add("tiles", {**cell, "status": "skipped: time budget"})
+        continue
+      try:
+        cell["forward_backward"] = median_seconds(speed_functions(kernel, metric, dry_run)[1], args, sizes.repeats)
+        cell["status"] = "measured"
+      except Exception as e:  # noqa: BLE001  (reported in the cell)
+        cell["status"] = f"error: {type(e).__name__}: {e}"[:500]
+      report.add("tiles", cell)
+
+
 def _ms(phase: dict | None) -> str:
   return f"{phase['seconds'] * 1e3:.2f}" if phase and "seconds" in phase else "-"
 
@@ -382,6 +424,16 @@ def markdown(doc: dict[str, Any]) -> str:
   for c in doc.get("memory", []):
     mib = lambda key: f"{c[key] / 2**20:.1f}" if key in c else c.get("status", "-")[:60]  # noqa: E731
     lines.append(f"| {c['implementation']} | {c['metric']} | {mib('temp_bytes')} | {mib('footprint_bytes')} |")
+  if doc.get("tiles"):
+    lines += ["", "## D. Tiles", "", f"The fused kernel's forward+backward, bfloat16, batch 1, {s['speed_heads']} "
+              f"heads, N = {s['speed_n']}, head_dim {s['memory_dim']}; ms (the default tiles marked *).", "",
+              "| metric | block_q | block_k | block_d | num_warps | num_stages | forward+backward |",
+              "|---|---|---|---|---|---|---|"]
+    for c in doc["tiles"]:
+      t = c["tiles"]
+      time_ms = _ms(c.get("forward_backward")) if c.get("status") == "measured" else c.get("status", "")[:60]
+      lines.append(f"| {c['metric']}{' *' if c['default'] else ''} | {t['block_q']} | {t['block_k']} | "
+                   f"{t['block_d']} | {t['num_warps']} | {t['num_stages']} | {time_ms} |")
   timing = doc.get("part_seconds", {})
   lines += ["", "Time per part (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items())]
   return "\n".join(lines) + "\n"
@@ -395,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dry_run", action="store_true", help="tiny shapes, interpreted fused kernel, XLA for cuDNN")
   parser.add_argument("--budget_seconds", type=float, default=450.0)
   parser.add_argument("--metrics", default=None, help="comma-separated (default: every registered metric)")
-  parser.add_argument("--parts", default="A,B,C")
+  parser.add_argument("--parts", default="A,B,C", help="comma-separated, of A, B, C and D (the tile sweep)")
   parser.add_argument("--skip_tests", action="store_true", help="leave out part A's pytest run")
   parser.add_argument("--kernels", default="pallas,routed", help="the kernels under test, beside cuDNN, the "
                       "blockwise and the reference kernels (with --dry_run, routed alone skips the slow "
@@ -420,9 +472,10 @@ def main(argv: list[str] | None = None) -> int:
   kernels = kernels_under_test(args.dry_run, args.kernels.split(","))
   parts = args.parts.split(",")
   budget = args.budget_seconds
-  deadlines = {"A": t0 + 0.5 * budget, "B": t0 + 0.88 * budget, "C": t0 + budget}
+  shares = {"A": 0.4, "B": 0.7, "C": 0.8, "D": 1.0} if "D" in parts else {"A": 0.5, "B": 0.88, "C": 1.0}
+  deadlines = {part: t0 + share * budget for part, share in shares.items()}
   report.doc["part_seconds"] = {}
-  for part in ("A", "B", "C"):
+  for part in ("A", "B", "C", "D"):
     if part not in parts:
       continue
     start = time.perf_counter()
@@ -430,8 +483,10 @@ def main(argv: list[str] | None = None) -> int:
       part_a(report, sizes, kernels, metric_names, deadlines["A"], not args.skip_tests)
     elif part == "B":
       part_b(report, sizes, kernels, metric_names, deadlines["B"], args.dry_run)
-    else:
+    elif part == "C":
       part_c(report, sizes, kernels, deadlines["C"], args.dry_run)
+    else:
+      part_d(report, sizes, metric_names, deadlines["D"], args.dry_run)
     report.doc["part_seconds"][part] = time.perf_counter() - start
     report.save()
   report.doc["seconds"] = time.perf_counter() - t0

@@ -33,3 +33,16 @@ def test_dry_run_writes_every_part(tmp_path):
   page = (tmp_path / "report.md").read_text()
   for heading in ("## A. Correctness", "## B. Speed", "## C. Memory", "DRY RUN"):
     assert heading in page
+
+
+def test_dry_run_tile_sweep(tmp_path):
+  # Part D times the fused kernel (interpreted here) over its tile candidates, the default first.
+  out = tmp_path / "report.json"
+  code = gpu_report.main(["--dry_run", "--parts=D", "--kernels=pallas", "--metrics=dot", f"--out={out}"])
+  assert code == 0
+  cells = json.loads(out.read_text())["tiles"]
+  assert [c["default"] for c in cells] == [True, False]
+  assert all(c["status"] == "measured" and c["forward_backward"]["seconds"] > 0 for c in cells)
+  assert cells[1]["tiles"] == {"block_q": 32, "block_k": 16, "block_d": 16, "num_warps": 2, "num_stages": 3}
+  assert "## D. Tiles" in (tmp_path / "report.md").read_text()
+
