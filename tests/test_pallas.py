@@ -424,6 +424,29 @@ def test_lowers_for_cuda_forward_and_backward(metric, dtype, dim):
   assert "__nv_exp2f" in text and "__nv_expf" not in text
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 40, 40), (2, 1, 1, 40), (1, 2, 40, 1)])
+def test_lowers_for_cuda_with_a_broadcast_bias_gradient(shape):
+  """The dq program that loops over the batch or heads a bias is shared by (and reduces its rows or columns)
+  lowers for CUDA; its bias gradient is the bias's shape (one row per query tile where it broadcasts over T)."""
+  kernel = kernels.Pallas(block_q=32, block_k=32)
+  q, k, v, lam = _inputs(2, batch=2, q_len=40, kv_len=40, dtype=jnp.bfloat16, dim=64)
+  bias = jnp.zeros(shape, jnp.float32)
+
+  def loss(q, k, v, lam, bias):
+    result = kernel(q, k, v, lam=lam, bias=bias, mask=None, segments=None, local_window=None, metric="l1",
+                    p=2.0, is_causal=True, dropout=None, precision=None, return_weights=False)
+    return jnp.sum(result.out.astype(jnp.float32)) + jnp.sum(result.lse)
+
+  grad = jax.grad(loss, (0, 1, 2, 3, 4))
+  with compat.gpu_lowering_target():
+    text = jax.jit(grad).trace(q, k, v, lam, bias).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 3
+  dq_outputs = dict(_pallas_outputs(grad, q, k, v, lam, bias))["distance_attention_dq"]
+  padded = tuple(64 if n == 40 else n for n in shape)  # 40 positions in two 32-long tiles
+  want = padded[:2] + ((2,) if shape[2] == 1 else (64,)) + padded[3:]
+  assert dq_outputs[-1] == want, dq_outputs
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("metric", ["dot", "l1", "lp"])
 def test_compiled_on_gpu_matches_reference(metric):
