@@ -20,9 +20,9 @@ def test_dry_run_writes_every_part(tmp_path):
   assert doc["dry_run"] and doc["tests"]["status"] == "skipped"
   cells = {(c["kernel"], c["metric"], c["causal"]): c for c in doc["correctness"]}
   assert set(cells) == {("routed", "dot", False), ("routed", "dot", True)}
-  for cell in cells.values():
+  for cell in cells.values():  # the routed kernel returns no lse (jax.nn's carries no gradient): not compared
     assert cell["status"] == "measured" and cell["passed"] and set(cell["errors"]) == {
-        "out", "lse", "dq", "dk", "dv", "dlam"}
+        "out", "dq", "dk", "dv", "dlam"}
   timed = {(c["implementation"], c["metric"], c["head_dim"]) for c in doc["speed"]
            if all("seconds" in c[phase] for phase in ("forward", "forward_backward"))}
   assert timed == {(name, metric, dim) for dim in (16,)
