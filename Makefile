@@ -31,7 +31,8 @@ tour: $(STAMP)
 	$(PY) experiments/examples.py
 
 # Tests are compile-bound and XLA compiles on one thread, so one pytest worker per core (pytest-xdist); compiled
-# programs persist in .jax_cache/ (tests/conftest.py), so a rerun compiles only what changed.
+# programs persist in ~/.cache/distattn_jax (tests/conftest.py), so a rerun, from this clone or a fresh one,
+# compiles only what changed.
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto tests
 
@@ -46,4 +47,4 @@ docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -n -q -b html -d docs/_build/doctrees docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) build *.egg-info .jax_cache .wheelhouse docs/_build
+	rm -rf $(VENV) build *.egg-info docs/_build

@@ -4,11 +4,13 @@ persistent compilation cache, and shared helpers."""
 import os
 import pathlib
 
-# The suite is compile-bound: XLA's executables persist in a git-ignored folder of the checkout, so a rerun
-# (and every pytest-xdist worker, and the programs the tests start as subprocesses, which inherit these
-# variables) loads what an earlier run compiled. Small compiles count too: the threshold is 0 s. A variable
-# already set wins; JAX_ENABLE_COMPILATION_CACHE=false turns the cache off.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"))
+# The suite is compile-bound: XLA's executables persist in the user's cache folder (not the checkout, so a fresh
+# clone of the same code loads them too; JAX keys each entry by the program, the compile options and the jax
+# version, so a changed kernel compiles afresh), and every pytest-xdist worker and every program the tests start
+# as a subprocess (they inherit these variables) loads what an earlier run compiled. Small compiles count too:
+# the threshold is 0 s. A variable already set wins; JAX_ENABLE_COMPILATION_CACHE=false turns the cache off.
+CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "distattn_jax"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402

@@ -3,8 +3,9 @@ into a fresh virtual environment and used from a folder outside the checkout: th
 module compute what Flax computes, the subpackages that need an extra say which, and the engines find their
 example inputs in the installed copy. Also, without a wheel: what each extra guards and where the data lives.
 
-The wheels for the fresh environment come from ``.wheelhouse/`` (git-ignored), filled once by ``pip download``
-(PyPI or the machine's configured index) at the versions of requirements.lock; every install after that is
+The wheels for the fresh environment come from a wheelhouse in the user's cache folder
+(``~/.cache/distattn_jax/wheelhouse``, so a fresh clone reuses it), filled once by ``pip download`` (PyPI or
+the machine's configured index) at the versions of requirements.lock; every install after that is
 ``--no-index``, so a warm run needs no network.
 """
 
@@ -26,7 +27,7 @@ import pytest
 from distattn_jax import extras
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-WHEELHOUSE = ROOT / ".wheelhouse"
+WHEELHOUSE = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "distattn_jax" / "wheelhouse"
 LOCK = ROOT / "requirements.lock"
 CORE = ("jax", "jaxlib", "flax", "optax", "chex", "numpy")
 # What the wheel and the [engines] extra need beyond the core set (setuptools builds the wheel).
@@ -46,11 +47,11 @@ def _pip(python, *args, **kw) -> subprocess.CompletedProcess:
 
 
 def _wheelhouse() -> pathlib.Path:
-  """``.wheelhouse/`` holding every wheel the fresh environment and the build need, at the lock's versions."""
+  """The wheelhouse holding every wheel the fresh environment and the build need, at the lock's versions."""
   stamp = WHEELHOUSE / "STAMP"
   key = hashlib.sha256((LOCK.read_text() + "\n".join(WHEELHOUSE_REQUIREMENTS)).encode()).hexdigest()
   if not (stamp.exists() and stamp.read_text() == key):
-    WHEELHOUSE.mkdir(exist_ok=True)
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     _pip(sys.executable, "download", "--quiet", "--dest", WHEELHOUSE, "--constraint", LOCK,
          *WHEELHOUSE_REQUIREMENTS, timeout=900)
     stamp.write_text(key)
