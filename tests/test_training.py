@@ -100,6 +100,7 @@ def test_every_default_validates():
 # --- optimizer ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lambda_and_p_are_labelled_into_their_own_group():
   config = small_config(**{"model.metric": "lp", "model.learnable_p": True})
   model = TruthGPT(training.validate(config))
@@ -184,10 +185,20 @@ def _state(config):
   return loop.build(config)[1]
 
 
-def test_gradient_accumulation_equals_the_whole_batch_step():
+# One jitted step for the module: calls with the shared fresh state reuse its compiled program.
+TRAIN_STEP = jax.jit(steps.train_step)
+
+
+@pytest.fixture(scope="module")
+def fresh():
+  """The freshly initialised state of small_config(), built once for the module (its arrays are immutable)."""
+  return _state(small_config())
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_whole_batch_step(fresh):
   # With SGD at learning rate 1 the parameter change is minus the gradient, so the gradients themselves compare.
-  state = _state(small_config())
-  state = steps.TrainState.create(apply_fn=state.apply_fn, params=state.params, tx=optax.sgd(1.0))
+  state = steps.TrainState.create(apply_fn=fresh.apply_fn, params=fresh.params, tx=optax.sgd(1.0))
   batch, key = windows(1), steps.dropout_key(0)
   whole, m1 = jax.jit(steps.train_step)(state, batch, key)
   accumulated, m2 = jax.jit(lambda s, b, k: steps.train_step(s, b, k, grad_accum=2))(state, batch, key)
@@ -197,14 +208,14 @@ def test_gradient_accumulation_equals_the_whole_batch_step():
   assert int(accumulated.step) == 1
 
 
-def test_train_step_loss_is_the_mean_next_token_cross_entropy_and_eval_sums_it():
-  config = small_config()
-  state = _state(config)
+@pytest.mark.slow
+def test_train_step_loss_is_the_mean_next_token_cross_entropy_and_eval_sums_it(fresh):
+  state = fresh
   batch = windows(2)
   logits = jax.jit(state.apply_fn)({"params": state.params}, batch[:, :-1])
   log_probs = jax.nn.log_softmax(np.asarray(logits, np.float64))
   want = -np.mean(np.take_along_axis(np.asarray(log_probs), np.asarray(batch[:, 1:, None]), -1))
-  _, metrics = jax.jit(steps.train_step)(state, batch, steps.dropout_key(0))
+  _, metrics = TRAIN_STEP(state, batch, steps.dropout_key(0))
   np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
   totals = jax.jit(steps.eval_step)(state, batch)
   np.testing.assert_allclose(totals["nll_sum"] / totals["tokens"], want, rtol=1e-5)
@@ -212,12 +223,13 @@ def test_train_step_loss_is_the_mean_next_token_cross_entropy_and_eval_sums_it()
   np.testing.assert_allclose(steps.bits_per_byte(totals["nll_sum"], totals["tokens"]), want / math.log(2), rtol=1e-5)
 
 
-def test_train_step_reports_the_gradient_norm_and_flags_parameters_its_loss_cannot_show(tmp_path):
-  state = _state(small_config())
+@pytest.mark.slow
+def test_train_step_reports_the_gradient_norm_and_flags_parameters_its_loss_cannot_show(tmp_path, fresh):
+  state = fresh
   batch, key = windows(4), steps.dropout_key(0)
   loss, grads = jax.jit(steps.loss_and_grads)(state, batch, jax.random.fold_in(key, 0))
   want_norm = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in jax.tree.leaves(grads)))
-  _, healthy = jax.jit(steps.train_step)(state, batch, key)
+  _, healthy = TRAIN_STEP(state, batch, key)
   np.testing.assert_allclose(healthy["grad_norm"], want_norm, rtol=1e-5)
   assert bool(healthy["params_finite"])
   # SGD at an infinite learning rate sends every parameter with a nonzero gradient to +-inf: the loss and the
@@ -235,7 +247,8 @@ def test_train_step_reports_the_gradient_norm_and_flags_parameters_its_loss_cann
   ckpts.close()
 
 
-def test_training_with_the_blockwise_kernel_follows_the_reference_kernel(monkeypatch):
+@pytest.mark.slow
+def test_training_with_the_blockwise_kernel_follows_the_reference_kernel(monkeypatch, fresh):
   # 8 x 8 tiles split the 16 positions into 2 x 2 tiles, so the online softmax, the causal block skipping and the
   # custom backward all take part (the default tiles would hold the whole sequence in one).
   monkeypatch.setattr(blockwise, "default_blocks", lambda metric, p=2.0: (8, 8))
@@ -257,9 +270,10 @@ def test_training_with_the_blockwise_kernel_follows_the_reference_kernel(monkeyp
   # gradient moves its parameter by a rounding-level fraction of the 3e-3 learning rate: the params agree to
   # well under one step's 3e-3 (measured: at most 5.4e-6 after three steps; 5e-5 leaves a factor of ten).
   chex.assert_trees_all_close(blk_state.params, ref_state.params, rtol=0, atol=5e-5)
-  assert not np.allclose(blk_state.params["embed"]["embedding"], _state(small_config()).params["embed"]["embedding"])
+  assert not np.allclose(blk_state.params["embed"]["embedding"], fresh.params["embed"]["embedding"])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights_and_optimizer_state():
   state = _state(small_config(**{"model.dtype": "bfloat16"}))
   new, metrics = jax.jit(steps.train_step)(state, windows(3), steps.dropout_key(0))
@@ -268,8 +282,8 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_optimizer_state():
   assert np.isfinite(float(metrics["loss"]))
 
 
-def test_lambda_values_are_the_exponentials_of_the_stored_logs():
-  state = _state(small_config())
+def test_lambda_values_are_the_exponentials_of_the_stored_logs(fresh):
+  state = fresh
   values = steps.lambda_values(state.params)
   np.testing.assert_allclose(values["block_0/attention/lambda"],
                              np.exp(state.params["trunk"]["block_0"]["attention"]["log_lambda"]), rtol=1e-7)
@@ -278,8 +292,7 @@ def test_lambda_values_are_the_exponentials_of_the_stored_logs():
 # --- checkpoints --------------------------------------------------------------------------------------------
 
 
-def _checkpointed(tmp_path, saves=(3, 6)):
-  state = _state(small_config())
+def _checkpointed(tmp_path, state, saves=(3, 6)):
   ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
   states = {}
   for step in saves:
@@ -289,16 +302,16 @@ def _checkpointed(tmp_path, saves=(3, 6)):
   return state, states
 
 
-def test_restore_returns_the_newest_checkpoint_exactly(tmp_path):
-  fresh, states = _checkpointed(tmp_path)
+def test_restore_returns_the_newest_checkpoint_exactly(tmp_path, fresh):
+  fresh, states = _checkpointed(tmp_path, fresh)
   restored = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3).restore_latest(fresh)
   assert int(restored.step) == 6
   chex.assert_trees_all_equal(restored.params, states[6].params)
   chex.assert_trees_all_equal(restored.opt_state, states[6].opt_state)
 
 
-def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint_as_the_latest(tmp_path, monkeypatch):
-  fresh, states = _checkpointed(tmp_path, saves=(3,))
+def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint_as_the_latest(tmp_path, fresh, monkeypatch):
+  fresh, states = _checkpointed(tmp_path, fresh, saves=(3,))
 
   async def killed(self):
     raise OSError("killed mid-save")
@@ -324,8 +337,8 @@ def _truncate_largest_file(directory: pathlib.Path) -> None:
 
 @pytest.mark.parametrize("damage", [_truncate_largest_file, lambda step: (step / "default" / "_METADATA").unlink()],
                          ids=["truncated", "metadata_missing"])
-def test_a_damaged_latest_checkpoint_is_set_aside_for_the_previous_one(tmp_path, caplog, damage):
-  fresh, states = _checkpointed(tmp_path)
+def test_a_damaged_latest_checkpoint_is_set_aside_for_the_previous_one(tmp_path, fresh, caplog, damage):
+  fresh, states = _checkpointed(tmp_path, fresh)
   damage(tmp_path / "ckpt" / "6")
   ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
   restored = ckpts.restore_latest(fresh)
@@ -352,8 +365,9 @@ def _wrapped_storage_error(status):
     ("restore", _wrapped_storage_error("PERMISSION_DENIED")),
     ("item_metadata", OSError(5, "Input/output error")),
 ])
-def test_a_read_failure_that_is_not_corruption_propagates_and_moves_nothing(tmp_path, monkeypatch, method, error):
-  fresh, _ = _checkpointed(tmp_path)
+def test_a_read_failure_that_is_not_corruption_propagates_and_moves_nothing(tmp_path, fresh, monkeypatch, method,
+                                                                           error):
+  fresh, _ = _checkpointed(tmp_path, fresh)
 
   def fail(self, *args, **kwargs):
     raise error
@@ -376,16 +390,15 @@ def test_only_errors_about_the_files_count_as_an_unreadable_checkpoint():
   assert not checkpoint.is_unreadable(Exception("no cause"))
 
 
-def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
-  fresh, _ = _checkpointed(tmp_path)
+def test_no_readable_checkpoint_is_a_clear_error(tmp_path, fresh):
+  fresh, _ = _checkpointed(tmp_path, fresh)
   for step in ("3", "6"):
     _truncate_largest_file(tmp_path / "ckpt" / step)
   with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint in .*ckpt; every step failed"):
     checkpoint.Checkpoints(tmp_path / "ckpt", keep=3).restore_latest(fresh)
 
 
-def _saved_with_fingerprint(tmp_path, config):
-  state = _state(config)
+def _saved_with_fingerprint(tmp_path, config, state):
   ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
   ckpts.save(state.replace(step=jnp.asarray(5)), {"config": training.fingerprint(config)})
   ckpts.close()
@@ -411,8 +424,8 @@ def test_the_fingerprint_holds_the_computation_fields_and_not_the_cadence_or_sam
   assert training.fingerprint(small_config(**{"model.p": 3.0}))["sha256"] != a["sha256"]
 
 
-def test_resuming_with_other_computation_fields_is_an_error_listing_them_unless_allowed(tmp_path):
-  state = _saved_with_fingerprint(tmp_path, small_config())
+def test_resuming_with_other_computation_fields_is_an_error_listing_them_unless_allowed(tmp_path, fresh):
+  state = _saved_with_fingerprint(tmp_path, small_config(), fresh)
   # Cadence and sampling fields are not part of the fingerprint: resuming with new ones is fine.
   same = small_config(**{"train.log_every": 1, "train.checkpoint_every": 1, "sample.length": 3})
   assert int(_resume(tmp_path, state, same).step) == 5
@@ -426,8 +439,8 @@ def test_resuming_with_other_computation_fields_is_an_error_listing_them_unless_
   assert int(_resume(tmp_path, state, allowed).step) == 5
 
 
-def test_resuming_with_another_step_budget_needs_its_own_option(tmp_path):
-  state = _saved_with_fingerprint(tmp_path, small_config())
+def test_resuming_with_another_step_budget_needs_its_own_option(tmp_path, fresh):
+  state = _saved_with_fingerprint(tmp_path, small_config(), fresh)
   message = (r"ckpt/5 was trained with train.steps=10, which sets the length of the learning-rate schedule; "
              r"this run asks for train.steps=20. Resume with train.allow_steps_change=True")
   with pytest.raises(training.ConfigChangedError, match=message):
@@ -438,8 +451,8 @@ def test_resuming_with_another_step_budget_needs_its_own_option(tmp_path):
   assert int(_resume(tmp_path, state, extended).step) == 5
 
 
-def test_a_checkpoint_without_a_fingerprint_is_resumed_only_when_allowed(tmp_path):
-  fresh, states = _checkpointed(tmp_path)  # saved without metadata
+def test_a_checkpoint_without_a_fingerprint_is_resumed_only_when_allowed(tmp_path, fresh):
+  fresh, states = _checkpointed(tmp_path, fresh)  # saved without metadata
   with pytest.raises(training.ConfigChangedError, match=r"ckpt/6 has no config fingerprint"):
     _resume(tmp_path, fresh, small_config())
   restored = _resume(tmp_path, fresh, small_config(**{"train.allow_config_change": True}))
@@ -507,6 +520,7 @@ def test_compile_with_stats_returns_the_compiled_function_and_its_costs():
   assert stats["compile_seconds"] > 0 and stats["output_bytes"] == 8 * 8 * 4
 
 
+@pytest.mark.slow
 def test_training_throughput_is_timed_steps_times_tokens_over_their_seconds(monkeypatch):
   ticks = iter([0.0, 2.0])  # the loop module's only two clock reads: around the timed steps
   monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
@@ -514,8 +528,9 @@ def test_training_throughput_is_timed_steps_times_tokens_over_their_seconds(monk
   assert tokens_per_second == 5 * 4 * 16 / 2.0
 
 
-def test_a_checkpoint_of_another_model_is_an_error_and_is_left_in_place(tmp_path):
-  _checkpointed(tmp_path)
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_an_error_and_is_left_in_place(tmp_path, fresh):
+  _checkpointed(tmp_path, fresh)
   wider = _state(small_config(**{"model.mlp_dim": 48}))
   with pytest.raises(checkpoint.CheckpointError, match=r"ckpt/6 was written by a different model or optimizer "
                      r"configuration \(shapes differ: .*fc_in/bias: saved \(64,\), expected \(48,\)"):
