@@ -54,6 +54,7 @@ def one_device():
   return train(small_config())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=4, fsdp=2),
                                   dict(data=2, seq=4)], ids=str)
 def test_training_on_a_mesh_equals_one_device(one_device, mesh):
@@ -96,6 +97,7 @@ def test_each_process_builds_its_rows_and_the_global_batch_is_split_over_the_bat
   np.testing.assert_array_equal(data.eval_batches(2, slice(4, 8))[1], data.eval_batches(2)[1][4:8])
 
 
+@pytest.mark.slow
 def test_pmap_train_step_equals_the_jitted_step(one_device):
   _, want, want_losses = one_device
   n = jax.local_device_count()
@@ -113,6 +115,7 @@ def test_pmap_train_step_equals_the_jitted_step(one_device):
                                 jax.device_get(want.params), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_run_checkpointed_on_data_8_resumes_on_data_2_fsdp_4_with_the_same_records(tmp_path):
   config = lambda **mesh: small_config(**{"train.steps": 8, **{f"mesh.{k}": v for k, v in mesh.items()}})
   training.train_and_evaluate(config(data=8), tmp_path / "whole")
