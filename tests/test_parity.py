@@ -43,6 +43,7 @@ def test_attention_fn_equals_flax_on_every_row_of_a_padded_batch():
   np.testing.assert_allclose(zero[0, :5], np.asarray(want)[0, :5], **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", da.kernels.Blockwise(8, 8)])
 def test_mean_rows_with_dropout_equal_flax(impl):
   # The fully masked rows under dropout: uniform weights dropped with Flax's draw, in both kernels.
@@ -56,6 +57,7 @@ def test_mean_rows_with_dropout_equal_flax(impl):
     chex.assert_trees_all_close(got, want, **TOL)
 
 
+@pytest.mark.slow
 def test_multi_head_attention_with_padding_masks_and_dropout_is_unchanged_by_the_swap():
   x = normal(2, (2, 7, 16), np.float32)
   mask = padding_mask()
@@ -70,6 +72,7 @@ def test_multi_head_attention_with_padding_masks_and_dropout_is_unchanged_by_the
     chex.assert_trees_all_close(got_state, want_state, **TOL)  # sown weights, fully masked rows included
 
 
+@pytest.mark.slow
 def test_causal_mask_and_is_causal_equal_flax_and_jax_nn():
   q, k, v = qkv(3, t=6, s=9)
   causal = nn.make_causal_mask(jnp.ones((2, 9)))[..., :6, :]
@@ -88,6 +91,7 @@ def test_bias_and_mask_together_equal_flax():
                               nn.dot_product_attention(q, k, v, bias=bias, mask=mask), **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("force_fp32", [False, True])
 def test_mixed_precision_dtypes_follow_flax(force_fp32):
   # Flax: q, k, v promoted to dtype; with force_fp32_for_softmax and a narrower dtype the weights stay float32
@@ -121,6 +125,7 @@ def test_explicit_dtype_promotes_like_flax():
     assert DOT(q16, k, v, dtype=dtype).dtype == nn.dot_product_attention(q16, k, v, dtype=dtype).dtype
 
 
+@pytest.mark.slow
 def test_dropout_draws_equal_flax_for_the_same_rng():
   q, k, v = qkv(9, b=3)
   for broadcast in (True, False):
@@ -128,6 +133,7 @@ def test_dropout_draws_equal_flax_for_the_same_rng():
     chex.assert_trees_all_close(DOT(q, k, v, **kw), nn.dot_product_attention(q, k, v, **kw), **TOL)
 
 
+@pytest.mark.slow
 def test_cached_decoding_through_multi_head_attention_equals_the_default():
   # Flax builds the decode-step mask from its cache index; prompt-free, one token at a time.
   length = 6
@@ -145,6 +151,7 @@ def test_cached_decoding_through_multi_head_attention_equals_the_default():
     cache_flax, cache_ours = cache_flax["cache"], cache_ours["cache"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", da.kernels.Blockwise(8, 8)])
 def test_grouped_query_attention_equals_jax_nn(impl):
   q, k, v = qkv(13, t=19, s=21, h=6, kv=2)
@@ -154,6 +161,7 @@ def test_grouped_query_attention_equals_jax_nn(impl):
         jax.nn.dot_product_attention(q, k, v, is_causal=causal), **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", da.kernels.Blockwise(8, 8)])
 def test_lengths_and_window_equal_jax_nn(impl):
   # jax.nn's lengths and window, with causal and GQA. "mean" reproduces jax.nn on every row (its fully masked
@@ -179,6 +187,7 @@ def test_lengths_and_window_equal_jax_nn(impl):
     np.testing.assert_array_equal(zero[~rows], 0.0)
 
 
+@pytest.mark.slow
 def test_segment_ids_equal_jax_nn_with_the_dense_mask():
   q, k, v = qkv(15, t=10, s=10)
   ids = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0, 0, 0], [4, 4, 5, 5, 5, 5, 5, 5, 5, 5]], jnp.int32)
@@ -195,7 +204,12 @@ JAX_NN_MASK_MODES = [("bias",), ("causal",), ("padding",), ("custom",), ("causal
                      ("bias", "causal"), ("causal", "sliding_window"), ("groups=2",), ("groups=4", "vmap")]
 
 
-@pytest.mark.parametrize("mode", JAX_NN_MASK_MODES, ids="+".join)
+# make test-fast runs two of the modes (lengths with a causal and with a custom mask); make test all of them.
+FAST_MODES = [("causal", "padding"), ("custom", "padding")]
+
+
+@pytest.mark.parametrize("mode", [m if m in FAST_MODES else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in JAX_NN_MASK_MODES], ids="+".join)
 def test_residual_equals_jax_nn_on_jax_nn_test_cases(mode):
   # Out and lse [B, T, N] equal jax.nn's (float32 reassociation: TOL) on every row that sees a key. A row that
   # sees none (here: queries past query_seq_lengths) differs by design: jax.nn fills masked logits with a large
