@@ -20,6 +20,12 @@ from distattn_jax import attention as attention_module
 METRICS = da.metrics.available()
 
 
+def one_fast(values, fast):
+  """``values`` for parametrize, every one but ``fast`` marked slow: `make test-fast` runs one case of a sweep (a
+  different metric in each test, so together they still meet every metric), `make test` all of them."""
+  return [v if v == fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def inputs(seed, batch=(2,), t=5, s=6, h=4, kv=2, d=8, dv=3, dtype=np.float64, scale=1.0):
   return (normal(seed, batch + (t, h, d), dtype, scale), normal(seed + 1, batch + (s, kv, d), dtype, scale),
           normal(seed + 2, batch + (s, kv, dv), dtype, scale))
@@ -41,19 +47,19 @@ def check_against_oracle(metric, q, k, v, rtol, atol, p=3.0, **kw):
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "l1"))
 def test_float64_plain(metric):
   check_against_oracle(metric, *inputs(0, h=2, kv=2), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "cosine"))
 def test_float64_bias_mask_causal_gqa_per_head_lam(metric):
   check_against_oracle(metric, *inputs(10), rtol=1e-10, atol=1e-12, **rich_case())
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("metric", ["l1", "cosine"])
+@pytest.mark.parametrize("metric", one_fast(["l1", "cosine"], "l1"))
 def test_several_batch_dimensions_and_broadcast_operands(metric):
   q, k, v = inputs(20, batch=(2, 3), t=4, s=7)
   mask = np.random.default_rng(1).random((3, 1, 4, 7)) > 0.2   # broadcasts over the first batch dim and heads
@@ -61,7 +67,7 @@ def test_several_batch_dimensions_and_broadcast_operands(metric):
   check_against_oracle(metric, q, k, v, rtol=1e-10, atol=1e-12, mask=mask, bias=bias)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "lp"))
 def test_float32_matches_oracle(metric):
   # float32 logits carry ~1e-6 relative error (the matmul forms' cancellation ~1e-5 of the distance); through the
   # softmax that is ~1e-5 of each weight, and outputs are weighted sums of O(1) values.
@@ -81,7 +87,7 @@ class JitVariantsTest(chex.TestCase):
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "sqeuclidean"))
 def test_gradients_match_finite_differences(metric):
   q, k, v = inputs(50, t=4, s=5)
   case = rich_case(2, t=4, s=5)
@@ -95,7 +101,7 @@ def test_gradients_match_finite_differences(metric):
   check_grads(loss, (q, k, v, lam, bias), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "dot"))
 def test_fully_masked_rows_give_zero_output_and_zero_gradients(metric):
   q, k, v = inputs(60, dtype=np.float32)
   mask = np.ones((1, 1, 5, 6), bool)
@@ -145,7 +151,7 @@ def test_dot_metric_at_lam_one_equals_jax_and_flax_attention():
   chex.assert_trees_all_close(ours, nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("broadcast", one_fast([True, False], True))
 def test_dropout_follows_flax_bit_for_bit(broadcast):
   q, k, v = inputs(100, batch=(2, 2), dtype=np.float32, h=4, kv=4)
   rng = jax.random.key(7)
@@ -160,6 +166,7 @@ def test_dropout_follows_flax_bit_for_bit(broadcast):
   chex.assert_trees_all_close(no_dropout, da.distance_attention(q, k, v, metric="dot"), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_learned_p_and_lam_are_differentiable():
   q, k, v = inputs(110, dtype=np.float32)
 
@@ -173,7 +180,7 @@ def test_learned_p_and_lam_are_differentiable():
   np.testing.assert_allclose(g_p, numeric, rtol=2e-2)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "l2"))
 def test_bfloat16_large_magnitudes_have_finite_outputs_and_gradients(metric):
   q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in inputs(120, dtype=np.float32, scale=1e4))
 
@@ -197,7 +204,7 @@ def test_bfloat16_statistics_are_float32():
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "chebyshev"))
 def test_nan_inputs_propagate(metric):
   q, k, v = inputs(140, dtype=np.float32)
   q[0, 1, 0, 0] = np.nan
