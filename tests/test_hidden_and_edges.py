@@ -2,6 +2,8 @@
 NaN values in them change nothing), the drop-in's calibrated lam, run-time checks of traced arguments, empty
 sequences, re-registering a metric, and Flax's einsum hooks."""
 
+import itertools
+
 import chex
 import flax.linen as nn
 import jax
@@ -96,12 +98,19 @@ def assert_no_leak(results, hidden_k, hidden_q):
 ALL_METRICS = da.metrics.available() + (USER_METRIC,)
 
 
-@pytest.mark.parametrize("impl", ["reference", "blockwise"])
-@pytest.mark.parametrize("metric", ALL_METRICS)
+# make test-fast runs one case per kernel (the causal variant on the reference, the window one on blockwise);
+# make test every metric on both.
+FAST_LEAK_CASES = [("cosine", "reference"), ("dot", "blockwise")]
+
+
+@pytest.mark.parametrize("metric,impl", [
+    case if case in FAST_LEAK_CASES else pytest.param(*case, marks=pytest.mark.slow)
+    for case in itertools.product(ALL_METRICS, ["reference", "blockwise"])])
 def test_hidden_keys_and_queries_never_leak(impl, metric):
   assert_no_leak(*garbage_runs(impl, metric, window=metric in ("l1", "sqeuclidean", "dot")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas", "ring"])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine", "chebyshev", USER_METRIC])
 def test_hidden_keys_never_leak_in_the_fused_and_ring_kernels(impl, metric):
@@ -133,6 +142,7 @@ def entropy(weights):
   return float(np.mean(-np.sum(weights * np.log(np.maximum(weights, 1e-30)), axis=-1)))
 
 
+@pytest.mark.slow
 def test_drop_in_starts_from_the_calibrated_lambda():
   # At lam = 1, cosine at head_dim 64 over 64 keys is uniform attention (entropy log 64 = 4.159); the drop-in
   # uses default_lambda (about 64) and is as sharp as dot-product attention.
@@ -255,6 +265,7 @@ def test_empty_queries_keys_and_batch(impl):
 # Registering again under one name.
 
 
+@pytest.mark.slow
 def test_register_overwrite_and_unregister_take_effect_in_compiled_code():
   name = "hidden_test_scaled_l1"
   q = normal(13, (1, 5, 2, 4), np.float32)
