@@ -19,6 +19,12 @@ from distattn_jax.metrics import record
 M = da.metrics
 
 
+def one_fast(values, fast):
+  """``values`` for parametrize, every one but ``fast`` marked slow: `make test-fast` runs one case of a sweep,
+  `make test` all of them."""
+  return [v if v == fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def huber(t):
   a = jnp.abs(t)
   return jnp.where(a <= 1.0, 0.5 * t * t, a - 0.5)
@@ -96,7 +102,8 @@ def _plain_autodiff_attention(name, q, k, v, lam):
 
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("implementation", ["reference", da.kernels.Blockwise(block_q=8, block_k=8)])
-@pytest.mark.parametrize("name", ["test_huber", "test_pseudo_huber"])  # one elementwise, one gram form
+# One elementwise form, one gram form; make test-fast runs the gram one.
+@pytest.mark.parametrize("name", one_fast(["test_huber", "test_pseudo_huber"], "test_pseudo_huber"))
 def test_user_metric_in_every_kernel_matches_the_oracle(name, implementation):
   _, oracle = USER[name]
   t, s, d = 12, 20, 5  # not multiples of the tiles: padding is exercised
@@ -116,6 +123,7 @@ def test_user_metric_in_every_kernel_matches_the_oracle(name, implementation):
   chex.assert_trees_all_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_user_metric_inside_the_layer_uses_its_default_lambda():
   x = jnp.asarray(normal(9, (2, 6, 16), np.float32))
   module = da.DistanceBasedAttention(num_heads=2, metric="test_huber")
@@ -137,6 +145,7 @@ def test_user_metric_inside_the_layer_uses_its_default_lambda():
   assert abs(spread / da.initializers.logit_spread("dot", 64, seed=7) - 1) < 0.03
 
 
+@pytest.mark.slow
 def test_make_attention_fn_and_the_trainer_accept_a_registered_name():
   from flax import linen as nn
   from distattn_jax import training
@@ -270,8 +279,8 @@ def test_nearly_equal_vectors_get_float32_accurate_gradients(metric, p, r):
   assert np.max(np.abs(np.asarray(got, np.float64) - want)) <= 1e-5 * np.max(np.abs(want))
 
 
-@pytest.mark.parametrize("name", ["l1", "l2", "sqeuclidean", "lp", "cosine", "chebyshev", "dot", "test_huber",
-                                  "test_pseudo_huber"])
+@pytest.mark.parametrize("name", one_fast(["l1", "l2", "sqeuclidean", "lp", "cosine", "chebyshev", "dot",
+                                           "test_huber", "test_pseudo_huber"], "test_huber"))
 def test_bfloat16_equals_float32_on_the_same_rounded_inputs(name):
   x = jnp.asarray(normal(30, (8, 16), np.float32), jnp.bfloat16)
   y = jnp.asarray(normal(31, (9, 16), np.float32), jnp.bfloat16)
