@@ -32,6 +32,7 @@ def dot_twin(flax_module_kwargs, **ours):
   return theirs, mine
 
 
+@pytest.mark.slow
 def test_dot_module_equals_nnx_multi_head_attention_with_masks_and_dropout():
   kw = dict(qkv_features=24, out_features=8, num_kv_heads=2, in_kv_features=12, dropout_rate=0.3,
             normalize_qk=True, decode=False)
@@ -66,6 +67,7 @@ def test_dot_module_decodes_like_nnx_multi_head_attention_under_jit():
   assert int(mine.cache_index[...]) == int(theirs.cache_index[...]) == 5
 
 
+@pytest.mark.slow
 def test_chunked_decoding_equals_causal_attention_and_refuses_to_overflow():
   module = da.nnx.DistanceBasedAttention(HEADS, FEATURES, metric="l1", rotary_base=100.0, rngs=nnx.Rngs(0))
   x = tokens(6, length=6)
@@ -89,7 +91,9 @@ def linen_twin(metric, **kw):
   return mine, linen, nnx.to_pure_dict(nnx.state(mine, nnx.Param))
 
 
-@pytest.mark.parametrize("metric", da.metrics.available())
+# make test-fast runs lp (with its learnable p), make test every metric.
+@pytest.mark.parametrize("metric", [m if m == "lp" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in da.metrics.available()])
 def test_nnx_module_equals_the_linen_module_forward_and_gradients(metric):
   kw = dict(num_kv_heads=2, normalize_qk=True, rotary_base=100.0, p=3.0,
             learnable_p=da.metrics.get(metric).parametric)
@@ -127,6 +131,7 @@ def lm_loss(model, ids):
   return optax.softmax_cross_entropy_with_integer_labels(model(ids)[:, :-1], ids[:, 1:]).mean()
 
 
+@pytest.mark.slow
 def test_training_moves_lambda_lowers_the_loss_and_round_trips_through_orbax(tmp_path):
   ids = jax.random.randint(jax.random.key(0), (4, 12), 0, 16)
   model = TinyLM(16, 16, rngs=nnx.Rngs(0))
@@ -166,6 +171,7 @@ def test_training_moves_lambda_lowers_the_loss_and_round_trips_through_orbax(tmp
   np.testing.assert_array_equal(restored(ids), model(ids))
 
 
+@pytest.mark.slow
 def test_jit_split_merge_and_vmap_over_a_batch_of_models():
   x = tokens(20)
   module = da.nnx.DistanceBasedAttention(HEADS, FEATURES, metric="sqeuclidean", rngs=nnx.Rngs(0))
