@@ -152,6 +152,7 @@ def test_cosine_of_a_zero_vector_is_one_with_zero_gradient():
   np.testing.assert_array_equal(gy[1], 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("x64")
 def test_lp_gradient_with_respect_to_a_learned_p():
   x, y = normal(14, (4, 5)), normal(15, (3, 5))
