@@ -43,8 +43,9 @@ def stack_evaluate(source: str) -> tuple[int, int, int, int]:
   return stack[0], len(tokens), deepest, most_args
 
 
-@pytest.mark.parametrize("bounds,count", [(dict(min_length=20, max_length=100), 2000),
-                                          (dict(min_length=5, max_length=60, max_depth=3, max_args=4), 1000)])
+@pytest.mark.parametrize("bounds,count", [
+    pytest.param(dict(min_length=20, max_length=100), 2000, marks=pytest.mark.slow),
+    (dict(min_length=5, max_length=60, max_depth=3, max_args=4), 1000)])
 def test_listops_labels_match_an_independent_evaluator_within_bounds(bounds, count):
   sources, labels = listops.generate(count, seed=1, **bounds)
   max_depth, max_args = bounds.get("max_depth", 10), bounds.get("max_args", 10)
@@ -101,6 +102,7 @@ def test_listops_cache_and_bucketed_batches(tiny_listops):
   assert np.array_equal(np.concatenate([b["labels"][b["weights"] > 0] for b in evals]), data.test.labels)
 
 
+@pytest.mark.slow
 def test_mnist1d_is_the_packages_generator_with_default_args(tmp_path):
   from mnist1d import data as m  # the oracle: the package itself, called directly
   want = m.make_dataset(m.get_dataset_args())
@@ -242,6 +244,7 @@ def test_dtw_distances_equal_the_textbook_table():
   assert np.all(timeseries.dtw_distances(x, z) <= ((x[:, None] - z[None]) ** 2).sum((-1, -2)) + 1e-12)
 
 
+@pytest.mark.slow
 def test_ucr_nearest_neighbour_baselines_match_the_archive():
   try:
     importlib.metadata.distribution("aeon")
@@ -272,6 +275,7 @@ def test_unknown_task_and_missing_package_messages(monkeypatch, tmp_path):
     timeseries.data_folder()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("embedding,pooling,metric", [("tokens", "cls", "l1"), ("steps", "mean", "cosine"),
                                                       ("patches", "mean", "dot")])
 def test_padded_and_unpadded_batches_give_the_same_logits(embedding, pooling, metric):
