@@ -43,6 +43,7 @@ def _ablate(*args: str, cwd: pathlib.Path, **popen) -> subprocess.Popen:
                           **popen)
 
 
+@pytest.mark.slow
 def test_grid_writes_json_table_plots_resumes_and_refuses_to_mix(tmp_path, monkeypatch, data_dir):
   monkeypatch.setenv("DISTATTN_DATA_DIR", str(data_dir))
   # A plain run writes to a run folder of its own, never to the committed results/.
@@ -212,6 +213,7 @@ def _alive(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
 def test_workers_end_with_a_killed_runner_and_a_live_runner_holds_its_suite(tmp_path, monkeypatch, data_dir):
   monkeypatch.setenv("DISTATTN_DATA_DIR", str(data_dir))
