@@ -28,9 +28,14 @@ def small_config(**overrides):
   return config
 
 
-def _saved(tmp_path, config, saves=(3, 6)):
+@pytest.fixture(scope="module")
+def initial():
+  """The freshly initialised state of small_config(), built once for the module (its arrays are immutable)."""
+  return loop.build(small_config())[1]
+
+
+def _saved(tmp_path, config, fresh, saves=(3, 6)):
   """Checkpoints of ``saves`` with the config's fingerprint, as the trainer writes them; distinct params each."""
-  fresh = loop.build(config)[1]
   ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", keep=3)
   states = {}
   for step in saves:
@@ -84,9 +89,9 @@ def _flip_a_bit_in_the_largest_array_file(step: pathlib.Path) -> None:
     (_flip_a_bit_of_the_fingerprint, r"does not match the SHA-256 recorded"),
     (_flip_a_bit_in_the_largest_array_file, r"1 array\(s\) differ from the SHA-256 recorded when saved"),
 ], ids=["metadata_corrupt", "metadata_missing", "metadata_bit_flip", "array_bit_flip"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage, reason):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage, reason, initial):
   config = small_config()
-  fresh, states = _saved(tmp_path, config)
+  fresh, states = _saved(tmp_path, config, initial)
   damage(tmp_path / "ckpt" / "6")
   restored = _resume(tmp_path / "ckpt", fresh, config)  # not a ConfigChangedError, not step 6's changed arrays
   assert int(restored.step) == 3
@@ -98,9 +103,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
   assert re.search(reason, caplog.text), caplog.text
 
 
-def test_a_checkpoint_saved_before_digests_were_recorded_restores_unverified_with_a_warning(tmp_path, caplog):
+def test_a_checkpoint_saved_before_digests_were_recorded_restores_unverified_with_a_warning(tmp_path, caplog,
+                                                                                           initial):
   config = small_config()
-  fresh, states = _saved(tmp_path, config)
+  fresh, states = _saved(tmp_path, config, initial)
   path = tmp_path / "ckpt" / "6" / STEP_METADATA
   saved = json.loads(path.read_text())
   del saved["custom_metadata"]["digests"]
@@ -111,9 +117,9 @@ def test_a_checkpoint_saved_before_digests_were_recorded_restores_unverified_wit
   assert "ckpt/6 was saved without content digests" in caplog.text
 
 
-def test_the_digests_cover_every_array_and_stay_out_of_the_metadata_a_caller_sees(tmp_path):
+def test_the_digests_cover_every_array_and_stay_out_of_the_metadata_a_caller_sees(tmp_path, initial):
   config = small_config()
-  fresh, _ = _saved(tmp_path, config)
+  fresh, _ = _saved(tmp_path, config, initial)
   saved = json.loads((tmp_path / "ckpt" / "6" / STEP_METADATA).read_text())["custom_metadata"]
   leaves = jax.tree_util.tree_flatten_with_path({"step": 0, "params": fresh.params, "opt_state": fresh.opt_state})[0]
   assert len(saved["digests"]["arrays"]) == len(leaves)
@@ -125,9 +131,9 @@ def test_the_digests_cover_every_array_and_stay_out_of_the_metadata_a_caller_see
     checkpoint.Checkpoints(tmp_path / "other", keep=3).save(fresh, {"digests": 1})
 
 
-def test_no_readable_checkpoint_stays_an_error_on_every_later_try(tmp_path):
+def test_no_readable_checkpoint_stays_an_error_on_every_later_try(tmp_path, initial):
   config = small_config()
-  fresh, _ = _saved(tmp_path, config)
+  fresh, _ = _saved(tmp_path, config, initial)
   for step in ("3", "6"):
     _truncate_largest_file(tmp_path / "ckpt" / step)
   with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint in \S*ckpt; every step failed "
@@ -142,11 +148,10 @@ def test_no_readable_checkpoint_stays_an_error_on_every_later_try(tmp_path):
 # --- through the trainer --------------------------------------------------------------------------------------
 
 
-def _run_with_checkpoints(run: pathlib.Path, config) -> bytes:
+def _run_with_checkpoints(run: pathlib.Path, config, fresh) -> bytes:
   """A workdir as a 4-step run leaves it, without the training: checkpoints at steps 2 and 4 (the initial state
   under those steps, with the fingerprint), records in metrics.jsonl up to step 4, config.json. Returns the
   metrics.jsonl bytes up to step 2."""
-  fresh = loop.build(config)[1]
   ckpts = checkpoint.Checkpoints(run / "checkpoints", keep=3)
   for step in (2, 4):
     ckpts.save(fresh.replace(step=jnp.asarray(step)), {"config": training.fingerprint(config)})
@@ -159,9 +164,10 @@ def _run_with_checkpoints(run: pathlib.Path, config) -> bytes:
   return "".join(text[:3]).encode()
 
 
-def test_a_run_whose_newest_checkpoint_lost_its_metadata_resumes_from_the_previous_one(tmp_path, caplog):
+@pytest.mark.slow
+def test_a_run_whose_newest_checkpoint_lost_its_metadata_resumes_from_the_previous_one(tmp_path, caplog, initial):
   config, run = small_config(), tmp_path / "run"
-  kept = _run_with_checkpoints(run, config)
+  kept = _run_with_checkpoints(run, config, initial)
   (run / "checkpoints" / "4" / STEP_METADATA).unlink()
   summary = training.train_and_evaluate(config, run)  # not a ConfigChangedError
   assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
@@ -173,9 +179,9 @@ def test_a_run_whose_newest_checkpoint_lost_its_metadata_resumes_from_the_previo
   assert after == [(0, "eval"), (2, "train"), (2, "eval"), (4, "train"), (4, "eval")]
 
 
-def test_a_run_with_no_readable_checkpoint_is_refused_and_its_records_are_left_byte_for_byte(tmp_path):
+def test_a_run_with_no_readable_checkpoint_is_refused_and_its_records_are_left_byte_for_byte(tmp_path, initial):
   config, run = small_config(), tmp_path / "run"
-  _run_with_checkpoints(run, config)
+  _run_with_checkpoints(run, config, initial)
   for step in ("2", "4"):
     _truncate_largest_file(run / "checkpoints" / step)
   records = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.json")}

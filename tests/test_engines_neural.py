@@ -19,6 +19,7 @@ def setup():
   return neural.base_setup(CONFIG, params, tokens)
 
 
+@pytest.mark.slow
 def test_stages_compose_in_order_and_the_presets_agree(setup):
   full = neural.build_level("full")
   assert full.names == ("kernel", "bf16", "remat", "jit")
@@ -34,6 +35,7 @@ def test_stages_compose_in_order_and_the_presets_agree(setup):
     assert np.max(np.abs(logits - reference)) / scale <= tolerance, level
 
 
+@pytest.mark.slow
 def test_compare_levels_reports_time_and_memory_side_by_side(setup):
   rows, checks = neural.compare_levels(setup, ("basic", "full"), repeats=2)
   assert set(rows) == {"basic", "full"} and rows["basic"]["max_deviation_from_basic"] == 0.0

@@ -86,6 +86,7 @@ def _config(engines_arg):
   return module.get_config(f"size=test,engines={engines_arg}")
 
 
+@pytest.mark.slow
 def test_forward_with_optimization_levels_match_basic_and_respect_the_mask():
   system = engines.TruthGPTCompleteSystem(_config("business"))
   ids = np.random.default_rng(0).integers(0, 64, (2, 16))
@@ -123,6 +124,7 @@ def test_token_ids_outside_the_vocabulary_are_an_error_naming_the_id_and_the_ran
   assert system.forward_with_optimization(ids).shape == (2, 8, vocab)  # the largest id is in range
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_the_report(tmp_path):
   out = tmp_path / "eco.json"
   proc = scripts.run_script("ecosystem_demo.py",

@@ -60,6 +60,7 @@ def finish(processes: list[subprocess.Popen], deadline: float) -> list[tuple[int
   return results
 
 
+@pytest.mark.slow
 def test_two_processes_of_4_devices_train_as_one_process_of_8(tmp_path):
   port = free_port()
   processes = [start(i, port, tmp_path / "two") for i in (0, 1)]
