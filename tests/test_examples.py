@@ -3,19 +3,31 @@
 import re
 
 import numpy as np
+import pytest
 
 import distattn_jax as da
 import examples  # experiments/ is on pytest's pythonpath (pyproject.toml)
 
 
-def test_tour_prints_every_metric_and_a_lambda_step_that_lowers_the_loss(capsys):
-  examples.main([])
-  out = capsys.readouterr().out
+def check_metric_sections(out: str) -> None:
   for name in ("l1", "l2", "sqeuclidean", "lp (p=3)", "cosine", "chebyshev", "dot (similarity)"):
     assert re.search(rf"^  {re.escape(name)}\s+-?\d", out, re.M), name
   # Section 2 prints attention distributions: each row's weights sum to 1 (to the printed 3 decimals).
   rows = re.findall(r"weights ((?:\d\.\d{3}\s*){4})", out)
   assert len(rows) == 7 and all(abs(sum(map(float, r.split())) - 1) < 3e-3 for r in rows)
+
+
+def test_the_tours_metric_sections_print_every_metric_and_distributions_that_sum_to_one(capsys):
+  # Sections 1 and 2 alone, for make test-fast; the whole tour below runs them again in make test.
+  examples.tour_metrics()
+  check_metric_sections(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_tour_prints_every_metric_and_a_lambda_step_that_lowers_the_loss(capsys):
+  examples.main([])
+  out = capsys.readouterr().out
+  check_metric_sections(out)
   before, after = map(float, re.search(r"loss: ([\d.]+) -> ([\d.]+)", out).groups())
   assert after < before
   # Section 5 registers Huber: its value on a hand-computed pair, then training with it lowers the loss.
