@@ -49,6 +49,7 @@ def small_model(metric="l1", **fields):
   return model, model.init(jax.random.key(0), tokens)["params"], tokens
 
 
+@pytest.mark.slow
 def test_sown_weights_are_the_first_layers_distance_attention_weights():
   model, params, tokens = small_model("l2")
   weights = analysis.attention_weights(model, params, tokens)
@@ -62,6 +63,7 @@ def test_sown_weights_are_the_first_layers_distance_attention_weights():
   chex.assert_trees_all_close(weights[0], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_layer_report_holds_bounded_statistics_lambda_and_p():
   model, params, tokens = small_model("lp", p=3.0, learnable_p=True)
   layers = analysis.analyze_attention_patterns(model, params, tokens)
@@ -88,6 +90,7 @@ def test_lambda_history_collects_each_heads_values_from_train_records():
   np.testing.assert_array_equal(history["block_0/attention/p"][1], [[3.0], [2.5]])
 
 
+@pytest.mark.slow
 def test_plots_are_png_images_with_one_panel_per_statistic_or_head(tmp_path):
   model, params, tokens = small_model()
   layers = analysis.analyze_attention_patterns(model, params, tokens)
@@ -136,6 +139,7 @@ def test_power_iteration_converges_to_the_largest_singular_value():
   assert analysis.jacobian_norm(f, x, max_exact_entries=100).method == "power_iteration"
 
 
+@pytest.mark.slow
 def test_jacobian_norm_of_self_attention_agrees_between_exact_and_power_iteration():
   x = jnp.asarray(np.random.default_rng(3).standard_normal((5, 1, 4)), jnp.float32)  # [T, heads, D]
 
@@ -183,6 +187,7 @@ def test_lipschitz_lower_bound_of_tanh_climbs_towards_but_never_past_the_norm_of
                              bound.value, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_lipschitz_program_writes_one_row_of_bounds_per_head(tmp_path):
   out = tmp_path / "lipschitz.md"
   result = scripts.run_script("lipschitz.py", "--lengths=2", "--heads=dot,sqeuclidean_tied", "--steps=1",
