@@ -275,9 +275,10 @@ def test_unknown_task_and_missing_package_messages(monkeypatch, tmp_path):
     timeseries.data_folder()
 
 
+# tests/test_encoders.py checks every embedding and pooling against a numpy oracle with garbage padding; this is
+# the one combination it leaves out (tokens with a CLS row), on a two-block trunk.
 @pytest.mark.slow
-@pytest.mark.parametrize("embedding,pooling,metric", [("tokens", "cls", "l1"), ("steps", "mean", "cosine"),
-                                                      ("patches", "mean", "dot")])
+@pytest.mark.parametrize("embedding,pooling,metric", [("tokens", "cls", "l1")])
 def test_padded_and_unpadded_batches_give_the_same_logits(embedding, pooling, metric):
   config = TruthGPTConfig(vocab_size=12, width=16, depth=2, num_heads=2, mlp_dim=32, max_len=24, metric=metric)
   model = Encoder(config, num_classes=5, embedding=embedding, pooling=pooling)
