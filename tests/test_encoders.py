@@ -46,7 +46,9 @@ def oracle_logits(params: dict, inputs: np.ndarray, embedding: str, pooling: str
 
 
 # Every embedding and every pooling once (the pooling does not depend on the embedding), at a few seconds each.
-@pytest.mark.parametrize("embedding,pooling", [("tokens", "mean"), ("patches", "cls"), ("steps", "mean")])
+@pytest.mark.parametrize("embedding,pooling", [pytest.param("tokens", "mean", marks=pytest.mark.slow),
+                                               pytest.param("patches", "cls", marks=pytest.mark.slow),
+                                               ("steps", "mean")])  # make test-fast runs the last one
 def test_each_pooling_matches_the_oracle_and_ignores_garbage_padding(embedding, pooling):
   model = Encoder(CONFIG, num_classes=3, embedding=embedding, pooling=pooling)
   inputs = padded_inputs(embedding)

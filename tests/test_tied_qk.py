@@ -18,7 +18,7 @@ def tokens(seed, length=5, features=FEATURES):
   return jnp.asarray(normal(seed, (2, length, features), np.float32))
 
 
-@pytest.mark.parametrize("normalize_qk", [False, True])
+@pytest.mark.parametrize("normalize_qk", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_linen_tied_module_has_no_key_projection_and_equals_the_untied_one_with_key_set_to_query(normalize_qk):
   x, kv = tokens(0), tokens(1, length=3)
   kw = dict(num_heads=HEADS, metric="l2", normalize_qk=normalize_qk, rotary_base=100.0)
@@ -39,6 +39,7 @@ def test_linen_tied_module_has_no_key_projection_and_equals_the_untied_one_with_
   np.testing.assert_array_equal(np.argmax(weights, axis=-1), np.broadcast_to(np.arange(5), weights.shape[:-1]))
 
 
+@pytest.mark.slow
 def test_nnx_tied_module_equals_the_linen_one_forward_and_gradients():
   mine = da.nnx.DistanceBasedAttention(HEADS, FEATURES, metric="l2", normalize_qk=True, tied_qk=True,
                                        rngs=nnx.Rngs(0))
