@@ -70,7 +70,8 @@ def case(seed, t, s, batch=2, h=4, kv=2, d=8, dv=5):
 RTOL = 1e-4
 
 
-@pytest.mark.parametrize("metric", da.metrics.available() + (USER_METRIC,))
+@pytest.mark.parametrize("metric", [m if m == "l1" else pytest.param(m, marks=pytest.mark.slow)  # fast: l1
+                                    for m in da.metrics.available() + (USER_METRIC,)])
 def test_every_metric_matches_reference_with_batch_over_data(metric):
   # data=2 x seq=4: the batch is split over data while the sequence goes round the ring; 12 positions over
   # 2 x 4 zig-zag chunks pads inside; GQA (4 query heads on 2 kv heads); causal for half of the metrics.
@@ -86,11 +87,11 @@ def test_every_metric_matches_reference_with_batch_over_data(metric):
 
 @pytest.mark.parametrize("devices,layout,causal,t,s,axis_type,positions,operands", [
     # divides evenly; a per-key bias shared by the batch (its gradient summed over the batch)
-    (2, "zigzag", False, 16, 16, AxisType.Auto, "ids", "key bias"),
+    pytest.param(2, "zigzag", False, 16, 16, AxisType.Auto, "ids", "key bias", marks=pytest.mark.slow),
     # cross-attention, padded, the causal mask cutting chunk pairs off the diagonal
     (4, "contiguous", True, 10, 14, AxisType.Explicit, "lengths", None),
     # every device, padded, causal; a key padding mask and a per-head bias (constant over keys)
-    (8, "zigzag", True, 21, 21, AxisType.Explicit, "both", "key mask, head bias"),
+    pytest.param(8, "zigzag", True, 21, 21, AxisType.Explicit, "both", "key mask, head bias", marks=pytest.mark.slow),
 ])
 def test_device_counts_layouts_and_positions(devices, layout, causal, t, s, axis_type, positions, operands):
   q, k, v, cot = case(devices, t=t, s=s)
@@ -121,6 +122,7 @@ def test_mesh_passed_to_the_kernel_needs_no_context():
   assert_relative_close(got, want, RTOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(4,), (2, 4)])
 def test_kernel_mesh_from_plain_make_mesh(shape):
   # jax.make_mesh gives Explicit axes by default. Ring(mesh=...) takes it as it comes: plain arrays eagerly,
@@ -145,6 +147,7 @@ def test_kernel_mesh_from_plain_make_mesh(shape):
   assert_relative_close(grads, [want_grad] * len(grads), RTOL)
 
 
+@pytest.mark.slow
 def test_compiled_memory_per_device_shrinks_with_devices():
   # memory_analysis() of the compiled forward+backward is per device and deterministic. At this length the
   # sequence-sized arrays dominate the fixed tiles, so going from 2 to 8 ring devices must at least halve it.
@@ -160,6 +163,7 @@ def test_compiled_memory_per_device_shrinks_with_devices():
   assert temp_bytes(8) <= 0.5 * temp_bytes(2)
 
 
+@pytest.mark.slow
 def test_modules_take_ring_and_auto_never_picks_it():
   x = normal(50, (2, 12, 16), np.float32)
   module = lambda impl: da.DistanceBasedAttention(num_heads=4, metric="l1", implementation=impl)
