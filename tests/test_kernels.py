@@ -16,6 +16,13 @@ from distattn_jax.kernels import Blockwise, blockwise, dropout, tiles
 METRICS = da.metrics.available()
 
 
+def one_fast(values, fast):
+  """``values`` for parametrize, every one but ``fast`` marked slow: `make test-fast` runs one case of a sweep,
+  `make test` all of them."""
+  return [v if v == fast else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+          for v in values]
+
+
 def case(seed, t, s, h=4, kv=2, d=8, dv=5, batch=2, dtype=np.float32):
   q = normal(seed, (batch, t, h, d), dtype)
   k = normal(seed + 1, (batch, s, kv, d), dtype)
@@ -47,7 +54,7 @@ def assert_relative_close(got, want, rtol):
     np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(1.0, float(np.max(np.abs(w)))))
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "cosine"))
 def test_blockwise_equals_reference_with_everything_on(metric):
   # Lengths 129 and 70 with 32 x 48 tiles: neither divides, so the padded tail of both loops is exercised,
   # together with bias, a mask with a fully masked row, causal masking, GQA (4 query heads on 2 kv heads) and
@@ -61,8 +68,8 @@ def test_blockwise_equals_reference_with_everything_on(metric):
 
 
 @pytest.mark.parametrize("metric", ["l1", "dot"])
-@pytest.mark.parametrize("length,blocks", [(1, (8, 8)), (7, (8, 8)), (7, (2, 3)), (1000, (8, 40)),
-                                           (1000, (96, 128))])
+@pytest.mark.parametrize("length,blocks", one_fast([(1, (8, 8)), (7, (8, 8)), (7, (2, 3)), (1000, (8, 40)),
+                                                    (1000, (96, 128))], (7, (2, 3))))
 def test_lengths_and_block_sizes(metric, length, blocks):
   q, k, v, mask, bias, ct = case(10, t=length, s=length, batch=1)
   kw = dict(metric=metric, is_causal=length > 1)
@@ -71,6 +78,7 @@ def test_lengths_and_block_sizes(metric, length, blocks):
   assert_relative_close(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_blockwise_matches_reference():
   q, k, v, mask, bias, ct = case(20, t=40, s=33, dtype=np.float32)
   q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
@@ -84,6 +92,7 @@ def test_bfloat16_blockwise_matches_reference():
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=3e-2)
 
 
+@pytest.mark.slow
 def test_learned_p_gradient_matches_reference():
   q, k, v, _, _, ct = case(30, t=20, s=17)
   grads = [jax.grad(lambda p: jnp.sum(da.distance_attention(q, k, v, metric="lp", p=p, implementation=impl) * ct))(
@@ -91,6 +100,7 @@ def test_learned_p_gradient_matches_reference():
   np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_log_sum_exp_and_its_gradient_match_reference():
   q, k, v, mask, bias, _ = case(40, t=24, s=19)
   args = [jnp.asarray(a).reshape(a.shape) for a in (q, k, v)]
@@ -110,7 +120,7 @@ def test_log_sum_exp_and_its_gradient_match_reference():
   np.testing.assert_allclose(bw_grad, ref_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("broadcast", one_fast([True, False], True))
 def test_dropout_is_the_reference_draw_forward_and_backward(broadcast):
   q, k, v, mask, bias, ct = case(50, t=37, s=29)
   kw = dict(metric="l2", is_causal=True, dropout_rng=jax.random.key(3), dropout_rate=0.35,
@@ -168,7 +178,7 @@ def test_block_ranges_skip_exactly_the_blocks_no_query_can_see(is_causal, window
         assert (first_q <= i < end_q) == visible, (block_q, block_k, i, j)
 
 
-@pytest.mark.parametrize("metric", ["dot", "l1"])
+@pytest.mark.parametrize("metric", one_fast(["dot", "l1"], "dot"))
 def test_compiled_memory_grows_linearly(metric):
   # memory_analysis() of the compiled forward+backward is deterministic; from N to 4N the temporaries may grow
   # by at most 5x for the blockwise kernel, while the reference's logits alone grow 16x.
@@ -265,7 +275,7 @@ def segment_case(seed, t, s, batch=2):
   return kw, dense[:, None]
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", one_fast(METRICS, "dot"))
 def test_segments_lengths_and_window_equal_the_dense_mask(metric):
   # Lengths 45 and 38 with 16 x 16 tiles: three query and three key tiles, neither divisible. Ids, lengths and
   # window together with a random mask, bias, causal and GQA; the oracle is the reference kernel given the same
@@ -279,6 +289,7 @@ def test_segments_lengths_and_window_equal_the_dense_mask(metric):
     assert_relative_close(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_window_skips_blocks_and_matches_reference_without_causal():
   # A window without causal reaches right of the diagonal; 8 x 8 tiles of 100 positions: most key blocks are
   # outside every query block's window (the block ranges above say which), and the result is unchanged.
@@ -289,6 +300,7 @@ def test_window_skips_blocks_and_matches_reference_without_causal():
   assert_relative_close(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_memory_with_segment_ids_grows_linearly():
   # Segment ids and lengths are [B, T] / [B] arrays evaluated per tile: doubling the length must not quadruple
   # the temporaries of the forward+backward (a dense [T, S] mask would).
