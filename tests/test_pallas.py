@@ -40,6 +40,12 @@ def _offset_cosh(t):
   return jnp.sqrt(1.0 + jnp.square(t))
 
 
+def one_fast(values, fast, names=1):
+  """``values`` of ``names`` parameters for parametrize, every one but ``fast`` marked slow: `make test-fast` runs
+  one case of a sweep, `make test` all of them."""
+  return [v if v == fast else pytest.param(*(v if names > 1 else (v,)), marks=pytest.mark.slow) for v in values]
+
+
 USER_METRIC = record.Metric("test_pallas_offset", record.Elementwise(phi=_offset_cosh), translation_invariant=True)
 
 
@@ -101,18 +107,20 @@ def _compare(metric, *, p=2.0, is_causal=False, bias=None, mask=None, segments=N
 # Equality with the reference.
 
 
-@pytest.mark.parametrize("metric", [m.value for m in da.DistanceType])
+@pytest.mark.parametrize("metric", one_fast([m.value for m in da.DistanceType], "sqeuclidean"))
 def test_every_metric_forward_and_gradients(metric):
   # lp at 3.0 (lp at 2.0 is the l2 form); 3.0 multiplies directly, the next test's 3.5 rescales.
   _compare(metric, p=3.0)
 
 
+@pytest.mark.slow
 def test_lp_rescaled_order():
   # A non-integer order divides the differences by their largest magnitude first (Elementwise.rescale).
   _compare("lp", p=3.5)
 
 
-@pytest.mark.parametrize("metric,is_causal,window", [("l1", False, (3, 18)), ("sqeuclidean", True, (17, 0))])
+@pytest.mark.parametrize("metric,is_causal,window", one_fast([("l1", False, (3, 18)), ("sqeuclidean", True, (17, 0))],
+                                                             ("sqeuclidean", True, (17, 0)), names=3))
 def test_local_window_through_the_shared_mask_rule(metric, is_causal, window):
   # Multi-tile (block 16 over 40 x 44 positions) so whole key tiles fall outside the window and are skipped,
   # with a bias so the skipped tiles' bias gradient must come out 0.
@@ -121,10 +129,12 @@ def test_local_window_through_the_shared_mask_rule(metric, is_causal, window):
            kernel=kernels.Pallas(block_q=16, block_k=16, interpret=True))
 
 
+@pytest.mark.slow
 def test_learned_p_gradient_causal():
   _compare("lp", p=jnp.float32(2.5), is_causal=True)
 
 
+@pytest.mark.slow
 def test_user_registered_metric_pads_features():
   _compare(USER_METRIC.name, is_causal=True)
 
@@ -137,7 +147,7 @@ def _segments(batch, q_len, kv_len):
                           kv_lengths=jnp.array([kv_len - 3, kv_len - 10], jnp.int32))
 
 
-@pytest.mark.parametrize("metric", ["chebyshev", "sqeuclidean"])
+@pytest.mark.parametrize("metric", one_fast(["chebyshev", "sqeuclidean"], "sqeuclidean"))
 def test_causal_segments_lengths_and_bias(metric):
   batch, q_len, kv_len = 2, 20, 24
   bias = jax.random.normal(jax.random.PRNGKey(5), (batch, 1, q_len, kv_len))
@@ -145,6 +155,7 @@ def test_causal_segments_lengths_and_bias(metric):
            q_len=q_len, kv_len=kv_len)
 
 
+@pytest.mark.slow
 def test_dense_mask_and_broadcast_bias_with_four_heads():
   heads, q_len, kv_len = 4, 18, 33
   mask = jax.random.bernoulli(jax.random.PRNGKey(6), 0.7, (1, 1, q_len, kv_len))
@@ -153,7 +164,8 @@ def test_dense_mask_and_broadcast_bias_with_four_heads():
   _compare("dot", mask=mask, bias=bias, heads=heads, kv_heads=2, q_len=q_len, kv_len=kv_len, dim=16)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 20, 24), (2, 1, 1, 24), (2, 2, 20, 24), (1, 2, 20, 1)])
+@pytest.mark.parametrize("shape", one_fast([(1, 1, 20, 24), (2, 1, 1, 24), (2, 2, 20, 24), (1, 2, 20, 1)],
+                                           (1, 2, 20, 1)))
 def test_bias_gradient_in_the_bias_shape(shape):
   # The dq program sums the bias gradient over the axes the bias broadcasts along: over batch and heads by
   # looping over them in one program ([1, 1, T, S]), over the two query tiles by one row per tile
@@ -162,7 +174,7 @@ def test_bias_gradient_in_the_bias_shape(shape):
   _compare("l1", is_causal=True, bias=bias, batch=2, heads=2, kv_heads=1, q_len=20, kv_len=24)
 
 
-@pytest.mark.parametrize("metric", ["l1", "dot"])
+@pytest.mark.parametrize("metric", one_fast(["l1", "dot"], "dot"))
 def test_head_dim_not_a_power_of_two(metric):
   # 80 features padded to 128: the elementwise form reduces chunks 0..80 only (those past 80 are skipped, and
   # their gradient features written as zeros), the gram form multiplies the zero-padded 128 (see gram.py).
@@ -180,7 +192,7 @@ def _call_config(metric, head_dim, block_d):
       geometry=None)
 
 
-@pytest.mark.parametrize("metric", ["l1", "dot", "cosine"])
+@pytest.mark.parametrize("metric", one_fast(["l1", "dot", "cosine"], "cosine"))
 def test_bfloat16(metric):
   # dot: causal over three tiles, so whole key tiles above the diagonal are skipped.
   length = 40 if metric == "dot" else 24
@@ -393,10 +405,10 @@ def test_operands_past_int32_offsets_are_declined():
 # GPU: lowering (no GPU needed) and execution (GPU only).
 
 
-@pytest.mark.parametrize("metric, dtype, dim", [
+@pytest.mark.parametrize("metric, dtype, dim", one_fast([
     ("dot", jnp.bfloat16, 8), ("l1", jnp.float32, 8), ("lp", jnp.bfloat16, 8),
     ("dot", jnp.bfloat16, 32), ("l1", jnp.bfloat16, 64), ("l1", jnp.float32, 96), ("cosine", jnp.bfloat16, 96),
-    ("chebyshev", jnp.bfloat16, 128)])
+    ("chebyshev", jnp.bfloat16, 128)], ("dot", jnp.bfloat16, 32), names=3))
 def test_lowers_for_cuda_forward_and_backward(metric, dtype, dim):
   """Triton's block-shape and dtype rules are checked when the kernel is lowered for CUDA, which needs no GPU:
   a kernel that only runs interpreted would pass every test above and still fail on the first GPU. Widths 32
@@ -424,7 +436,7 @@ def test_lowers_for_cuda_forward_and_backward(metric, dtype, dim):
   assert "__nv_exp2f" in text and "__nv_expf" not in text
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 40, 40), (2, 1, 1, 40), (1, 2, 40, 1)])
+@pytest.mark.parametrize("shape", one_fast([(1, 1, 40, 40), (2, 1, 1, 40), (1, 2, 40, 1)], (2, 1, 1, 40)))
 def test_lowers_for_cuda_with_a_broadcast_bias_gradient(shape):
   """The dq program that loops over the batch or heads a bias is shared by (and reduces its rows or columns)
   lowers for CUDA; its bias gradient is the bias's shape (one row per query tile where it broadcasts over T)."""
