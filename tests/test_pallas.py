@@ -119,6 +119,7 @@ def test_lp_rescaled_order():
   _compare("lp", p=3.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric,is_causal,window", one_fast([("l1", False, (3, 18)), ("sqeuclidean", True, (17, 0))],
                                                              ("sqeuclidean", True, (17, 0)), names=3))
 def test_local_window_through_the_shared_mask_rule(metric, is_causal, window):
@@ -147,6 +148,7 @@ def _segments(batch, q_len, kv_len):
                           kv_lengths=jnp.array([kv_len - 3, kv_len - 10], jnp.int32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", one_fast(["chebyshev", "sqeuclidean"], "sqeuclidean"))
 def test_causal_segments_lengths_and_bias(metric):
   batch, q_len, kv_len = 2, 20, 24
@@ -174,6 +176,7 @@ def test_bias_gradient_in_the_bias_shape(shape):
   _compare("l1", is_causal=True, bias=bias, batch=2, heads=2, kv_heads=1, q_len=20, kv_len=24)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", one_fast(["l1", "dot"], "dot"))
 def test_head_dim_not_a_power_of_two(metric):
   # 80 features padded to 128: the elementwise form reduces chunks 0..80 only (those past 80 are skipped, and
@@ -192,6 +195,7 @@ def _call_config(metric, head_dim, block_d):
       geometry=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", one_fast(["l1", "dot", "cosine"], "cosine"))
 def test_bfloat16(metric):
   # dot: causal over three tiles, so whole key tiles above the diagonal are skipped.
