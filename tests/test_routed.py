@@ -91,8 +91,11 @@ def _assert_close(got, want, tol, what):
     assert err <= tol, f"{what}: {name} error {err:.2e} > {tol:g} of its largest entry"
 
 
-@pytest.mark.parametrize("form", list(MASKING))
-@pytest.mark.parametrize("metric", GRAM)
+# make test-fast runs one metric with one masking form (sqeuclidean, segments+window); make test all of them.
+@pytest.mark.parametrize("form", [f if f == "segments+window" else pytest.param(f, marks=pytest.mark.slow)
+                                  for f in MASKING])
+@pytest.mark.parametrize("metric", [m if m == "sqeuclidean" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in GRAM])
 def test_matches_float64_reference_with_every_mask(metric, form):
   q, k, v, lam, cot = _inputs(0)
   args = MASKING[form](np.random.default_rng(1), q.shape[0], q.shape[1], k.shape[1], q.shape[2])
@@ -110,6 +113,7 @@ def test_output_matches_numpy_oracle():
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=F32_TOL * max(1.0, np.abs(want).max()))
 
 
+@pytest.mark.slow
 def test_lse_restores_the_dropped_terms_and_marks_empty_rows():
   # The softmax drops the query-only terms (|q|^2 of sqeuclidean, cosine's constant 1); the lse must not.
   q, k, v, lam, _ = _inputs(3)
@@ -126,6 +130,7 @@ def test_lse_restores_the_dropped_terms_and_marks_empty_rows():
         jnp.where(finite, want, 0.0))))
 
 
+@pytest.mark.slow
 def test_bfloat16_within_the_selfcheck_bound():
   q, k, v, lam, cot = _inputs(4)
   args = MASKING["causal+lengths"](None, 2, 12, 10, 4)
@@ -138,6 +143,7 @@ def _half_sqeuclidean(xy, xx, yy):
   return 0.5 * jnp.maximum(xx + yy - 2.0 * xy, 0.0)
 
 
+@pytest.mark.slow
 def test_user_gram_metrics_route_when_affine_and_are_declined_otherwise():
   affine = record.Metric("test_routed_half_sq", record.Gram(_half_sqeuclidean), translation_invariant=True)
   curved = record.Metric("test_routed_exp", record.Gram(lambda xy: jnp.exp(-xy), terms=((1, 1),)))
