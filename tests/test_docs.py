@@ -100,7 +100,13 @@ def test_the_pages_hold_snippets_and_few_are_skipped():
       assert code.count(marker) == (1 if code.lstrip().startswith(marker) else 0), f"{relative(path)}:{line}"
 
 
-@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=relative)
+# make test-fast runs the README's and the getting-started page's snippets (what a new user pastes first); the other
+# pages each start an interpreter that compiles its own programs, so they run in make test.
+_FAST_PAGES = {"README.md", "docs/getting-started.md"}
+
+
+@pytest.mark.parametrize("page", [p if relative(p) in _FAST_PAGES else pytest.param(p, marks=pytest.mark.slow)
+                                  for p in PAGES_WITH_CODE], ids=relative)
 def test_every_python_snippet_runs_as_pasted(page, tmp_path):
   blocks = [(f"{relative(page)}:{line}", code) for line, code in python_blocks(page) if kind(code) == "run"]
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", PYTHONPATH=os.pathsep.join(
@@ -203,6 +209,7 @@ def test_a_wrong_signature_is_caught():
 # The site builds.
 
 
+@pytest.mark.slow  # a full Sphinx build, ~15 s; `make docs` is the inner loop for the site
 def test_the_site_builds_without_warnings_or_broken_references(tmp_path):
   pytest.importorskip("sphinx", reason="the docs build needs the [docs] extra: pip install -e '.[docs]'")
   pytest.importorskip("myst_parser", reason="the docs build needs the [docs] extra: pip install -e '.[docs]'")

@@ -90,6 +90,7 @@ def test_two_processes_of_4_devices_train_as_one_process_of_8(tmp_path):
   chex.assert_trees_all_close(two.params, one.params, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # waits out a 3 s timeout in a fresh interpreter
 def test_an_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path):
   started = time.monotonic()
   # Process 1 of 2 with nobody listening at the coordinator's port.

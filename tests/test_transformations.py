@@ -252,6 +252,7 @@ def test_jacfwd_and_forward_over_reverse_blockwise_l1():
   assert_close(jax.jit(lambda: hvp(lean))(), hvp(plain))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("x64")
 def test_hessian_blockwise_lp_traced_p():
   # The Hessian (jacfwd of jacrev) in lam and the traced p together.
@@ -431,8 +432,9 @@ def test_forward_mode_memory_grows_linearly(metric):
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("impl, metric, policy", [(BLOCKS, "lp", "nothing_saveable"),
-                                                  ("reference", "l1", "dots_with_no_batch_dims_saveable")])
+@pytest.mark.parametrize("impl, metric, policy", [
+    pytest.param(BLOCKS, "lp", "nothing_saveable", marks=pytest.mark.slow),
+    ("reference", "l1", "dots_with_no_batch_dims_saveable")])
 def test_checkpoint_with_a_remat_policy(impl, metric, policy):
   # A remat policy decides which of the kernel's intermediates the backward pass keeps and which it recomputes;
   # either way the gradient in every input (a traced p included) and, through the transposed tangent map, the

@@ -65,7 +65,8 @@ def test_rotary_attention_equals_hand_built_attention_on_rotated_projections():
   chex.assert_trees_all_close(block["attention"]["__call__"][0], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("positions,metric", [("learned", "l1"), ("rotary", "cosine")])
+@pytest.mark.parametrize("positions,metric", [("learned", "l1"),
+                                              pytest.param("rotary", "cosine", marks=pytest.mark.slow)])
 def test_decoding_with_the_cache_equals_the_full_forward_pass(positions, metric):
   config = TruthGPTConfig(**SMALL, positions=positions, metric=metric, num_kv_heads=2)
   x = tokens(5, length=9)
@@ -83,7 +84,7 @@ def test_decoding_with_the_cache_equals_the_full_forward_pass(positions, metric)
   assert int(cache["trunk"]["position"]) == 9
 
 
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("positions", ["learned", pytest.param("rotary", marks=pytest.mark.slow)])
 def test_greedy_generation_with_the_cache_equals_argmax_of_full_recomputation(positions):
   model = TruthGPT(TruthGPTConfig(**SMALL, positions=positions))
   prompt = tokens(6, length=5)
@@ -95,6 +96,7 @@ def test_greedy_generation_with_the_cache_equals_argmax_of_full_recomputation(po
   np.testing.assert_array_equal(got, jnp.argmax(logits[:, 4:], axis=-1))
 
 
+@pytest.mark.slow
 def test_generation_with_the_blockwise_kernel_equals_full_recomputation_by_the_reference(monkeypatch):
   # 8 x 8 tiles: the 13-position cache spans two key tiles, so decoding streams over tiles with the cache mask.
   monkeypatch.setattr(blockwise, "default_blocks", lambda metric, p=2.0: (8, 8))
