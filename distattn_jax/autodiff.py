@@ -15,7 +15,9 @@ rule asserts their tangents are zero, so ``jax.hessian`` and ``jvp`` of ``grad``
 (``jacfwd`` vmaps). The primitive here adds both:
 
 * differentiating it in the residuals runs plain JAX autodiff through the map (or, once transposed, through the
-  backward loops) -- second-order derivatives are rarer and may hold what autodiff of a loop holds;
+  backward loops) -- second-order derivatives are rarer and may hold what autodiff of a loop holds. A transpose
+  JAX cannot differentiate (a ``pallas_call`` has no forward-mode rule) names an equal one it can
+  (``linear_call(..., derivable_transpose=...)``), used for those derivatives only;
 * ``vmap`` maps both functions.
 
 Transposed where only some linear arguments need a cotangent (``jax.grad`` in q alone), the backward is cut to
@@ -45,10 +47,12 @@ class _Maps:
   """The two flat functions of one :func:`linear_call` and the types of their operands (a primitive parameter,
   hashed by identity: each call site binds its own)."""
 
-  __slots__ = ("fun", "transpose", "res_avals", "lin_avals", "out_avals", "fun_keep", "transpose_keep")
+  __slots__ = ("fun", "transpose", "res_avals", "lin_avals", "out_avals", "fun_keep", "transpose_keep",
+               "fun_derivable", "transpose_derivable")
 
   def __init__(self, fun: Callable, transpose: Callable, res_avals: tuple, lin_avals: tuple, out_avals: tuple,
-               fun_keep: Callable | None = None, transpose_keep: Callable | None = None):
+               fun_keep: Callable | None = None, transpose_keep: Callable | None = None,
+               fun_derivable: Callable | None = None, transpose_derivable: Callable | None = None):
     self.fun = fun
     self.transpose = transpose
     self.res_avals = res_avals
@@ -58,6 +62,15 @@ class _Maps:
     # that it can leave out work dead code elimination cannot (the others may be any value of their type).
     self.fun_keep = fun_keep
     self.transpose_keep = transpose_keep
+    # Functions equal to ``fun`` and ``transpose`` that JAX can differentiate, where those cannot be (None: they
+    # can); only derivatives in the residuals call them.
+    self.fun_derivable = fun_derivable
+    self.transpose_derivable = transpose_derivable
+
+  @property
+  def derivable(self) -> Callable:
+    """``fun``, or the equal function JAX can differentiate where ``fun`` cannot be."""
+    return self.fun if self.fun_derivable is None else self.fun_derivable
 
   @property
   def num_res(self) -> int:
@@ -75,7 +88,7 @@ class _Maps:
 
   def transposed(self) -> "_Maps":
     return _Maps(self.transpose, self.fun, self.res_avals, self.out_avals, self.lin_avals, self.transpose_keep,
-                 self.fun_keep)
+                 self.fun_keep, self.transpose_derivable, self.fun_derivable)
 
   def pruned(self, keep: list[bool]) -> "_Maps":
     """The map restricted to the outputs ``keep`` marks, with the computation of the others removed (JAX's dead
@@ -102,7 +115,22 @@ class _Maps:
 
     kept_transpose.__name__ = getattr(transpose, "__name__", "transpose")
     kept_avals = tuple(a for a, k in zip(out_avals, keep) if k)
-    return _Maps(kept_fun, kept_transpose, self.res_avals, self.lin_avals, kept_avals)
+    kept_derivable = None
+    if self.fun_derivable is not None:
+      fun_derivable = self.fun_derivable
+
+      def kept_derivable(*args):
+        return [o for o, k in zip(fun_derivable(*args), keep) if k]
+    kept_transpose_derivable = None
+    if self.transpose_derivable is not None:
+      transpose_derivable = self.transpose_derivable
+
+      def kept_transpose_derivable(*args):
+        cts = iter(args[num_res:])
+        full = [next(cts) if k else jnp.zeros(a.shape, a.dtype) for k, a in zip(keep, out_avals)]
+        return transpose_derivable(*args[:num_res], *full)
+    return _Maps(kept_fun, kept_transpose, self.res_avals, self.lin_avals, kept_avals,
+                 fun_derivable=kept_derivable, transpose_derivable=kept_transpose_derivable)
 
 
 _linear_call_p = jex_core.Primitive("distattn_linear_call")
@@ -137,7 +165,7 @@ def _jvp(primals, tangents, *, maps: _Maps):
       full = list(res)
       for i, value in zip(moving, moved):
         full[i] = value
-      return list(maps.fun(*full, *lin))
+      return list(maps.derivable(*full, *lin))
 
     _, extra = jax.jvp(of_residuals, [res[i] for i in moving], [res_dot[i] for i in moving])
     out_dot = extra if out_dot is None else [a + b for a, b in zip(out_dot, extra)]
@@ -183,13 +211,19 @@ def _batch(args, dims, *, maps: _Maps):
   def transpose_keep(keep, *a):
     return transpose_of(functools.partial(maps.transpose_keep, keep))(*a)
 
+  def fun_of(inner):
+    return lambda *a: jax.vmap(lambda *b: list(inner(*b)), in_axes=axes, out_axes=0)(*a)
+
   def batched(avals, in_axes):
     return tuple(a if ax is None else jax.core.ShapedArray((size,) + a.shape, a.dtype)
                  for a, ax in zip(avals, in_axes))
 
   new = _Maps(fun, transpose, batched(maps.res_avals, axes[:maps.num_res]), batched(maps.lin_avals, lin_axes),
               batched(maps.out_avals, [0] * num_out),
-              transpose_keep=None if maps.transpose_keep is None else transpose_keep)
+              transpose_keep=None if maps.transpose_keep is None else transpose_keep,
+              fun_derivable=None if maps.fun_derivable is None else fun_of(maps.fun_derivable),
+              transpose_derivable=None if maps.transpose_derivable is None else transpose_of(
+                  maps.transpose_derivable))
   return _linear_call_p.bind(*args, maps=new), [0] * num_out
 
 
@@ -203,7 +237,7 @@ def _name(fn: Callable) -> str:
 
 
 def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, linear_args: Any, *,
-                transpose_needs: bool = False) -> Any:
+                transpose_needs: bool = False, derivable_transpose: Callable | None = None) -> Any:
   """``fun(residual_args, linear_args)``, a map linear in ``linear_args``, whose transpose is
   ``fun_transpose(residual_args, cotangent)`` (returning the structure of ``linear_args``).
 
@@ -214,7 +248,9 @@ def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, line
 
   Evaluated, jitted or differentiated in forward mode it runs ``fun``; transposed (reverse mode) it runs
   ``fun_transpose``. Its derivative in ``residual_args`` is JAX's autodiff of ``fun`` (or of ``fun_transpose`` in
-  a transposed map). Both functions must be written with JAX operations and must not close over traced values
+  a transposed map: the Hessian-vector product, forward over reverse). Where JAX cannot differentiate
+  ``fun_transpose`` (it launches a ``pallas_call``), ``derivable_transpose``, called as ``fun_transpose`` is and
+  returning the same values, is differentiated in its place; it never runs otherwise. Both functions must be written with JAX operations and must not close over traced values
   (pass them as residuals). ``residual_args`` is a pytree of arrays of any dtype (integer masks, random keys)
   and None; ``linear_args`` one of floating-point arrays and None.
   """
@@ -244,13 +280,22 @@ def linear_call(fun: Callable, fun_transpose: Callable, residual_args: Any, line
   def flat_transpose(*args):
     return flat_transpose_keep((True,) * len(lin_flat), *args)
 
+  flat_transpose_derivable = None
+  if derivable_transpose is not None:
+    def flat_transpose_derivable(*args):
+      res, cts = jax.tree.unflatten(res_tree, args[:num_res]), jax.tree.unflatten(out_tree, args[num_res:])
+      if transpose_needs:
+        return jax.tree.leaves(derivable_transpose(res, cts, jax.tree.unflatten(lin_tree, [True] * len(lin_flat))))
+      return jax.tree.leaves(derivable_transpose(res, cts))
+
   flat_fun.__name__, flat_transpose.__name__ = _name(fun), _name(fun_transpose)
   # The output types (shapes, dtypes and, under Explicit mesh axes, shardings) from one abstract trace.
   out_avals = tuple(jax.make_jaxpr(flat_fun)(*res_flat, *lin_flat).out_avals)
   out_tree = out_trees[0]
   maps = _Maps(flat_fun, flat_transpose, tuple(jax.typeof(x) for x in res_flat),
                tuple(jax.typeof(x) for x in lin_flat), out_avals,
-               transpose_keep=flat_transpose_keep if transpose_needs else None)
+               transpose_keep=flat_transpose_keep if transpose_needs else None,
+               transpose_derivable=flat_transpose_derivable)
   out = _linear_call_p.bind(*res_flat, *lin_flat, maps=maps)
   return jax.tree.unflatten(out_tree, out)
 

@@ -14,6 +14,8 @@ cotangents are needed (:func:`distattn_jax.autodiff.linear_call`'s ``transpose_n
 programs they come from. Forward mode (``jax.jvp``, ``jacfwd``,
 ``linearize``, ``hessian``): no Triton program; the tangent is the tile core's XLA loop (linear memory, XLA's
 speed) inside a ``jax.custom_jvp`` whose tangent map transposes to the two backward programs (:mod:`.calls`).
+Forward over reverse (Hessian-vector products) differentiates the tile core's XLA backward in the backward
+programs' place, since a ``pallas_call`` has no forward-mode rule: same values, the memory of autodiff of a loop.
 
 The kernel is generated from the metric record (:mod:`distattn_jax.metrics.record`), so a user-registered
 metric gets a fused kernel too:

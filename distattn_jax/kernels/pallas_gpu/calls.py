@@ -196,21 +196,26 @@ def fused(cfg: CallConfig, inputs: dict):
 @fused.defjvp
 def _fused_jvp(cfg: CallConfig, primals, tangents):
   (inputs,), (dots,) = primals, tangents
-  out, lse = call_forward(cfg, inputs)
+  # ``fused`` again, not ``call_forward``: differentiated once more (a Hessian), the forward is this rule's.
+  out, lse = fused(cfg, inputs)
   linear = {name: dots[name] for name in DIFFERENTIABLE if name in inputs}
   # The transpose is told which cotangents are needed: a pallas_call keeps all its outputs under dead code
   # elimination, so the bias gradient (T x S) and the programs no needed cotangent comes from are left out here.
+  # A pallas_call has no forward-mode rule, so forward over reverse (Hessian-vector products) differentiates
+  # the transpose of the XLA tangent loop in its place: same values, autodiff's memory.
   d_out, d_lse = autodiff.linear_call(functools.partial(_tangents, cfg), functools.partial(_cotangents, cfg),
-                                      (inputs, out, lse), linear, transpose_needs=True)
+                                      (inputs, out, lse), linear, transpose_needs=True,
+                                      derivable_transpose=functools.partial(_cotangents_by_autodiff, cfg))
   return (out, lse), (d_out, d_lse)
 
 
-def _tangents(cfg: CallConfig, res, dots: dict):
-  """``(d_out [B, Tp, H, Dvp], d_lse [B, H, Tp])`` from the tile core's tangent loop, on the operands laid out
-  as it wants them: heads grouped onto their kv head, the zero-padded features cut off (a user's ``phi(0)``
-  need not be 0, and the scale reads the feature count), masks as booleans, the valid keys as lengths."""
+def _tile_operands(cfg: CallConfig, res):
+  """The fused call's residuals laid out as the tile core wants them: heads grouped onto their kv head, the
+  zero-padded features cut off (a user's ``phi(0)`` need not be 0, and the scale reads the feature count), masks
+  as booleans, the valid keys as lengths. Returns ``(tile_config, residuals, layout)``, ``layout`` the linear map
+  from the call's tangents (a dict) to the tile core's."""
   inputs, out, lse = res
-  q, k, v = inputs["q"], inputs["k"], inputs["v"]
+  q, k = inputs["q"], inputs["k"]
   batch, t_pad, num_heads, _ = q.shape
   num_kv, group, dim = k.shape[2], cfg.group, cfg.head_dim
   s_pad = k.shape[1]
@@ -235,18 +240,46 @@ def _tangents(cfg: CallConfig, res, dots: dict):
   p = inputs.get("p")
   tile_cfg = cfg.geometry._replace(p=cfg.p, precision=cfg.precision)
   lse5 = lse.reshape(batch, num_kv, group, t_pad).transpose(0, 1, 3, 2)
-  residuals = tile_core.Residuals(
-      queries(q), keys(k, dim), keys(v), heads(inputs["lam"]), grouped(inputs.get("bias"), 0.0),
-      grouped(None if mask is None else mask != 0, False), seg, None if p is None else p[0], None, None, lse5)
-  d_bias, d_p = dots.get("bias"), dots.get("p")
-  tangents = tile_core.Tangents(
-      queries(dots["q"]), keys(dots["k"], dim), keys(dots["v"]), heads(dots["lam"]), grouped(d_bias, 0.0),
-      None if d_p is None else d_p[0])
-  d_lse, d_acc = tile_core.tangent_sums(tile_cfg, residuals, tangents)
   out5 = out.reshape(batch, t_pad, num_kv, group, out.shape[-1]).transpose(0, 2, 1, 3, 4)
-  d_out = tile_core.tangent_out(d_acc, d_lse, out5)
+  residuals = tile_core.Residuals(
+      queries(q), keys(k, dim), keys(inputs["v"]), heads(inputs["lam"]), grouped(inputs.get("bias"), 0.0),
+      grouped(None if mask is None else mask != 0, False), seg, None if p is None else p[0], None, out5, lse5)
+
+  def layout(dots: dict) -> tile_core.Tangents:
+    d_bias, d_p = dots.get("bias"), dots.get("p")
+    return tile_core.Tangents(
+        queries(dots["q"]), keys(dots["k"], dim), keys(dots["v"]), heads(dots["lam"]), grouped(d_bias, 0.0),
+        None if d_p is None else d_p[0])
+
+  return tile_cfg, residuals, layout
+
+
+def _tangents(cfg: CallConfig, res, dots: dict):
+  """``(d_out [B, Tp, H, Dvp], d_lse [B, H, Tp])`` from the tile core's tangent loop (:func:`_tile_operands`)."""
+  _, out, lse = res
+  tile_cfg, residuals, layout = _tile_operands(cfg, res)
+  d_lse, d_acc = tile_core.tangent_sums(tile_cfg, residuals, layout(dots))
+  d_out = tile_core.tangent_out(d_acc, d_lse, residuals.out)
   d_out = d_out.transpose(0, 2, 1, 3, 4).reshape(out.shape).astype(out.dtype)
   return d_out, d_lse.transpose(0, 1, 3, 2).reshape(lse.shape).astype(lse.dtype)
+
+
+def _cotangents_by_autodiff(cfg: CallConfig, res, cotangents, needed: dict) -> dict:
+  """:func:`_cotangents` computed by the tile core's XLA backward loops, which JAX can differentiate (forward
+  mode through a ``lax.while_loop``), mapped back to the call's layout by the transpose of that layout."""
+  del needed  # every cotangent is computed; the caller drops those it does not need
+  inputs, out, lse = res
+  tile_cfg, residuals, layout = _tile_operands(cfg, res)
+  d_out, d_lse = cotangents
+  batch, t_pad, num_heads, _ = out.shape
+  num_kv, group = inputs["k"].shape[2], cfg.group
+  d_out5 = d_out.reshape(batch, t_pad, num_kv, group, out.shape[-1]).transpose(0, 2, 1, 3, 4)
+  d_lse5 = d_lse.reshape(batch, num_kv, group, t_pad).transpose(0, 1, 3, 2)
+  tile_grads = tile_core.gradients(tile_cfg, residuals, d_out5, d_lse5)
+  linear = {name: jnp.zeros_like(inputs[name]) for name in DIFFERENTIABLE if name in inputs}
+  shapes = jax.eval_shape(layout, linear)
+  tile_cts = jax.tree.map(lambda g, s: g.astype(s.dtype), tile_core.Tangents(*tile_grads), shapes)
+  return jax.linear_transpose(layout, linear)(tile_cts)[0]
 
 
 def _cotangents(cfg: CallConfig, res, cotangents, needed: dict) -> dict:
