@@ -111,7 +111,7 @@ def test_qaoa_max_cut_by_enumeration_matches_brute_force():
   assert quantum.cut_values(edges, 6).max() == brute
 
 
-@pytest.mark.parametrize("model", ["ising", "heisenberg"])
+@pytest.mark.parametrize("model", ["ising", pytest.param("heisenberg", marks=pytest.mark.slow)])
 def test_vqe_reaches_the_exact_ground_energy(model):
   # 4 qubits with the verified settings (layers = num_qubits, 1500 steps): within 1e-3 of the lowest eigenvalue
   # of the dense matrix (built here with np.kron, independently of the engine). Measured: errors 4.8e-6 (Ising),

@@ -35,6 +35,7 @@ def test_dry_run_writes_every_part(tmp_path):
     assert heading in page
 
 
+@pytest.mark.slow  # a second dry run; test_dry_run_writes_every_part covers the program in make test-fast
 def test_dry_run_tile_sweep(tmp_path):
   # Part D times the fused kernel (interpreted here) over its tile candidates, the default first.
   out = tmp_path / "report.json"

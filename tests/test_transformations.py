@@ -416,6 +416,7 @@ def test_pallas_forward_mode_in_interpret_mode(x64):
   assert_close((out, d_out), (want, d_want), rtol=2e-5)
 
 
+@pytest.mark.slow  # eval_shape of the same product stays in make test-fast
 def test_pallas_hessian_vector_product_in_interpret_mode(x64):
   # Forward over reverse through the fused kernel in every input (the traced p and the bias included), with a
   # mask, segment ids, lengths and grouped heads: the gradient is the Triton backward, its derivative in the
