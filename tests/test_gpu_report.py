@@ -9,6 +9,8 @@ with a cold compilation cache on 2 busy cores, 4 s with a warm one.
 
 import json
 
+import pytest
+
 import gpu_report  # experiments/gpu_report.py
 
 
