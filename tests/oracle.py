@@ -6,8 +6,10 @@ import math
 import numpy as np
 from scipy.spatial.distance import cdist
 
+# The weighted metrics at their default weights (all ones) are their base metrics; tests/test_weighted_metrics.py
+# checks them with weights.
 SCIPY = {"l1": "cityblock", "l2": "euclidean", "sqeuclidean": "sqeuclidean", "cosine": "cosine",
-         "chebyshev": "chebyshev"}
+         "chebyshev": "chebyshev", "weighted_l1": "cityblock", "weighted_l2": "euclidean"}
 
 
 def scores(metric: str, q: np.ndarray, k: np.ndarray, p: float = 2.0) -> np.ndarray:

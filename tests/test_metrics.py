@@ -181,7 +181,8 @@ def test_bfloat16_large_magnitudes_stay_finite():
 
 
 def test_registry_names_and_enum():
-  assert da.metrics.available() == ("l1", "l2", "sqeuclidean", "lp", "cosine", "chebyshev", "dot")
+  assert da.metrics.available() == ("l1", "l2", "sqeuclidean", "lp", "cosine", "chebyshev", "weighted_l1",
+                                   "weighted_l2", "dot")
   assert all(da.metrics.get(name) is getattr(da.metrics, name) for name in da.metrics.available())
   assert [m.value for m in da.DistanceType] == list(da.metrics.available())
   x, y = normal(19, (3, 4), np.float32), normal(20, (2, 4), np.float32)
@@ -189,7 +190,8 @@ def test_registry_names_and_enum():
 
 
 def test_unknown_metric_lists_the_valid_names():
-  with pytest.raises(ValueError, match=r"metric='manhattan'.*l1, l2, sqeuclidean, lp, cosine, chebyshev, dot"):
+  with pytest.raises(ValueError, match=r"metric='manhattan'.*l1, l2, sqeuclidean, lp, cosine, chebyshev, "
+                                       r"weighted_l1, weighted_l2, dot"):
     da.metrics.get("manhattan")
 
 

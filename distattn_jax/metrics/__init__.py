@@ -8,6 +8,13 @@ attention uses and rides in the same registry as the baseline (its record says `
     da.metrics.register(da.metrics.Metric("huber", da.metrics.Elementwise(phi=huber)))  # then metric="huber"
     da.metrics.register(..., overwrite=True)  # replace it (a notebook cell run again); da.metrics.unregister("huber")
 
+Weighted metrics: ``weighted_l1`` (``sum_d w_d |x_d - y_d|``) and ``weighted_l2`` (``sqrt(sum_d w_d (x_d -
+y_d)^2)``, a diagonal Mahalanobis distance) take non-negative per-feature weights, ``metric_weights=w``
+(``da.metrics.weighted_l1(x, y, metric_weights=w)``; in attention one vector per head, learned by the modules).
+Each is its base metric on rescaled features (the record's ``feature_scale``: ``w`` and ``sqrt(w)``), so every
+kernel runs it unchanged; ``w = 1`` (the default) is l1 or l2. A registered record with a ``feature_scale`` is a
+weighted metric too.
+
 Names users know: ``l1`` is scipy's ``cityblock`` and ``torch.cdist(p=1)``, ``l2`` is ``euclidean`` and
 ``torch.cdist(p=2)``, ``lp`` is ``minkowski``, ``chebyshev`` is scipy's ``chebyshev`` (``torch.cdist(p=inf)``),
 ``cosine`` is scipy's ``cosine`` (``1 - torch.nn.functional.cosine_similarity``).
@@ -39,13 +46,14 @@ Gradient conventions (finite everywhere; each record's ``gradient`` field states
 """
 
 from distattn_jax.metrics import elementwise, evaluate, gram, numerics, record, shipped
-from distattn_jax.metrics.evaluate import score
-from distattn_jax.metrics.numerics import accumulation_dtype, check_p, concrete_value, sum_to_shape
+from distattn_jax.metrics.evaluate import scale_features, score
+from distattn_jax.metrics.numerics import (accumulation_dtype, check_metric_weights, check_p, concrete_value,
+                                          sum_to_shape)
 from distattn_jax.metrics.record import (ELEMENTWISE_BLOCKS, GRAM_BLOCKS, DistanceType, Elementwise, Gram, Metric,
                                          available, canonical_name, get, register, unregister)
-from distattn_jax.metrics.shipped import chebyshev, cosine, dot, l1, l2, lp, sqeuclidean
+from distattn_jax.metrics.shipped import chebyshev, cosine, dot, l1, l2, lp, sqeuclidean, weighted_l1, weighted_l2
 
 __all__ = ["DistanceType", "ELEMENTWISE_BLOCKS", "Elementwise", "GRAM_BLOCKS", "Gram", "Metric",
-           "accumulation_dtype", "available", "canonical_name", "chebyshev", "check_p", "concrete_value", "cosine",
-           "dot", "get", "l1", "l2", "lp", "register", "score", "sqeuclidean", "sum_to_shape",
-           "unregister"]
+           "accumulation_dtype", "available", "canonical_name", "chebyshev", "check_metric_weights", "check_p",
+           "concrete_value", "cosine", "dot", "get", "l1", "l2", "lp", "register", "scale_features", "score",
+           "sqeuclidean", "sum_to_shape", "unregister", "weighted_l1", "weighted_l2"]

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distattn_jax.metrics import elementwise, gram, numerics, record
 
@@ -48,15 +49,46 @@ def _unsigned(x: Array, y: Array, p_array: Array | None, *, metric: record.Metri
 _jitted = jax.jit(_unsigned, static_argnames=("metric", "p_static"))
 
 
-def public_call(metric: record.Metric, x: Any, y: Any, p: Any, precision: Any) -> Array:
-  """``metric(x, y[, p])``: validated, in the inputs' dtype."""
+def scale_features(metric: record.Metric, metric_weights: Array, p: Any) -> Array:
+  """The factors ``feature_scale(w, p)`` of a weighted metric, computed in the weights' accumulation dtype."""
+  w = metric_weights.astype(numerics.accumulation_dtype(metric_weights.dtype))
+  return jnp.asarray(metric.feature_scale(w, p), w.dtype)
+
+
+def _weighted_pair(metric: record.Metric, x: Array, y: Array, metric_weights: Any, p: Any) -> tuple[Array, Array]:
+  """``s * x`` and ``s * y`` for the weights of a weighted metric (validated; ``s`` broadcast over the rows)."""
+  if not metric.weighted:
+    raise ValueError(f"{metric.name}: metric_weights is only for a weighted metric (a record with a "
+                     f"feature_scale, such as weighted_l1 or weighted_l2); {metric.name!r} has none")
+  w, _ = numerics.check_metric_weights(metric_weights, metric.name)
+  try:
+    np.broadcast_shapes(w.shape, x.shape[:-2] + x.shape[-1:], y.shape[:-2] + y.shape[-1:])
+  except ValueError:
+    raise ValueError(f"{metric.name}: metric_weights of shape {w.shape} must broadcast to [..., D] against "
+                     f"x.shape={x.shape} and y.shape={y.shape} without their row axis") from None
+  s = scale_features(metric, w, p)
+  s = s[..., None, :] if s.ndim else s
+
+  def scaled(a):
+    return (a * s.reshape((1,) * (a.ndim - s.ndim) + s.shape)).astype(dtype)
+
+  dtype = jnp.result_type(x, y)
+  return scaled(x), scaled(y)
+
+
+def public_call(metric: record.Metric, x: Any, y: Any, p: Any, precision: Any, metric_weights: Any = None) -> Array:
+  """``metric(x, y[, p], metric_weights=w)``: validated, in the inputs' dtype."""
   del precision  # the gram forms always run at Precision.HIGHEST
   x, y = numerics.check_pair(x, y, metric.name)
   if not metric.parametric:
     if p is not None:
       raise TypeError(f"{metric.name}: takes no order p (got p={p!r}); only parametric metrics such as lp do")
+    if metric_weights is not None:
+      x, y = _weighted_pair(metric, x, y, metric_weights, 2.0)
     return _jitted(x, y, None, metric=metric, p_static=None)
   p = numerics.check_p(2.0 if p is None else p)
+  if metric_weights is not None:
+    x, y = _weighted_pair(metric, x, y, metric_weights, p)
   if isinstance(p, float):
     return _jitted(x, y, None, metric=metric, p_static=p)
   return _jitted(x, y, p, metric=metric, p_static=None)

@@ -1,8 +1,9 @@
 """Dtype and shape rules and argument checks shared by the metrics, the kernels and the layers.
 
 ``accumulation_dtype`` (reductions accumulate in at least float32), ``sum_to_shape`` (a broadcast cotangent back to
-its primal's shape), ``concrete_value`` (a value known at trace time), ``check_p`` (the lp order) and
-``check_pair`` (the two point sets a metric compares).
+its primal's shape), ``concrete_value`` (a value known at trace time), ``check_p`` (the lp order),
+``check_metric_weights`` (a weighted metric's feature weights) and ``check_pair`` (the two point sets a metric
+compares).
 """
 
 from __future__ import annotations
@@ -36,6 +37,30 @@ def check_p(p: Any, argname: str = "p") -> float | Array:
   if math.isnan(p) or p <= 0:
     raise ValueError(f"{argname} must be > 0 (inf allowed); got {p}")
   return p
+
+
+def check_metric_weights(metric_weights: Any, owner: str) -> tuple[Array, bool]:
+  """Validates a weighted metric's feature weights: a real floating-point (or integer) array whose concrete
+  entries are all ``>= 0`` and finite. Returns the weights as a floating-point array and whether they are concrete
+  (a traced array, a learned parameter, is returned unchecked; callers check it at run time). Messages start with
+  ``owner``."""
+  value = concrete_value(metric_weights)
+  arr = jnp.asarray(metric_weights)
+  if arr.dtype == bool or not jnp.issubdtype(arr.dtype, jnp.number) or jnp.issubdtype(arr.dtype,
+                                                                                      jnp.complexfloating):
+    raise TypeError(f"{owner}: metric_weights must be a real array of non-negative feature weights; got dtype "
+                    f"{arr.dtype}")
+  if not jnp.issubdtype(arr.dtype, jnp.floating):
+    arr = arr.astype(jnp.float32)
+  if value is not None:
+    bad = ~(np.isfinite(value) & (value >= 0))
+    if np.any(bad):
+      where = np.argwhere(bad)[:3]
+      shown = ", ".join(f"{value[tuple(i)].item()!r} at index {tuple(int(j) for j in i)}" for i in where)
+      raise ValueError(f"{owner}: metric_weights must be >= 0 and finite (non-negative feature weights, 1 = the "
+                       f"unweighted metric); got {shown}" + (f" and {int(bad.sum()) - 3} more" if bad.sum() > 3
+                                                            else ""))
+  return arr, value is not None
 
 
 def concrete_value(x: Any) -> np.ndarray | None:

@@ -8,6 +8,14 @@ name; they call :func:`score`, which evaluates whichever form the record holds.
   chebyshev, lp, and a user's Huber or log-cosh distance).
 * :class:`Gram`: ``fn(*grams)`` of inner products ``sum_d x_d^a y_d^b`` computed as matmuls (sqeuclidean,
   cosine, dot; ``fn(x.y, |x|^2, |y|^2)`` by default).
+
+A record with a ``feature_scale`` is a weighted metric: with non-negative per-feature weights ``w`` it is its
+form on rescaled features, ``d_w(x, y) = d(s * x, s * y)`` with ``s = feature_scale(w, p)`` (``w`` for a
+weighted l1, ``sqrt(w)`` for a weighted l2, ``w^(1/p)`` for a weighted lp). Kernels never see the weights: the
+caller rescales the features (``metric(x, y, metric_weights=w)``, ``distance_attention(..., metric_weights=w)``).
+
+The module is long because every check a user's record goes through (its fields, and the trial evaluation at
+registration of its form and its feature scale) lives beside the record and the registry it guards.
 """
 
 from __future__ import annotations
@@ -127,9 +135,17 @@ class Metric:
     gradient: the gradient convention in words (at zero distance, ties, zero vectors).
     block_q, block_k: the blockwise kernel's default tiles; None picks ``GRAM_BLOCKS`` or ``ELEMENTWISE_BLOCKS``
       by the form.
+    feature_scale: None for an unweighted metric; for a weighted one, ``feature_scale(w, p)``: the per-feature
+      factors ``s`` (same shape as the non-negative weights ``w``) such that the weighted distance is the form
+      evaluated on ``s * x`` and ``s * y``. ``p`` is the metric's order (a float, or a traced scalar when it is
+      learned; 2.0 for a metric without one). It must give ``s = 1`` at ``w = 1``, so that the default weights
+      (all ones) are the unweighted metric, and a finite value and gradient for ``w >= 0`` (use
+      ``metrics.elementwise.safe_root`` for a root, whose derivative at ``w = 0`` is 0, not infinite).
 
   A record is callable: ``metric(x, y)`` (``metric(x, y, p=3.0)`` for a parametric one) maps ``x [..., N, D]``
-  and ``y [..., M, D]`` to ``[..., N, M]`` in the inputs' dtype (the form's value, not negated).
+  and ``y [..., M, D]`` to ``[..., N, M]`` in the inputs' dtype (the form's value, not negated); a weighted one
+  also takes ``metric_weights=w``, non-negative, broadcastable to ``[..., D]`` (one weight vector, or one per
+  leading index of ``x`` and ``y``).
   """
 
   name: str
@@ -139,6 +155,7 @@ class Metric:
   gradient: str = ""
   block_q: int | None = None
   block_k: int | None = None
+  feature_scale: Callable[[Any, Any], Array] | None = None
 
   def __post_init__(self):
     owner = f"Metric({self.name!r})"
@@ -156,6 +173,14 @@ class Metric:
       value = getattr(self, field)
       if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         _fail(owner, field, value, "None or a positive int")
+    if self.feature_scale is not None and not callable(self.feature_scale):
+      _fail(owner, "feature_scale", self.feature_scale, "None or a callable feature_scale(w, p) -> array",
+            TypeError)
+
+  @property
+  def weighted(self) -> bool:
+    """Whether the metric takes per-feature weights (``metric_weights``): it has a ``feature_scale``."""
+    return self.feature_scale is not None
 
   @property
   def parametric(self) -> bool:
@@ -175,8 +200,8 @@ class Metric:
         else ELEMENTWISE_BLOCKS
     return (self.block_q or default[0], self.block_k or default[1])
 
-  def __call__(self, x: Any, y: Any, p: Any = None, *, precision: Any = None) -> Array:
-    return _installed_evaluation().call(self, x, y, p, precision)
+  def __call__(self, x: Any, y: Any, p: Any = None, *, metric_weights: Any = None, precision: Any = None) -> Array:
+    return _installed_evaluation().call(self, x, y, p, precision, metric_weights)
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,7 +236,8 @@ class Evaluation:
   """The entry points of the evaluation of a record.
 
   Attributes:
-    call: ``call(metric, x, y, p, precision)``, the validated ``metric(x, y[, p])`` in the inputs' dtype.
+    call: ``call(metric, x, y, p, precision, metric_weights)``, the validated ``metric(x, y[, p],
+      metric_weights=w)`` in the inputs' dtype.
     form_value: ``form_value(metric, x, y, p)``, the value of the form at order ``p`` (not negated) in the
       accumulation dtype, unvalidated.
   """
@@ -250,6 +276,8 @@ class DistanceType(str, enum.Enum):
   LP = "lp"
   COSINE = "cosine"
   CHEBYSHEV = "chebyshev"
+  WEIGHTED_L1 = "weighted_l1"
+  WEIGHTED_L2 = "weighted_l2"
   DOT = "dot"
 
   def __str__(self) -> str:
@@ -363,6 +391,33 @@ def _trial(metric: Metric) -> None:
     if not (np.all(np.isfinite(np.asarray(value))) and all(np.all(np.isfinite(np.asarray(g))) for g in grads)):
       raise ValueError(f"register: metric {metric.name!r} gives a non-finite value or gradient on a 2x3 test "
                        "input (zero vectors and a zero distance included)")
+    if metric.weighted:
+      _trial_feature_scale(metric, 2.0 if p is None else p, label)
+
+
+def _trial_feature_scale(metric: Metric, p: Any, label: Any) -> None:
+  """Evaluates ``feature_scale`` on weights 0, 0.5, 1 and 2: same shape, finite value and gradient, 1 at 1."""
+  at = "" if label is None else f" at p={label}"
+  w = jnp.asarray([0.0, 0.5, 1.0, 2.0], jnp.float32)
+
+  def trial(w, p):
+    return metric.feature_scale(w, p), jax.grad(lambda w: jnp.sum(metric.feature_scale(w, p)))(w)
+
+  try:
+    s, grad = jax.jit(trial, static_argnums=(1,) if isinstance(p, float) else ())(w, p)
+  except Exception as e:  # the user's callable can raise anything; re-raise naming the field
+    raise ValueError(f"register: metric {metric.name!r}{at}: feature_scale(w, p) failed on weights "
+                     f"{w.tolist()}: {type(e).__name__}: {e}") from e
+  if jnp.shape(s) != w.shape:
+    raise ValueError(f"register: metric {metric.name!r}{at}: feature_scale(w, p) must be elementwise (weights "
+                     f"of shape (4,) in, (4,) out); got shape {jnp.shape(s)}")
+  s, grad = np.asarray(s, np.float64), np.asarray(grad, np.float64)
+  if not (np.all(np.isfinite(s)) and np.all(np.isfinite(grad))):
+    raise ValueError(f"register: metric {metric.name!r}{at}: feature_scale(w, p) gives a non-finite value or "
+                     f"gradient at weights {w.tolist()} (values {s.tolist()}, gradients {grad.tolist()})")
+  if not np.isclose(s[2], 1.0, rtol=1e-6, atol=0.0):
+    raise ValueError(f"register: metric {metric.name!r}{at}: feature_scale(w, p) must be 1 at w = 1 (the "
+                     f"default weights are the unweighted metric); got {s[2]}")
 
 
 def add_shipped(metric: Metric) -> Metric:

@@ -75,6 +75,29 @@ chebyshev = record.add_shipped(Metric(
     "chebyshev", _CHEBYSHEV, translation_invariant=True,
     gradient="the coordinates that tie for the maximum share the gradient equally; sign(0) = 0 as for l1, so "
     "equal vectors get gradient 0"))
+
+
+def _weight_l1(w, p):
+  """A weighted l1 is l1 on ``w * x`` and ``w * y``: ``sum_d |w_d x_d - w_d y_d| = sum_d w_d |x_d - y_d|``."""
+  del p
+  return w
+
+
+def _weight_l2(w, p):
+  """A weighted l2 is l2 on ``sqrt(w) * x`` and ``sqrt(w) * y``: ``sqrt(sum_d w_d (x_d - y_d)^2)``."""
+  del p
+  return elementwise.safe_root(w, 2.0)
+
+
+_AT_ZERO = ("; with metric_weights=w the gradient with respect to w is exact through the rescaled features where "
+            "w > 0, and 0 with respect to a weight of exactly 0 (")
+weighted_l1 = record.add_shipped(Metric(
+    "weighted_l1", _L1, translation_invariant=True, feature_scale=_weight_l1,
+    gradient="as l1, on the features w * x and w * y" + _AT_ZERO + "the rescaled difference is 0 there, where "
+    "|.| takes derivative 0; the one-sided derivative is |x_d - y_d|)"))
+weighted_l2 = record.add_shipped(Metric(
+    "weighted_l2", _L2, translation_invariant=True, feature_scale=_weight_l2,
+    gradient="as l2, on the features sqrt(w) * x and sqrt(w) * y" + _AT_ZERO + "sqrt has no derivative there)"))
 dot = record.add_shipped(Metric(
     "dot", Gram(gram.dot, terms=((1, 1),)), similarity=True,
     gradient="y for x and x for y: the standard-attention similarity, not a distance"))
