@@ -160,6 +160,42 @@ def _check_lam(lam: Any, num_heads: int, dtype) -> Array:
   return jnp.broadcast_to(arr.astype(metrics.accumulation_dtype(dtype)), (num_heads,))
 
 
+def _check_metric_weights(metric_weights: Any, metric: str, num_heads: int, num_kv_heads: int, head_dim: int,
+                          dtype) -> Array | None:
+  """A weighted metric's feature weights as ``[1 | kv_heads | heads, head_dim]`` in the accumulation dtype, or
+  None when none are given; concrete weights must be >= 0 and finite."""
+  if metric_weights is None:
+    return None
+  if not metrics.get(metric).weighted:
+    weighted = [name for name in metrics.available() if metrics.get(name).weighted]
+    _fail("metric_weights", f"is only for a weighted metric (a record with a feature_scale: "
+          f"{', '.join(weighted)}); metric={metric!r} takes no feature weights (got metric_weights of shape "
+          f"{jnp.shape(metric_weights)}); pass metric_weights=None or a weighted metric")
+  w, concrete = metrics.check_metric_weights(metric_weights, "distance_attention")
+  rows_ok = w.ndim < 2 or w.shape[0] in (1, num_kv_heads, num_heads)
+  if w.ndim > 2 or not rows_ok or (w.ndim >= 1 and w.shape[-1] not in (1, head_dim)):
+    _fail("metric_weights", f"must be a scalar or have shape (head_dim,) = ({head_dim},), (kv_heads, head_dim) = "
+          f"({num_kv_heads}, {head_dim}) or (heads, head_dim) = ({num_heads}, {head_dim}) (size-1 axes "
+          f"broadcast); got shape {w.shape}")
+  if not concrete:
+    _check_at_run_time("metric_weights", jnp.logical_and(jnp.isfinite(w), w >= 0), ">= 0 and finite", w)
+  w = w.reshape((1,) * (2 - w.ndim) + w.shape)
+  return jnp.broadcast_to(w, (w.shape[0], head_dim)).astype(metrics.accumulation_dtype(dtype))
+
+
+def _weighted_features(q: Array, k: Array, metric_weights: Array, metric: str, p: Any) -> tuple[Array, Array]:
+  """``q`` and ``k`` rescaled by the weighted metric's ``feature_scale(w, p)``, per head: the weighted distance
+  of the features is the base form's distance of the rescaled ones, exactly. ``metric_weights`` has one row,
+  one row per kv head (a query head takes its kv head's row) or one per query head (``k`` then has as many)."""
+  scale = metrics.scale_features(metrics.get(metric), metric_weights, p)  # [1 | K | H, D]
+  num_heads, num_kv_heads = q.shape[2], k.shape[2]
+  q_scale = scale
+  if scale.shape[0] == num_kv_heads != num_heads:
+    q_scale = jnp.repeat(scale, num_heads // num_kv_heads, axis=0)
+  return ((q.astype(scale.dtype) * q_scale[None, None]).astype(q.dtype),
+          (k.astype(scale.dtype) * scale[None, None]).astype(k.dtype))
+
+
 def _as_kernel_operand(argname: str, a: Any, batch_shape: tuple[int, ...], tail: tuple[int, int, int]):
   """Checks that ``a`` broadcasts to ``[batch..., heads, q_len, kv_len]`` and folds its batch dims into one."""
   if a is None:
@@ -407,17 +443,21 @@ def _fully_masked_fallback(kernel, q, k, v, lam, segments, dropout, precision, a
 @functools.partial(jax.jit, static_argnames=("kernel", "metric", "p_static", "is_causal", "local_window",
                                              "dropout_rate", "broadcast_dropout", "precision", "return_weights",
                                              "fully_masked_rows"))
-def _attend(q, k, v, lam, bias, mask, segments, p_traced, dropout_rng, *, kernel, metric, p_static, is_causal,
-            local_window, dropout_rate, broadcast_dropout, precision, return_weights,
+def _attend(q, k, v, lam, bias, mask, segments, p_traced, dropout_rng, metric_weights=None, *, kernel, metric,
+            p_static, is_causal, local_window, dropout_rate, broadcast_dropout, precision, return_weights,
             fully_masked_rows) -> common.AttentionResult:
   dropout = None if dropout_rng is None else common.Dropout(dropout_rate, dropout_rng, broadcast_dropout)
   seen = common.visibility(q.shape[1], k.shape[1], q.shape[2], k.shape[2], mask=mask, segments=segments,
                            is_causal=is_causal, local_window=local_window)
   q_seen, k_seen, v_seen = common.hide_unseen(q, k, v, seen)
+  p = p_static if p_traced is None else p_traced
+  if metric_weights is not None:
+    # After the hiding: a hidden key's garbage never meets the weights (0 * NaN would reach their gradient).
+    q_seen, k_seen = _weighted_features(q_seen, k_seen, metric_weights, metric, p)
   result = kernel(
       q_seen, k_seen, v_seen, lam=lam, bias=bias, mask=mask, segments=segments, local_window=local_window,
-      metric=metric, p=p_static if p_traced is None else p_traced, is_causal=is_causal, dropout=dropout,
-      precision=precision, return_weights=return_weights)
+      metric=metric, p=p, is_causal=is_causal, dropout=dropout, precision=precision,
+      return_weights=return_weights)
   if fully_masked_rows == "zero":
     return result
   acc = metrics.accumulation_dtype(q.dtype)
@@ -432,11 +472,11 @@ def _attend(q, k, v, lam, bias, mask, segments, p_traced, dropout_rng, *, kernel
 
 
 def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", lam=1.0, p=2.0,
-                       is_causal=False, q_segment_ids=None, kv_segment_ids=None, query_seq_lengths=None,
-                       key_value_seq_lengths=None, local_window_size=None, fully_masked_rows="zero",
-                       broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                       precision=None, implementation=None, return_weights=False, return_residual=False,
-                       **flax_kwargs):
+                       metric_weights=None, is_causal=False, q_segment_ids=None, kv_segment_ids=None,
+                       query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                       fully_masked_rows="zero", broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
+                       deterministic=False, dtype=None, precision=None, implementation=None, return_weights=False,
+                       return_residual=False, **flax_kwargs):
   """Attention whose logits are negative distances between queries and keys.
 
   ``logits[..., h, i, j] = -lam[h] * distance(query[..., i, h, :], key[..., j, h', :]) / sqrt(head_dim)``
@@ -463,6 +503,17 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
       ``lam <= 0`` (or NaN, inf) raises here; a traced one is checked only inside :func:`checked`.
     p: the order of a parametric metric such as ``"lp"`` (any ``p > 0``, ``inf`` allowed); may be traced
       (learned), and is then checked only inside :func:`checked`. Other metrics ignore it, unchecked.
+    metric_weights: the non-negative per-feature weights ``w`` of a weighted metric (``"weighted_l1"``: ``sum_d
+      w_d |q_d - k_d|``; ``"weighted_l2"``: ``sqrt(sum_d w_d (q_d - k_d)^2)``; a registered record with a
+      ``feature_scale``), a scalar, ``[head_dim]`` (every head), ``[kv_heads, head_dim]`` (one row per key/value
+      head, shared by the query heads of its group) or ``[heads, head_dim]`` (one row per query head; with fewer
+      kv heads the keys and values are then repeated to the query heads, so grouped-query attention loses its
+      smaller keys and values). None (default) is all ones, the unweighted metric. May be traced (learned) and
+      differentiated; a concrete negative or non-finite weight raises here, a traced one is checked only inside
+      :func:`checked`. The kernels see the features rescaled by the record's ``feature_scale(w, p)`` (``w``,
+      ``sqrt(w)``), after hidden positions are zeroed: the base metric of the rescaled features is the weighted
+      metric exactly, so every kernel, transformation and masking rule applies unchanged. Passing weights with
+      an unweighted metric is a ValueError.
     is_causal: mask keys after the query position (``j > i``, aligned at position 0 as in
       ``jax.nn.dot_product_attention``); kernels may skip the masked blocks.
     q_segment_ids, kv_segment_ids: integer ``[batch..., q_len]`` / ``[batch..., kv_len]``; query ``i`` sees key
@@ -527,6 +578,12 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
   q_len, num_heads, _ = query.shape[-3:]
   kv_len, num_kv_heads, v_dim = value.shape[-3:]
   lam = _check_lam(lam, num_heads, query.dtype)
+  metric_weights = _check_metric_weights(metric_weights, metric, num_heads, num_kv_heads, query.shape[-1],
+                                         query.dtype)
+  if metric_weights is not None and metric_weights.shape[0] == num_heads != num_kv_heads:
+    # One weight row per query head: the query heads of a group compare with differently scaled keys.
+    key, value = (jnp.repeat(a, num_heads // num_kv_heads, axis=-2) for a in (key, value))
+    num_kv_heads = num_heads
   tail = (num_heads, q_len, kv_len)
   bias = _as_kernel_operand("bias", _check_bias(bias), batch_shape, tail)
   mask = _as_kernel_operand("mask", _check_mask(mask), batch_shape, tail)
@@ -562,7 +619,7 @@ def distance_attention(query, key, value, bias=None, mask=None, *, metric="l1", 
   result = _attend(
       query.reshape((batch,) + query.shape[-3:]), key.reshape((batch,) + key.shape[-3:]),
       value.reshape((batch,) + value.shape[-3:]), lam, bias, mask, segments,
-      None if isinstance(p, float) else p, dropout_rng if dropout_active else None,
+      None if isinstance(p, float) else p, dropout_rng if dropout_active else None, metric_weights,
       kernel=kernel, metric=metric, p_static=p if isinstance(p, float) else None,
       is_causal=bool(is_causal), local_window=local_window, dropout_rate=float(dropout_rate),
       broadcast_dropout=bool(broadcast_dropout), precision=precision, return_weights=need_weights,
@@ -595,7 +652,7 @@ def _empty_result(query, value, weights_shape, need_weights, return_weights, wei
   return (out, weights) if return_weights else out
 
 
-_FIXABLE = ("lam", "p", "implementation", "is_causal", "fully_masked_rows", "local_window_size")
+_FIXABLE = ("lam", "p", "metric_weights", "implementation", "is_causal", "fully_masked_rows", "local_window_size")
 
 
 def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -> Callable[..., Array]:
@@ -608,7 +665,8 @@ def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -
   a parameter of the enclosing module, which is how a stock Flax module learns it (see the docs' "Flax modules"
   page); ``da.DistanceBasedAttention`` and ``da.nnx.DistanceBasedAttention`` learn it per head by themselves.
 
-  ``fixed`` may set ``lam``, ``p``, ``implementation``, ``is_causal`` (ORed with the caller's),
+  ``fixed`` may set ``lam``, ``p``, ``metric_weights`` (a weighted metric's, e.g. a module's parameter),
+  ``implementation``, ``is_causal`` (ORed with the caller's),
   ``local_window_size`` and ``fully_masked_rows``. The returned function takes every keyword argument those
   modules pass (``module`` included, so ``sow_weights`` works) and follows Flax's rules where the formula leaves
   a choice, so that swapping it into a Flax model changes nothing for ``metric="dot"``: a query row that sees no
@@ -625,6 +683,11 @@ def make_attention_fn(metric: str | metrics.DistanceType = "l1", **fixed: Any) -
   parametric = metrics.get(metric).parametric
   if "p" in fixed and parametric:
     metrics.check_p(fixed["p"])
+  if fixed.get("metric_weights") is not None:
+    if not metrics.get(metric).weighted:
+      raise ValueError(f"make_attention_fn: metric_weights is only for a weighted metric (a record with a "
+                       f"feature_scale); metric={metric!r} takes no feature weights")
+    metrics.check_metric_weights(fixed["metric_weights"], "make_attention_fn")
   if "implementation" in fixed and fixed["implementation"] not in (None, "auto"):
     _resolve_kernel(fixed["implementation"])
   if "local_window_size" in fixed:
