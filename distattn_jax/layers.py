@@ -18,7 +18,8 @@ from flax.linen.linear import DenseGeneral, default_kernel_init
 
 from distattn_jax import metrics
 from distattn_jax.module_helpers import (KVCache, apply_rotary, attend, check_config, check_tied_inputs,
-                                         initial_lambda, lam_and_p, resolve_inputs)
+                                         initial_lambda, lam_and_p, metric_weights, metric_weights_shape,
+                                         resolve_inputs)
 
 __all__ = ["DistanceBasedAttention", "KVCache", "apply_rotary"]
 
@@ -50,19 +51,26 @@ class DistanceBasedAttention(nn.Module):
       samples by ``initializers.logit_spread`` (``initializers.default_lambda_table()`` prints this table; the
       tests check it against the closed forms):
 
-      ====  =====  =====  ===========  =======  ======  =========  ===
-      D     l1     l2     sqeuclidean  lp, p=3  cosine  chebyshev  dot
-      ====  =====  =====  ===========  =======  ======  =========  ===
-      16    1.345  4.695  0.4096       6.267    16.20   6.405      1
-      32    1.339  6.579  0.4093       9.684    32.11   9.504      1
-      64    1.333  9.253  0.4085       15.18    63.92   14.31      1
-      128   1.342  13.16  0.4096       24.10    128.8   21.39      1
-      ====  =====  =====  ===========  =======  ======  =========  ===
+      ====  =====  =====  ===========  =======  ======  =========  ===========  ===========  ===
+      D     l1     l2     sqeuclidean  lp, p=3  cosine  chebyshev  weighted_l1  weighted_l2  dot
+      ====  =====  =====  ===========  =======  ======  =========  ===========  ===========  ===
+      16    1.345  4.695  0.4096       6.267    16.20   6.405      1.345        4.695        1
+      32    1.339  6.579  0.4093       9.684    32.11   9.504      1.339        6.579        1
+      64    1.333  9.253  0.4085       15.18    63.92   14.31      1.333        9.253        1
+      128   1.342  13.16  0.4096       24.10    128.8   21.39      1.342        13.16        1
+      ====  =====  =====  ===========  =======  ======  =========  ===========  ===========  ===
+
+      A weighted metric starts where its base metric does (its weights start at 1), so it has the same column.
 
     learnable_lambda: learn one lam per head, stored as ``params['log_lambda']`` so it stays positive. False
       keeps lam fixed at its initial value.
     p: the order of a metric that has one (``metric="lp"``, or a user's parametric record).
     learnable_p: learn ``p`` (a metric with an order only), stored as ``params['log_p']`` so it stays positive.
+      A weighted metric (``"weighted_l1"``, ``"weighted_l2"`` or a registered record with a ``feature_scale``)
+      learns its feature weights ``w = exp(params['log_metric_weights'])``, shape ``[kv_heads, head_dim]`` (one
+      vector per key/value head, shared by the query heads of its group; ``[num_heads, head_dim]`` without
+      grouped-query attention), initialised to 0 (``w = 1``, the unweighted metric). The trainer's optimizer
+      puts it in the lambda group, without weight decay.
     num_kv_heads: key/value heads for grouped-query attention (default: ``num_heads``).
     implementation: kernel name passed to ``distance_attention`` (None = automatic).
     rotary_base: rotate queries and keys by their positions (:func:`apply_rotary`) with this base; None = off.
@@ -122,6 +130,13 @@ class DistanceBasedAttention(nn.Module):
     if self.learnable_p:
       log_p = self.param("log_p", nn.initializers.constant(math.log(self.p)), (), self.param_dtype)
     return lam_and_p(log_lam, lam_init, log_p, self.p)
+
+  def _metric_weights(self, metric: str, num_kv_heads: int, head_dim: int) -> Array | None:
+    """The current feature weights of a weighted metric (from ``log_metric_weights``), None for another."""
+    shape = metric_weights_shape(metric, num_kv_heads, head_dim)
+    if shape is None:
+      return None
+    return metric_weights(self.param("log_metric_weights", nn.initializers.zeros_init(), shape, self.param_dtype))
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
@@ -185,8 +200,10 @@ class DistanceBasedAttention(nn.Module):
       deterministic = True
 
     lam, p = self._lam_and_p(metric, head_dim)
+    weights = self._metric_weights(metric, num_kv_heads, head_dim)
     x, cache = attend(
-        name, query, key, value, cache=cache, mask=mask, metric=metric, lam=lam, p=p, is_causal=is_causal,
+        name, query, key, value, cache=cache, mask=mask, metric=metric, lam=lam, p=p, metric_weights=weights,
+        is_causal=is_causal,
         rotary_base=self.rotary_base, positions=positions, key_positions=key_positions,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,

@@ -1,8 +1,8 @@
 """The pure functions of a distance attention module, shared by the Linen module (:mod:`distattn_jax.layers`)
 and the NNX module (:mod:`distattn_jax.nnx`): configuration checks, the initial lam, lam and p from their
-log-parameters, Flax's input defaults, rotary positions, the KV cache update, and the call into
-:func:`distattn_jax.attention.distance_attention`. They are all a module does besides holding parameters; the two
-modules are parameter containers around them."""
+log-parameters (a weighted metric's feature weights likewise), Flax's input defaults, rotary positions, the KV
+cache update, and the call into :func:`distattn_jax.attention.distance_attention`. They are all a module does
+besides holding parameters; the two modules are parameter containers around them."""
 
 from __future__ import annotations
 
@@ -96,6 +96,20 @@ def lam_and_p(log_lambda: Array | None, lam_init: float, log_p: Array | None,
   return lam, (float(p) if log_p is None else jnp.exp(log_p))
 
 
+def metric_weights_shape(metric: str, num_kv_heads: int, head_dim: int) -> tuple[int, int] | None:
+  """The shape of a module's ``log_metric_weights`` parameter: ``(num_kv_heads, head_dim)`` for a weighted
+  metric (one weight vector per key/value head, shared by the query heads of its group, so grouped-query
+  attention keeps its smaller keys and values; ``num_kv_heads == num_heads`` without grouping), None for an
+  unweighted one (no parameter). Initialised to 0: ``w = exp(0) = 1``, the unweighted metric."""
+  return (num_kv_heads, head_dim) if metrics.get(metric).weighted else None
+
+
+def metric_weights(log_metric_weights: Array | None) -> Array | None:
+  """The current feature weights of a weighted metric: ``exp`` of their log-parameter (None when there is none,
+  which ``distance_attention`` reads as all ones)."""
+  return None if log_metric_weights is None else jnp.exp(log_metric_weights)
+
+
 def resolve_inputs(name: str, inputs_q: Array, inputs_k: Array | None,
                    inputs_v: Array | None) -> tuple[Array, Array, Array]:
   """Flax's defaults: keys from the queries' inputs, values from the keys'."""
@@ -154,7 +168,8 @@ def update_cache(name: str, cache: KVCache, query: Array, key: Array, value: Arr
 
 
 def attend(name: str, query: Array, key: Array, value: Array, *, cache: KVCache | None = None,
-           mask: Array | None = None, metric: str, lam: Array | float, p: Array | float, is_causal: bool = False,
+           mask: Array | None = None, metric: str, lam: Array | float, p: Array | float,
+           metric_weights: Array | None = None, is_causal: bool = False,
            rotary_base: float | None = None, positions: Array | None = None, key_positions: Array | None = None,
            q_segment_ids: Array | None = None, kv_segment_ids: Array | None = None,
            query_seq_lengths: Array | None = None, key_value_seq_lengths: Array | None = None,
@@ -177,7 +192,8 @@ def attend(name: str, query: Array, key: Array, value: Array, *, cache: KVCache 
     key, value, mask, cache = update_cache(name, cache, query, key, value, mask)
     is_causal = False  # the cache mask already hides the future
   x = attention.distance_attention(query, key, value, mask=mask, metric=metric, lam=lam, p=p,
-                                   is_causal=is_causal, **position_args, **attention_kwargs)
+                                   metric_weights=metric_weights, is_causal=is_causal, **position_args,
+                                   **attention_kwargs)
   return x, cache
 
 

@@ -29,8 +29,9 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
   ``DistanceBasedAttention(num_heads, in_features, ..., metric="l1", rngs=rngs)`` and keeps its checkpoint: the
   projections and norms are created by ``nnx.MultiHeadAttention`` itself, so their names, shapes and
   initialisation are Flax's; lam (``log_lambda [num_heads]``) and p (``log_p``) are added at their initial
-  values. The keyword arguments ``metric``, ``lambda_init``, ``learnable_lambda``, ``p``, ``learnable_p``,
-  ``implementation`` and ``rotary_base`` mean what they mean in the Linen
+  values, and for a weighted metric its feature weights (``log_metric_weights [kv_heads, head_dim]``, 0: ``w =
+  1``, as in the Linen module). The keyword arguments ``metric``, ``lambda_init``, ``learnable_lambda``, ``p``,
+  ``learnable_p``, ``implementation`` and ``rotary_base`` mean what they mean in the Linen
   :class:`distattn_jax.layers.DistanceBasedAttention` (``lambda_init=None`` is the calibrated
   ``initializers.default_lambda``); every other argument is passed to ``nnx.MultiHeadAttention`` (except
   ``attention_fn``: the attention is this module's). With ``metric="dot"`` and ``lambda_init=1.0`` it computes
@@ -60,7 +61,7 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
       raise TypeError(f"{name}: attention_fn is not an argument (the attention is distance attention; use "
                       "nnx.MultiHeadAttention(attention_fn=distattn_jax.make_attention_fn(...)) for a fixed lam)")
     qkv = in_features if qkv_features is None else qkv_features
-    metric, _ = module_helpers.check_config(
+    metric, kv_heads = module_helpers.check_config(
         name, num_heads=num_heads, num_kv_heads=num_kv_heads, qkv_features=qkv, metric=metric, p=p,
         learnable_p=learnable_p, lambda_init=lambda_init, dropout_rate=dropout_rate, rotary_base=rotary_base,
         tied_qk=tied_qk)
@@ -85,11 +86,19 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
       self.log_lambda = flax_nnx.Param(jnp.full((num_heads,), math.log(self.lambda_init), param_dtype))
     if learnable_p:
       self.log_p = flax_nnx.Param(jnp.full((), math.log(p), param_dtype))
+    self.log_metric_weights: flax_nnx.Param | None = flax_nnx.data(None)
+    weights_shape = module_helpers.metric_weights_shape(metric, kv_heads, self.head_dim)
+    if weights_shape is not None:
+      self.log_metric_weights = flax_nnx.Param(jnp.zeros(weights_shape, param_dtype))
 
   def lam_and_p(self) -> tuple[Array | float, Array | float]:
     """The current lam (``[num_heads]`` when learned, else a float) and p."""
     return module_helpers.lam_and_p(None if self.log_lambda is None else self.log_lambda[...], self.lambda_init,
                                     None if self.log_p is None else self.log_p[...], self.p)
+
+  def metric_weights(self) -> Array | None:
+    """The current feature weights of a weighted metric (``[kv_heads, head_dim]``), None for another."""
+    return module_helpers.metric_weights(None if self.log_metric_weights is None else self.log_metric_weights[...])
 
   def __call__(self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
                mask: Array | None = None, deterministic: bool | None = None,
@@ -141,7 +150,8 @@ class DistanceBasedAttention(flax_nnx.MultiHeadAttention):
 
     lam, p = self.lam_and_p()
     x, cache = module_helpers.attend(
-        name, query, key, value, cache=cache, mask=mask, metric=self.metric, lam=lam, p=p, is_causal=is_causal,
+        name, query, key, value, cache=cache, mask=mask, metric=self.metric, lam=lam, p=p,
+        metric_weights=self.metric_weights(), is_causal=is_causal,
         rotary_base=self.rotary_base, positions=positions, key_positions=key_positions,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,

@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
       learning_rate=3e-3, warmup_steps=100, end_learning_rate_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
       eps=1e-8, clip_norm=1.0,  # global-norm clipping of the non-lambda gradients; 0 = off
       grad_accum_steps=1,  # microbatches per optimizer step; data.batch_size is the whole step's batch
-      lambda_learning_rate=1e-2))  # peak lr of the log_lambda / log_p group (same schedule shape, no decay)
+      lambda_learning_rate=1e-2))  # peak lr of the log_lambda / log_p / log_metric_weights group (same shape, no decay)
 
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500, keep_checkpoints=3,

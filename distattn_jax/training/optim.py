@@ -1,7 +1,8 @@
 """The optax pipeline: AdamW with warmup + cosine and global-norm clipping, and a lambda group of its own.
 
-The attention's ``log_lambda`` (and ``log_p``) are scale parameters of the softmax, not weights: decaying them
-towards 0 would pull lam towards 1 for no reason, and they want a larger step than the projections. So
+The attention's ``log_lambda`` (and ``log_p``, and a weighted metric's ``log_metric_weights``) are scale
+parameters of the softmax and the metric, not weights: decaying them towards 0 would pull lam (or the feature
+weights) towards 1 for no reason, and they want a larger step than the projections. So
 ``optax.multi_transform`` routes them, by name, to plain Adam with their own peak learning rate (same warmup +
 cosine shape) and no weight decay; every other parameter gets clipping and AdamW, with decay on matrices only
 (kernels and embeddings, not biases or norm scales).
@@ -15,7 +16,7 @@ import jax
 import ml_collections
 import optax
 
-LAMBDA_PARAMS = ("log_lambda", "log_p")
+LAMBDA_PARAMS = ("log_lambda", "log_p", "log_metric_weights")
 MAIN, LAMBDA = "main", "lambda"
 
 
@@ -27,8 +28,9 @@ def _name(path: tuple[Any, ...]) -> str | None:
 
 
 def param_labels(params: Any) -> Any:
-  """``"lambda"`` for parameters named ``log_lambda``/``log_p``, ``"main"`` for the rest (Linen params or an NNX
-  state, of Variables or of arrays: ``nnx.Optimizer`` labels the one at init and the other at each update)."""
+  """``"lambda"`` for parameters named ``log_lambda``/``log_p``/``log_metric_weights``, ``"main"`` for the rest
+  (Linen params or an NNX state, of Variables or of arrays: ``nnx.Optimizer`` labels the one at init and the
+  other at each update)."""
   return jax.tree_util.tree_map_with_path(lambda path, _: LAMBDA if _name(path) in LAMBDA_PARAMS else MAIN, params)
 
 

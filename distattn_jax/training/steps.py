@@ -26,8 +26,6 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from distattn_jax.training import optim
-
 Array = jax.Array
 
 
@@ -188,13 +186,16 @@ def eval_step(state: TrainState, batch: Any) -> dict[str, Array]:
   return task.totals(logits, batch)
 
 
+_LOGGED = {"log_lambda": "lambda", "log_p": "p"}
+
+
 def lambda_values(params: Any) -> dict[str, Array]:
   """lam (and p) of every attention layer: ``{"block_0/attention/lambda": [heads], ...}`` from the learned
   ``log_lambda`` / ``log_p`` (exp of the stored logs)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = path[-1].key
-    if name in optim.LAMBDA_PARAMS:
+    if name in _LOGGED:  # a weighted metric's [kv_heads, head_dim] feature weights are not logged
       prefix = "/".join(p.key for p in path[:-1] if p.key != "trunk")
-      out[f"{prefix}/{'lambda' if name == 'log_lambda' else 'p'}"] = jnp.exp(leaf)
+      out[f"{prefix}/{_LOGGED[name]}"] = jnp.exp(leaf)
   return out
