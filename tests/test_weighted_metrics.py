@@ -249,6 +249,33 @@ def test_a_registered_weighted_metric_works_like_the_shipped_ones(user_weighted_
       da.initializers.default_lambda("lp", D, 3.0))
 
 
+@pytest.mark.slow
+def test_a_registered_weighted_gram_metric_is_routed_to_dot_product_attention():
+  # Weighted sqeuclidean, sum_d w_d (q_d - k_d)^2: sqeuclidean's gram form on sqrt(w)-scaled features, which the
+  # routed kernel (here on jax.nn's XLA attention) carries by exact algebra.
+  name = "test_weighted_sqeuclidean"
+  da.metrics.register(da.metrics.Metric(name, da.metrics.sqeuclidean.form, translation_invariant=True,
+                                        feature_scale=lambda w, p: elementwise.safe_root(w, 2.0)), overwrite=True)
+  try:
+    q, k, v, lam, w, cot = inputs(85, np.float32)
+    w = w + 0.05
+    routed, reference = (library(impl, name, q, k, v, lam, w, cot, is_causal=True)
+                         for impl in (da.kernels.Routed(implementation="xla"), "reference"))
+    for got, want in zip(routed, reference):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    out = np.zeros((B, T, H, DV))
+    for b in range(B):
+      for h in range(H):
+        g = h // (H // KV)
+        dist = (w[g] * (q[b, :, h][:, None].astype(np.float64) - k[b, :, g][None]) ** 2).sum(-1)
+        logits = np.where(np.tril(np.ones((T, S), bool)), -lam[h] * dist / math.sqrt(D), -np.inf)
+        a = np.exp(logits - logits.max(-1, keepdims=True))
+        out[b, :, h] = (a / a.sum(-1, keepdims=True)) @ v[b, :, g]
+    np.testing.assert_allclose(routed[0], out, rtol=1e-4, atol=1e-4)
+  finally:
+    da.metrics.unregister(name)
+
+
 @pytest.mark.parametrize("scale,message", [
     (lambda w, p: 2.0 * w, r"feature_scale\(w, p\) must be 1 at w = 1 .*got 2.0"),
     (lambda w, p: jnp.sum(w), r"feature_scale\(w, p\) must be elementwise"),
