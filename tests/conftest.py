@@ -34,5 +34,13 @@ def x64():
     yield
 
 
+def kernel_sweep_metrics() -> tuple[str, ...]:
+  """The shipped metrics a kernel's sweep runs. A weighted metric at its default weights (all ones) computes
+  exactly its base metric, so those sweeps leave weighted_l1 and weighted_l2 to tests/test_weighted_metrics.py,
+  which runs them with weights through every kernel."""
+  import distattn_jax as da  # after the device count is set above
+  return tuple(m for m in da.metrics.available() if da.metrics.get(m).feature_scale is None)
+
+
 def normal(seed: int, shape, dtype=np.float64, scale: float = 1.0) -> np.ndarray:
   return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)

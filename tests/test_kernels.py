@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import distattn_jax as da
-from conftest import normal
+from conftest import kernel_sweep_metrics, normal
 from distattn_jax import attention as attention_module
 from distattn_jax.kernels import Blockwise, blockwise, dropout, tiles
 
-METRICS = da.metrics.available()
+METRICS = kernel_sweep_metrics()
 
 
 def one_fast(values, fast):
