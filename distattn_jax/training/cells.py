@@ -119,6 +119,13 @@ def attention_entropy(weights: list, batch: dict[str, Any]) -> list[float]:
 def run_cell(task_name: str, metric: str, lambda_mode: str, seed: int, budget: dict[str, Any],
              cache_dir: str | None = None) -> dict[str, Any]:
   """Trains one cell and returns its record (JSON-ready)."""
+  return train_cell(task_name, metric, lambda_mode, seed, budget, cache_dir)[0]
+
+
+def train_cell(task_name: str, metric: str, lambda_mode: str, seed: int, budget: dict[str, Any],
+               cache_dir: str | None = None) -> tuple[dict[str, Any], Any]:
+  """Trains one cell: ``(record, params)``, the record of :func:`run_cell` and the trained parameters (for a
+  non-finite run, those of its last step)."""
   start = time.perf_counter()
   data = tasks.load(task_name, cache_dir=cache_dir)
   kind = tasks.spec(task_name).kind
@@ -155,7 +162,7 @@ def run_cell(task_name: str, metric: str, lambda_mode: str, seed: int, budget: d
   final = evaluate(eval_step, state, final_batches, kind) if finite else float("nan")
   entropy = (attention_entropy(weights_fn(state.params, step_batch(kind, final_batches[0])), final_batches[0])
              if finite else [])
-  return {
+  record = {
       "task": task_name, "metric": metric, "lambda_mode": lambda_mode, "seed": seed,
       "score_name": train_steps.objective(kind).score_name,
       "final": final, "finite": finite, "steps_done": len(losses),
@@ -165,3 +172,4 @@ def run_cell(task_name: str, metric: str, lambda_mode: str, seed: int, budget: d
       "eval_examples": int(sum(float(np.sum(b["weights"])) if "weights" in b else b["windows"].shape[0]
                               for b in final_batches)),
   }
+  return record, state.params
