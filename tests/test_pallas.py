@@ -463,6 +463,80 @@ def test_lowers_for_cuda_with_a_broadcast_bias_gradient(shape):
   assert dq_outputs[-1] == want, dq_outputs
 
 
+def _triton_modules(fn, *args) -> dict:
+  """The Triton IR (MLIR text) of every kernel of ``fn`` lowered for CUDA, by kernel name. The modules travel as
+  MLIR bytecode in the custom calls' backend config; they are parsed back with the Triton dialect registered."""
+  lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
+  from jax._src.lib.mlir import ir
+
+  with compat.gpu_lowering_target():
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+  blobs = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for inner in block.operations:
+          if inner.operation.name == "stablehlo.custom_call" and "mhlo.backend_config" in inner.attributes:
+            config = ir.DictAttr(inner.attributes["mhlo.backend_config"])
+            if "ir" in config:
+              blobs.append(ir.StringAttr(config["ir"]).value_bytes)
+          walk(inner.operation)
+
+  walk(module.operation)
+  texts = {}
+  for blob in blobs:
+    with lowering._new_ir_context():
+      text = str(ir.Module.parse(blob))
+    texts[text.split("tt.func public @")[1].split("(")[0]] = text
+  return texts
+
+
+def _dots(text: str) -> list[tuple[str, str, str]]:
+  """``(lhs element type, rhs element type, input precision)`` of every ``tt.dot`` in a Triton module."""
+  found = []
+  for line in text.splitlines():
+    if "tt.dot " in line:
+      lhs, rhs = (t.rsplit("x", 1)[1].rstrip(">") for t in line.split(" : ")[1].split(" -> ")[0].split(" * "))
+      found.append((lhs, rhs, line.split("inputPrecision = ")[1].split()[0] if "inputPrecision" in line else "ieee"))
+  return found
+
+
+@pytest.mark.parametrize("metric, dtype, want", one_fast([
+    ("cosine", jnp.float32, 6), ("sqeuclidean", jnp.bfloat16, 3), ("dot", jnp.float16, 1),
+    ("dot", jnp.float32, 6), ("cosine", jnp.float16, 3)], ("cosine", jnp.float32, 6), names=3))
+def test_gram_matmuls_run_on_the_tensor_cores(metric, dtype, want):
+  """The gram matmuls lower to ``tt.dot`` of 16-bit operands (float32 accumulation): a float32 operand (float32
+  inputs; 16-bit inputs centred or normalised in float32) is split into bfloat16 pieces, three for float32
+  inputs (six products), two for 16-bit ones (three products); 16-bit inputs of an uncentred form multiply
+  as they are. No kernel has an IEEE float32 ``tt.dot`` (Triton's scalar-FMA path): the only float32 ``tt.dot``
+  left is ``P V`` (and ``dO V^T``) of float32 values at the default precision, which Triton runs as TF32."""
+  kernel = kernels.Pallas(block_q=32, block_k=32)
+  q, k, v, lam = _inputs(2, q_len=40, kv_len=40, dtype=dtype, dim=32)
+
+  def loss(q, k, v, lam):
+    result = kernel(q, k, v, lam=lam, bias=None, mask=None, segments=None, local_window=None, metric=metric,
+                    p=2.0, is_causal=True, dropout=None, precision=None, return_weights=False)
+    return jnp.sum(result.out.astype(jnp.float32)) + jnp.sum(result.lse)
+
+  texts = _triton_modules(jax.grad(loss, (0, 1, 2, 3)), q, k, v, lam)
+  assert sorted(texts) == ["distance_attention_dkv", "distance_attention_dq", "distance_attention_fwd"]
+  half = {"bf16", "f16"}
+  for name, text in texts.items():
+    dots = _dots(text)
+    assert dots, name
+    for lhs, rhs, precision in dots:
+      assert lhs == rhs, (name, dots)
+      assert lhs in half or precision == "tf32", (name, dots)  # never an IEEE float32 dot
+  forward = _dots(texts["distance_attention_fwd"])
+  pv = 1  # P V, in the values' dtype
+  assert sum(lhs in half for lhs, _, _ in forward) == want + (pv if dtype != jnp.float32 else 0), forward
+  assert len(forward) == want + pv, forward
+  if dtype == jnp.float16 and metric == "dot":
+    # Uncentred 16-bit inputs keep their dtype, and so does the score cotangent that meets them.
+    assert all(lhs == "f16" for name in texts for lhs, _, _ in _dots(texts[name])), texts
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("metric", ["dot", "l1", "lp"])
 def test_compiled_on_gpu_matches_reference(metric):

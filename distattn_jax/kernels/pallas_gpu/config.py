@@ -107,6 +107,8 @@ class CallConfig(NamedTuple):
   interpret: bool
   # The tile geometry as the tile core sees it (which tiles a causal mask or a window lets a query tile skip).
   geometry: tile_core.TileConfig
+  # The bfloat16 pieces a float32 gram operand is split into for the tensor cores (gram.py).
+  gram_pieces: int = 3
 
 
 

@@ -119,6 +119,7 @@ class Pallas:
       p = 2.0  # ignored by the form; a traced value must not become a kernel operand
     form = record.resolve(p if isinstance(p, float) else None)
     # The dtype the programs load: a centred or normalised gram form gets float32 operands (below).
+    in_dtype = q.dtype
     loads = (jnp.float32 if isinstance(form, metrics.Gram) and (record.translation_invariant or form.normalize)
              else q.dtype)
     tiles = self.tiles(metric, p, head_dim, q_len, kv_len, loads)
@@ -172,7 +173,10 @@ class Pallas:
                       metric=metric, p=None, is_causal=bool(is_causal), block_q=tiles.block_q,
                       block_k=tiles.block_k, q_len=q_len, kv_len=kv_len, group=num_heads // num_kv,
                       dropout_rate=0.0, broadcast_dropout=True, precision=None,
-                      local_window=None if local_window is None else tuple(local_window)))
+                      local_window=None if local_window is None else tuple(local_window)),
+                  # float32 inputs get float32-level gram matmuls (three bfloat16 pieces); 16-bit inputs that a
+                  # centred or normalised form made float32 get two (about 1e-5, far below their own rounding).
+                  gram_pieces=3 if jnp.dtype(in_dtype) == jnp.float32 else 2)
     out, lse = fused(cfg, inputs)
     out = out[:, :q_len, :, :v_dim]
     lse = lse[:, :, :q_len]

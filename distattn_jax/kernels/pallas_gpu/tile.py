@@ -34,7 +34,7 @@ def form_value(cfg: CallConfig, load_q, load_k, dim: int, params: tuple, shape):
   """The form's value ``[bq, bk]`` (float32) and what its VJP needs."""
   form = form_of(cfg)
   if isinstance(form, metrics.Gram):
-    return gram.value(form, load_q, load_k, dim, shape)
+    return gram.value(form, load_q, load_k, dim, shape, cfg.gram_pieces)
   return elementwise.value(form, load_q, load_k, feature_chunks(cfg, dim), cfg.head_dim, params)
 
 
@@ -43,7 +43,7 @@ def form_vjp(cfg: CallConfig, load_q, load_k, dim: int, params: tuple, aux, g, *
   ``dk [bk, c]`` (None when not wanted) and the p cotangent per query row ``[bq]`` (None for no p)."""
   form = form_of(cfg)
   if isinstance(form, metrics.Gram):
-    return gram.vjp(form, load_q, load_k, dim, aux, g, want_q=want_q, want_k=want_k)
+    return gram.vjp(form, load_q, load_k, dim, aux, g, want_q=want_q, want_k=want_k, pieces=cfg.gram_pieces)
   return elementwise.vjp(form, load_q, load_k, feature_chunks(cfg, dim), cfg.head_dim, params, aux, g,
                          want_q=want_q, want_k=want_k)
 
