@@ -537,6 +537,34 @@ def test_gram_matmuls_run_on_the_tensor_cores(metric, dtype, want):
     assert all(lhs == "f16" for name in texts for lhs, _, _ in _dots(texts[name])), texts
 
 
+def test_elementwise_feature_sums_reduce_the_leading_axis():
+  """The difference tile is feature-major, ``[block_d, bq, bk]``: every feature sum of the three kernels reduces
+  its leading axis (which Triton's default layout keeps in each thread's registers; features last would spread
+  them over lanes). The other 3-d reductions are the gradients' sums over the streamed tile, which keep the
+  features leading too (``[block_d, rows]`` accumulators)."""
+  kernel = kernels.Pallas(block_q=32, block_k=32)
+  q, k, v, lam = _inputs(2, q_len=40, kv_len=40, dim=32)
+
+  def loss(q, k, v, lam):
+    result = kernel(q, k, v, lam=lam, bias=None, mask=None, segments=None, local_window=None, metric="l1",
+                    p=2.0, is_causal=True, dropout=None, precision=None, return_weights=False)
+    return jnp.sum(result.out) + jnp.sum(result.lse)
+
+  texts = _triton_modules(jax.grad(loss, (0, 1, 2, 3)), q, k, v, lam)
+  block_d = kernel.tiles("l1", 2.0, 32, 40, 40).block_d
+  for name, text in texts.items():
+    reductions = []
+    for line in text.splitlines():
+      if line.strip().startswith("})") and "tensor<" in line and " -> " in line:
+        shape = line.split("tensor<")[1].split("x")[:-1]
+        if len(shape) == 3:
+          reductions.append(tuple(int(n) for n in shape))
+    assert reductions, name
+    assert all(shape == (block_d, 32, 32) for shape in reductions), (name, reductions)
+  forward = texts["distance_attention_fwd"]
+  assert '<{axis = 0 : i32}> ({' in forward and '<{axis = 2 : i32}> ({' not in forward
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("metric", ["dot", "l1", "lp"])
 def test_compiled_on_gpu_matches_reference(metric):

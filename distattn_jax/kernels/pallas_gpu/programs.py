@@ -13,7 +13,7 @@ from jax.experimental import pallas as pl
 from distattn_jax.kernels import tiles as tile_core
 from distattn_jax.kernels.pallas_gpu.config import CallConfig
 from distattn_jax.kernels.pallas_gpu.gram import dot
-from distattn_jax.kernels.pallas_gpu.tile import (LN2, LOG2E, feature_chunks, form_vjp, loader,
+from distattn_jax.kernels.pallas_gpu.tile import (LN2, LOG2E, feature_chunks, feature_major, form_vjp, loader,
                                                   logits_to_values, order_params, pair)
 
 
@@ -28,13 +28,13 @@ def forward_program(*refs, cfg: CallConfig, names: list[str]):
   q_start = i * bq
   lam = r["lam"][0].astype(jnp.float32)
   params = order_params(r)
-  load_q = loader(q_ref, dim)
+  load_q = loader(cfg, q_ref, dim)
 
   def body(j, carry):
     o, m, l = carry
     k_start = j * bk
     k_slice = pl.ds(k_start, bk)
-    _, _, logits = pair(cfg, r, load_q, loader(k_ref, dim, k_slice), dim, params, lam, q_start, k_start,
+    _, _, logits = pair(cfg, r, load_q, loader(cfg, k_ref, dim, k_slice), dim, params, lam, q_start, k_start,
                          slice(None), k_slice)
     m, probs, correction, l = tile_core.online_step(m, l, logits, base2=True)
     v = v_ref[k_slice, :]
@@ -49,10 +49,20 @@ def forward_program(*refs, cfg: CallConfig, names: list[str]):
   lse_ref[...] = lse2 * LN2  # natural units at the interface (-inf stays -inf)
 
 
-def store_chunks(ref, chunks, parts, dim: int) -> None:
-  """Writes a gradient accumulated per feature chunk (``chunks``) into its output tile, and zeros into the
-  features past the last chunk (padding the form never computed: the caller cuts them off, but an unwritten
-  GPU buffer could hold NaNs), one chunk's width at a time (power-of-two stores)."""
+def gradient_init(cfg: CallConfig, chunks, rows: int):
+  """Zero accumulators of a gradient kept per feature chunk: ``[rows, size]``, or ``[size, rows]`` where the
+  form works feature-major."""
+  major = feature_major(cfg)
+  return tuple(jnp.zeros((size, rows) if major else (rows, size), jnp.float32) for _, size in chunks)
+
+
+def store_chunks(cfg: CallConfig, ref, chunks, parts, dim: int) -> None:
+  """Writes a gradient accumulated per feature chunk (``chunks``; feature-major parts are transposed once, here)
+  into its output tile, and zeros into the features past the last chunk (padding the form never computed: the
+  caller cuts them off, but an unwritten GPU buffer could hold NaNs), one chunk's width at a time (power-of-two
+  stores)."""
+  if feature_major(cfg):
+    parts = [part.T for part in parts]
   for (c, size), part in zip(chunks, parts):
     if size == dim:
       ref[...] = part
@@ -148,7 +158,7 @@ def dq_program(*refs, cfg: CallConfig, names: list[str], fixed: dict, want_bias:
     dim = q_ref.shape[-1]
     lam = (raw["lam"][h] if fixed["lam"] else raw["lam"][0]).astype(jnp.float32)
     params = order_params(r)
-    load_q = loader(q_ref, dim)
+    load_q = loader(cfg, q_ref, dim)
     do = r["do"][...]
     lse = r["lse"][...]
     lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse) * LOG2E  # log2 units, as the logits
@@ -159,7 +169,7 @@ def dq_program(*refs, cfg: CallConfig, names: list[str], fixed: dict, want_bias:
       dq, dlam, dp, dbias_cols = carry
       k_start = j * bk
       k_slice = pl.ds(k_start, bk)
-      load_k = loader(k_ref, dim, k_slice)
+      load_k = loader(cfg, k_ref, dim, k_slice)
       aux, score, logits = pair(cfg, r, load_q, load_k, dim, params, lam, q_start, k_start, slice(None),
                                 k_slice)
       probs = jnp.exp2(logits - lse_safe[:, None])
@@ -182,11 +192,11 @@ def dq_program(*refs, cfg: CallConfig, names: list[str], fixed: dict, want_bias:
         dp = dp + dp_rows
       return dq, dlam, dp, dbias_cols
 
-    init = (tuple(jnp.zeros((bq, size), jnp.float32) for _, size in chunks), jnp.zeros((bq,), jnp.float32),
+    init = (gradient_init(cfg, chunks, bq), jnp.zeros((bq,), jnp.float32),
             jnp.zeros((bq,), jnp.float32) if params else None,
             jnp.zeros((tb, 1), jnp.float32) if want_bias and cols_b else None)
     dq, dlam, dp, dbias_cols = jax.lax.fori_loop(begin, end, body, init)
-    store_chunks(r["dq"], chunks, dq, dim)
+    store_chunks(cfg, r["dq"], chunks, dq, dim)
     r["dlam"][...] = dlam
     if "dp" in r:
       r["dp"][...] = dp
@@ -212,7 +222,7 @@ def dkv_program(*refs, cfg: CallConfig, names: list[str]):
   k_start = j * bk
   lam = r["lam"][0].astype(jnp.float32)
   params = order_params(r)
-  load_k = loader(k_ref, dim)
+  load_k = loader(cfg, k_ref, dim)
   v = v_ref[...]
   chunks = feature_chunks(cfg, dim)
 
@@ -220,7 +230,7 @@ def dkv_program(*refs, cfg: CallConfig, names: list[str]):
     dk, dv = carry
     q_start = i * bq
     q_slice = pl.ds(q_start, bq)
-    load_q = loader(q_ref, dim, q_slice)
+    load_q = loader(cfg, q_ref, dim, q_slice)
     aux, _, logits = pair(cfg, r, load_q, load_k, dim, params, lam, q_start, k_start, q_slice, slice(None))
     lse = r["lse"][q_slice]
     probs = jnp.exp2(logits - (jnp.where(jnp.isneginf(lse), 0.0, lse) * LOG2E)[:, None])
@@ -232,8 +242,7 @@ def dkv_program(*refs, cfg: CallConfig, names: list[str]):
     _, dks, _ = form_vjp(cfg, load_q, load_k, dim, params, aux, g, want_q=False, want_k=True)
     return tuple(a + b for a, b in zip(dk, dks)), dv
 
-  init = (tuple(jnp.zeros((bk, size), jnp.float32) for _, size in chunks),
-          jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
+  init = (gradient_init(cfg, chunks, bk), jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
   dk, dv = jax.lax.fori_loop(*tile_core.q_block_range(cfg.geometry, j, num_q), body, init)
-  store_chunks(dk_ref, chunks, dk, dim)
+  store_chunks(cfg, dk_ref, chunks, dk, dim)
   dv_ref[...] = dv

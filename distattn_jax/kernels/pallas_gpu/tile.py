@@ -39,8 +39,9 @@ def form_value(cfg: CallConfig, load_q, load_k, dim: int, params: tuple, shape):
 
 
 def form_vjp(cfg: CallConfig, load_q, load_k, dim: int, params: tuple, aux, g, *, want_q: bool, want_k: bool):
-  """Cotangents of the form's value tile for cotangent ``g [bq, bk]``: lists of per-chunk ``dq [bq, c]``,
-  ``dk [bk, c]`` (None when not wanted) and the p cotangent per query row ``[bq]`` (None for no p)."""
+  """Cotangents of the form's value tile for cotangent ``g [bq, bk]``: lists of per-chunk ``dq``, ``dk`` (None
+  when not wanted; ``[bq, c]`` and ``[bk, c]``, or ``[c, bq]`` and ``[c, bk]`` where :func:`feature_major`) and the
+  p cotangent per query row ``[bq]`` (None for no p)."""
   form = form_of(cfg)
   if isinstance(form, metrics.Gram):
     return gram.vjp(form, load_q, load_k, dim, aux, g, want_q=want_q, want_k=want_k, pieces=cfg.gram_pieces)
@@ -98,13 +99,27 @@ def order_params(r: dict) -> tuple:
   return (r["p"][0],) if "p" in r else ()
 
 
-def loader(ref, dim: int, rows=None):
-  """``load(c, size)``: features ``[c, c + size)`` of a tile. The kernel's own tile (``rows=None``) is read once
-  and stays on chip for the whole loop; the loop's tiles are read as sliced."""
+def feature_major(cfg: CallConfig) -> bool:
+  """Whether the form works feature-major (an elementwise form: its chunks are ``[size, rows]``, its gradients
+  ``[size, rows]`` per chunk) rather than row-major (a gram form: ``[rows, dim]`` for the matmuls)."""
+  return isinstance(form_of(cfg), metrics.Elementwise)
+
+
+def loader(cfg: CallConfig, ref, dim: int, rows=None):
+  """``load(c, size)``: features ``[c, c + size)`` of a tile, ``[rows, size]`` for a gram form and transposed,
+  ``[size, rows]``, for an elementwise form (see :mod:`distattn_jax.kernels.pallas_gpu.elementwise`). The
+  program's own tile (``rows=None``) is read once, chunk by chunk, before the loop and stays on chip for the
+  whole loop; the loop's tiles are read as sliced, each step."""
+  if not feature_major(cfg):
+    if rows is None:
+      tile = ref[...]
+      return lambda c, size: tile
+    return lambda c, size: ref[rows, pl.ds(c, size)]
   if rows is None:
-    tile = ref[...]
-    return lambda c, size: tile if size == dim else ref[:, pl.ds(c, size)]
-  return lambda c, size: ref[rows, pl.ds(c, size)]
+    held = {(c, size): (ref[...] if size == dim else ref[:, pl.ds(c, size)]).T
+            for c, size in feature_chunks(cfg, dim)}
+    return lambda c, size: held[(c, size)]
+  return lambda c, size: ref[rows, pl.ds(c, size)].T
 
 
 def pair(cfg: CallConfig, r: dict, load_q, load_k, dim: int, params: tuple, lam, q_start, k_start, q_slice,
