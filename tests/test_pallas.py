@@ -203,6 +203,24 @@ def test_bfloat16(metric):
   _compare(metric, dtype=jnp.bfloat16, is_causal=metric == "dot", q_len=length, kv_len=length)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["l1", "sqeuclidean"])
+def test_programs_with_their_own_tiles(metric, monkeypatch):
+  """The forward, dq and dk/dv programs each with their own tiles (as the defaults give them): the lengths are
+  padded to the largest, each program skips causal tiles at its own tile size, and the padded keys are masked
+  in every program though some tiles divide the key length."""
+  tiles = {"forward": pallas_gpu.Tiles(32, 16, 8, 4, 2), "dq": pallas_gpu.Tiles(16, 32, 4, 4, 2),
+           "dkv": pallas_gpu.Tiles(16, 16, 16, 4, 2)}
+  for key in pallas_config.DEFAULT_TILES:
+    monkeypatch.setitem(pallas_config.DEFAULT_TILES, key, tiles)
+  kernel = kernels.Pallas(interpret=True)
+  assert [kernel.tiles(metric, 2.0, 8, 20, 48, "float32", role).block_k for role in ("forward", "dq", "dkv")] == [
+      16, 32, 16]
+  # 48 keys padded to 64 (the dq program's tile is 32), 20 queries to 32.
+  bias = jax.random.normal(jax.random.PRNGKey(5), (1, 1, 20, 48), jnp.float32)
+  _compare(metric, kernel=kernel, is_causal=True, bias=bias, q_len=20, kv_len=48, heads=1)
+
+
 def test_public_entry_point_matches_reference():
   q, k, v, lam = _inputs(3, batch=2, q_len=17, kv_len=17, heads=2, kv_heads=2, dim=8)
   lengths = jnp.array([17, 11], jnp.int32)
@@ -305,7 +323,14 @@ def test_default_tiles_are_powers_of_two_and_follow_the_form():
   assert pallas_gpu.default_tiles("dot", 2.0, 64, "bfloat16") == pallas_gpu.Tiles(128, 64, 64, 4, 3)
   assert pallas_gpu.default_tiles("dot", 2.0, 48, jnp.float32) == pallas_gpu.Tiles(64, 64, 64, 4, 2)
   assert pallas_gpu.default_tiles("dot", 2.0, 96, "bfloat16") == pallas_gpu.Tiles(64, 64, 128, 8, 2)
-  assert pallas_gpu.default_tiles("l1", 2.0, 80, "bfloat16") == pallas_gpu.Tiles(64, 32, 8, 4, 1)
+  assert pallas_gpu.default_tiles("l1", 2.0, 80, "bfloat16") == pallas_gpu.Tiles(64, 32, 8, 8, 2)
+  # Each program has its own: the backward programs keep their own tile long and stream short tiles.
+  assert pallas_gpu.default_tiles("dot", 2.0, 64, "bfloat16", "dq") == pallas_gpu.Tiles(128, 32, 64, 4, 2)
+  assert pallas_gpu.default_tiles("dot", 2.0, 64, "bfloat16", "dkv") == pallas_gpu.Tiles(32, 128, 64, 4, 2)
+  assert pallas_gpu.default_tiles("l1", 2.0, 64, "float32", "dkv") == pallas_gpu.Tiles(32, 32, 8, 4, 2)
+  assert kernels.Pallas().tiles("dot", 2.0, 64, 500, 20, "bfloat16", "dkv") == pallas_gpu.Tiles(32, 32, 64, 4, 2)
+  with pytest.raises(ValueError, match="role"):
+    pallas_gpu.default_tiles("dot", 2.0, 64, "bfloat16", "backward")
   # The user's settings override the defaults; a gram form ignores block_d (it takes every feature at once).
   mine = kernels.Pallas(block_d=32, num_warps=2, num_stages=3)
   assert mine.tiles("l1", 2.0, 80, 500, 500) == pallas_gpu.Tiles(64, 32, 32, 2, 3)

@@ -21,14 +21,27 @@ The kernel is generated from the metric record (:mod:`distattn_jax.metrics.recor
 metric gets a fused kernel too:
 
 * :class:`~distattn_jax.metrics.Gram` forms: each term ``sum_d x^a y^b`` is a matmul on the tensor cores
-  (``jax.experimental.pallas.triton.dot``), or a row sum where an exponent is 0; the record's ``fn`` is applied to the tiles, and its
-  derivative comes from ``jax.vjp`` of ``fn`` on the tile. Centring (translation-invariant records) and row
-  normalisation (``normalize=True``) are applied to ``q`` and ``k`` before the kernel, in float32, so autodiff
-  carries their gradient.
-* :class:`~distattn_jax.metrics.Elementwise` forms: the ``[bq, 1, bd] - [1, bk, bd]`` difference tile is
-  reduced on the CUDA cores in float32, ``bd`` features at a time; ``phi``'s and ``root``'s derivatives come
-  from ``jax.jvp`` of the record's own functions, with the same conventions as :mod:`.metrics.elementwise`
-  (ties of ``reduce="max"`` share the gradient, a non-finite root derivative gives 0, ``rescale``).
+  (``jax.experimental.pallas.triton.dot``), or a row sum where an exponent is 0; the record's ``fn`` is applied to
+  the tiles, and its derivative comes from ``jax.vjp`` of ``fn`` on the tile. Centring (translation-invariant
+  records) and row normalisation (``normalize=True``) are applied to ``q`` and ``k`` before the kernel, in
+  float32, so autodiff carries their gradient. Every matmul takes 16-bit operands with float32 accumulation, never
+  Triton's IEEE float32 path (scalar FMA loops): 16-bit inputs as they are, a float32 operand split into
+  bfloat16 pieces (:mod:`.gram`): three pieces (six matmuls) for float32 inputs, as accurate as IEEE float32
+  (8e-8 of ``|q||k|`` per score); two (three matmuls, 1e-5) for 16-bit inputs that centring or normalisation
+  made float32. Against the float64 oracle (``experiments/selfcheck.py --implementations=pallas``, interpreted on
+  CPU, docs/kernels.md) float32 outputs and gradients stay within 2e-6 of the largest entry for sqeuclidean,
+  cosine and dot, as before the change, but for sqeuclidean's lam gradient under packed segments (3e-5, a sum of
+  ``dS * score`` that cancels to a small result; 1e-5 with IEEE float32).
+* :class:`~distattn_jax.metrics.Elementwise` forms: the difference tile is feature-major, ``[bd, bq, bk]``, and
+  reduced over its leading axis on the CUDA cores in float32, ``bd`` features at a time, so that the sum stays in
+  each thread's registers under Triton's layout (:mod:`.elementwise`); the program's own tile is loaded once,
+  chunk by chunk, and stays on chip. ``phi``'s and ``root``'s derivatives come from ``jax.jvp`` of the record's
+  own functions, with the same conventions as :mod:`.metrics.elementwise` (ties of ``reduce="max"`` share the
+  gradient, a non-finite root derivative gives 0, ``rescale``).
+
+Each program has its own tiles and launch parameters (``config.DEFAULT_TILES``, per form, width, dtype and
+program); every grid is (tile, head, batch), tiles fastest, so that the programs running at one time share one
+head's key/value tiles in L2 (:mod:`.calls`).
 
 The programs' logits are in log2 units (log2(e) folded into the per-head scale) so that the softmax runs on
 ``exp2``, one GPU instruction; ``lse`` is in natural units at the interface. With ``is_causal`` key tiles

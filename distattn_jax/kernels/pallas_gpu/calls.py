@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from distattn_jax import autodiff
 from distattn_jax.kernels import tiles as tile_core
-from distattn_jax.kernels.pallas_gpu.config import CallConfig
+from distattn_jax.kernels.pallas_gpu.config import CallConfig, for_role
 from distattn_jax.kernels.pallas_gpu.programs import dkv_program, dq_program, forward_program
 
 
@@ -39,8 +39,8 @@ ROLES = {
 
 def spec_and_fixed(cfg: CallConfig, name: str, shape, *, by_q: bool, t_pad: int, s_pad: int,
                    loop_b: bool = False, loop_h: bool = False):
-  """The BlockSpec of operand ``name`` over the grid (batch, head, tile), and the axes its program must index
-  itself (``{axis: "b" | "h" | "kv"}``).
+  """The BlockSpec of operand ``name`` over the grid (tile, head, batch) (``GRID_ORDER``), and the axes its
+  program must index itself (``{axis: "b" | "h" | "kv"}``).
 
   ``by_q`` tiles the queries (forward, dq), else the keys. ``loop_b``/``loop_h``: the program loops over the
   batch/heads itself (the grid has one position there), so it gets the whole axis and indexes it per pass. An
@@ -69,7 +69,7 @@ def spec_and_fixed(cfg: CallConfig, name: str, shape, *, by_q: bool, t_pad: int,
     else:
       block.append(n)
 
-  def index_map(b, h, t, roles=ROLES[name], shape=tuple(shape)):
+  def index_map(t, h, b, roles=ROLES[name], shape=tuple(shape)):
     where = {"b": b, "h": h, "kv": h // g, "lam": h,
              "t": t if by_q else 0, "s": 0 if by_q else t, "d": 0, "one": 0}
     out = []
@@ -90,9 +90,20 @@ def spec_and_fixed(cfg: CallConfig, name: str, shape, *, by_q: bool, t_pad: int,
 
 
 def in_specs(cfg: CallConfig, names: list[str], shapes: dict, *, by_q: bool):
-  """BlockSpecs over the grid (batch, head, tile): ``by_q`` tiles the queries (forward, dq), else the keys."""
+  """BlockSpecs over the grid (tile, head, batch): ``by_q`` tiles the queries (forward, dq), else the keys."""
   t_pad, s_pad = shapes["q"][1], shapes["k"][1]
   return [spec_and_fixed(cfg, n, shapes[n], by_q=by_q, t_pad=t_pad, s_pad=s_pad)[0] for n in names]
+
+
+# The grid is (tile, head, batch), tiles fastest. Triton launches program_id(0) as CUDA's x axis, and blocks are
+# dispatched x fastest, so the programs resident at one time are the query tiles (forward, dq) or key tiles
+# (dk/dv) of one head: they stream the same key/value (or query) tiles of that head, which are then read from
+# DRAM once and served to the others from L2 (at N = 32768, 64 features, 16-bit, one head's K and V are 8 MiB,
+# which fits an H100's 50 MiB L2; the whole batch's, at 8 x 32 heads, do not). Heads come next, so the heads
+# of one grouped-query group (adjacent, h // group) follow each other while their kv head is still in L2.
+# jax's own Triton flash attention orders its grid (query tile, batch, head) for the first reason. The batch is
+# the slowest (CUDA's z axis, at most 65535, as the heads on y: the tiles, x, have 2^31 - 1).
+GRID_ORDER = ("tile", "head", "batch")
 
 
 def compiler_params(cfg: CallConfig):
@@ -107,10 +118,10 @@ def call_forward(cfg: CallConfig, inputs: dict):
   bq = cfg.tiles.block_q
   return pl.pallas_call(
       functools.partial(forward_program, cfg=cfg, names=names),
-      grid=(batch, num_heads, t_pad // bq),
+      grid=(t_pad // bq, num_heads, batch),
       in_specs=in_specs(cfg, names, shapes, by_q=True),
-      out_specs=[pl.BlockSpec((None, bq, None, v_dim), lambda b, h, t: (b, t, h, 0)),
-                 pl.BlockSpec((None, None, bq), lambda b, h, t: (b, h, t))],
+      out_specs=[pl.BlockSpec((None, bq, None, v_dim), lambda t, h, b: (b, t, h, 0)),
+                 pl.BlockSpec((None, None, bq), lambda t, h, b: (b, h, t))],
       out_shape=[jax.ShapeDtypeStruct((batch, t_pad, num_heads, v_dim), jnp.float32),
                  jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)],
       compiler_params=compiler_params(cfg), interpret=cfg.interpret, name="distance_attention_fwd",
@@ -132,24 +143,25 @@ def call_backward(cfg: CallConfig, inputs: dict, do, lse, delta, *, want_dq: boo
   """The dq program (dq, the lam and p row sums, and with ``want_bias`` the bias gradient in the bias's own
   shape, except that a bias broadcast over the queries gets one row per query tile, summed by the caller) and
   the dk/dv program; either is left out (None) when not wanted."""
+  dq_cfg, dkv_cfg = for_role(cfg, "dq"), for_role(cfg, "dkv")
   names = list(inputs)
   every = dict(inputs, do=do, lse=lse, delta=delta)
   shapes = {n: x.shape for n, x in every.items()}
   batch, t_pad, num_heads, dim = shapes["q"]
   s_pad, v_dim = shapes["k"][1], shapes["v"][-1]
-  bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
+  bq, bk = dq_cfg.tiles.block_q, dkv_cfg.tiles.block_k
   all_names = names + ["do", "lse", "delta"]
   want_bias = want_bias and cfg.bias_shape is not None
   dq_outs = dk = dv = None
   if want_dq or want_bias:
     loop_b, loop_h = bias_grad_loops(cfg, batch, num_heads) if want_bias else (False, False)
-    specs_fixed = [spec_and_fixed(cfg, n, shapes[n], by_q=True, t_pad=t_pad, s_pad=s_pad, loop_b=loop_b,
+    specs_fixed = [spec_and_fixed(dq_cfg, n, shapes[n], by_q=True, t_pad=t_pad, s_pad=s_pad, loop_b=loop_b,
                                   loop_h=loop_h) for n in all_names]
     rows = jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)
     out_names = ["dq", "dlam"] + (["dp"] if "p" in inputs else [])
     out_shape = [jax.ShapeDtypeStruct((batch, t_pad, num_heads, dim), jnp.float32)]
     out_shape += [rows] * (len(out_names) - 1)
-    out_fixed = [spec_and_fixed(cfg, n, o.shape, by_q=True, t_pad=t_pad, s_pad=s_pad, loop_b=loop_b,
+    out_fixed = [spec_and_fixed(dq_cfg, n, o.shape, by_q=True, t_pad=t_pad, s_pad=s_pad, loop_b=loop_b,
                                 loop_h=loop_h) for n, o in zip(out_names, out_shape)]
     out_specs = [spec for spec, _ in out_fixed]
     if want_bias:
@@ -159,27 +171,27 @@ def call_backward(cfg: CallConfig, inputs: dict, do, lse, delta, *, want_dq: boo
       out_shape.append(jax.ShapeDtypeStruct((bb, hh, t_pad // bq if tt == 1 else t_pad, ss), jnp.float32))
       out_specs.append(pl.BlockSpec(
           (None, None, 1 if tt == 1 else bq, ss),
-          lambda b, h, t, bb=bb, hh=hh: (b if bb > 1 else 0, h if hh > 1 else 0, t, 0)))
+          lambda t, h, b, bb=bb, hh=hh: (b if bb > 1 else 0, h if hh > 1 else 0, t, 0)))
     fixed = {n: f for n, (_, f) in zip(all_names, specs_fixed)}
     fixed.update({n: f for n, (_, f) in zip(out_names, out_fixed)})
     dq_outs = pl.pallas_call(
-        functools.partial(dq_program, cfg=cfg, names=names, fixed=fixed, want_bias=want_bias,
+        functools.partial(dq_program, cfg=dq_cfg, names=names, fixed=fixed, want_bias=want_bias,
                           passes=(batch if loop_b else 1, num_heads if loop_h else 1)),
-        grid=(1 if loop_b else batch, 1 if loop_h else num_heads, t_pad // bq),
+        grid=(t_pad // bq, 1 if loop_h else num_heads, 1 if loop_b else batch),
         in_specs=[spec for spec, _ in specs_fixed],
         out_specs=out_specs, out_shape=out_shape,
-        compiler_params=compiler_params(cfg), interpret=cfg.interpret, name="distance_attention_dq",
+        compiler_params=compiler_params(dq_cfg), interpret=cfg.interpret, name="distance_attention_dq",
     )(*every.values())
   if want_dkv:
     dk, dv = pl.pallas_call(
-        functools.partial(dkv_program, cfg=cfg, names=names),
-        grid=(batch, num_heads, s_pad // bk),
-        in_specs=in_specs(cfg, all_names, shapes, by_q=False),
-        out_specs=[pl.BlockSpec((None, bk, None, dim), lambda b, h, t: (b, t, h, 0)),
-                   pl.BlockSpec((None, bk, None, v_dim), lambda b, h, t: (b, t, h, 0))],
+        functools.partial(dkv_program, cfg=dkv_cfg, names=names),
+        grid=(s_pad // bk, num_heads, batch),
+        in_specs=in_specs(dkv_cfg, all_names, shapes, by_q=False),
+        out_specs=[pl.BlockSpec((None, bk, None, dim), lambda t, h, b: (b, t, h, 0)),
+                   pl.BlockSpec((None, bk, None, v_dim), lambda t, h, b: (b, t, h, 0))],
         out_shape=[jax.ShapeDtypeStruct((batch, s_pad, num_heads, dim), jnp.float32),
                    jax.ShapeDtypeStruct((batch, s_pad, num_heads, v_dim), jnp.float32)],
-        compiler_params=compiler_params(cfg), interpret=cfg.interpret, name="distance_attention_dkv",
+        compiler_params=compiler_params(dkv_cfg), interpret=cfg.interpret, name="distance_attention_dkv",
     )(*every.values())
   return dq_outs, dk, dv
 

@@ -92,10 +92,12 @@ class Pallas:
                 f"programs' int32 offsets would wrap); use implementation='blockwise'")
     return None
 
-  def tiles(self, metric: str, p: Any, head_dim: int, q_len: int, kv_len: int, dtype: Any = "float32") -> Tiles:
-    """The tiles used for one call: the defaults for the form, width and the ``dtype`` the programs load,
-    overridden by the kernel's, clipped to the lengths and the padded width."""
-    default = default_tiles(metric, p, head_dim, dtype)
+  def tiles(self, metric: str, p: Any, head_dim: int, q_len: int, kv_len: int, dtype: Any = "float32",
+            role: str = "forward") -> Tiles:
+    """The tiles program ``role`` (``"forward"``, ``"dq"``, ``"dkv"``) uses for one call: the defaults for the
+    form, width and the ``dtype`` the programs load, overridden by the kernel's (which apply to every program),
+    clipped to the lengths and the padded width."""
+    default = default_tiles(metric, p, head_dim, dtype, role)
     block_q = min(self.block_q or default.block_q, max(MIN_BLOCK, next_pow2(q_len)))
     block_k = min(self.block_k or default.block_k, max(MIN_BLOCK, next_pow2(kv_len)))
     block_d = default.block_d
@@ -122,9 +124,13 @@ class Pallas:
     in_dtype = q.dtype
     loads = (jnp.float32 if isinstance(form, metrics.Gram) and (record.translation_invariant or form.normalize)
              else q.dtype)
-    tiles = self.tiles(metric, p, head_dim, q_len, kv_len, loads)
-    t_pad = -(-q_len // tiles.block_q) * tiles.block_q
-    s_pad = -(-kv_len // tiles.block_k) * tiles.block_k
+    tiles, dq_tiles, dkv_tiles = (self.tiles(metric, p, head_dim, q_len, kv_len, loads, role)
+                                  for role in ("forward", "dq", "dkv"))
+    # The lengths are padded to the largest tile of the three programs (powers of two: a multiple of each).
+    bq = max(t.block_q for t in (tiles, dq_tiles, dkv_tiles))
+    bk = max(t.block_k for t in (tiles, dq_tiles, dkv_tiles))
+    t_pad = -(-q_len // bq) * bq
+    s_pad = -(-kv_len // bk) * bk
     d_pad = max(MIN_BLOCK, next_pow2(head_dim))
     dv_pad = max(MIN_BLOCK, next_pow2(v_dim))
 
@@ -174,6 +180,7 @@ class Pallas:
                       block_k=tiles.block_k, q_len=q_len, kv_len=kv_len, group=num_heads // num_kv,
                       dropout_rate=0.0, broadcast_dropout=True, precision=None,
                       local_window=None if local_window is None else tuple(local_window)),
+                  dq_tiles=dq_tiles, dkv_tiles=dkv_tiles, kv_pad=s_pad,
                   # float32 inputs get float32-level gram matmuls (three bfloat16 pieces); 16-bit inputs that a
                   # centred or normalised form made float32 get two (about 1e-5, far below their own rounding).
                   gram_pieces=3 if jnp.dtype(in_dtype) == jnp.float32 else 2)

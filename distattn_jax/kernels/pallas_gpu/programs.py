@@ -24,7 +24,7 @@ def forward_program(*refs, cfg: CallConfig, names: list[str]):
   q_ref, k_ref, v_ref = r["q"], r["k"], r["v"]
   dim = q_ref.shape[-1]
   num_k = k_ref.shape[0] // bk
-  i = jax.lax.convert_element_type(pl.program_id(2), jnp.int32)
+  i = jax.lax.convert_element_type(pl.program_id(0), jnp.int32)
   q_start = i * bq
   lam = r["lam"][0].astype(jnp.float32)
   params = order_params(r)
@@ -115,7 +115,7 @@ def dq_program(*refs, cfg: CallConfig, names: list[str], fixed: dict, want_bias:
   bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
   nb, nh = passes
   accumulate = nb * nh > 1
-  i = jax.lax.convert_element_type(pl.program_id(2), jnp.int32)
+  i = jax.lax.convert_element_type(pl.program_id(0), jnp.int32)
   q_start = i * bq
   scale = 1.0 / math.sqrt(cfg.head_dim)
   num_k = Picked(raw["k"], dict.fromkeys(fixed["k"], 0)).shape[0] // bk
@@ -218,7 +218,7 @@ def dkv_program(*refs, cfg: CallConfig, names: list[str]):
   q_ref, k_ref, v_ref = r["q"], r["k"], r["v"]
   dim = q_ref.shape[-1]
   num_q = q_ref.shape[0] // bq
-  j = jax.lax.convert_element_type(pl.program_id(2), jnp.int32)
+  j = jax.lax.convert_element_type(pl.program_id(0), jnp.int32)
   k_start = j * bk
   lam = r["lam"][0].astype(jnp.float32)
   params = order_params(r)

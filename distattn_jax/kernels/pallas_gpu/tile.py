@@ -65,7 +65,7 @@ def tile_allowed(cfg: CallConfig, r: dict, q_start, k_start, q_slice, k_slice, t
       q_pos, k_pos, is_causal=cfg.is_causal, local_window=cfg.geometry.local_window,
       q_ids=r["q_ids"][q_slice][:, None] if cfg.has_ids else None,
       kv_ids=r["kv_ids"][k_slice][None, :] if cfg.has_ids else None,
-      kv_len=cfg.kv_len if cfg.kv_len % cfg.tiles.block_k else None)
+      kv_len=cfg.kv_len if cfg.kv_len < cfg.kv_pad else None)
   for extra in ((r["kv_valid"][k_slice][None, :] != 0) if cfg.has_kv_valid else None,
                 (broadcast_tile(r["mask"], cfg.mask_shape, q_slice, k_slice, tq, tk) != 0)
                 if cfg.mask_shape is not None else None):
