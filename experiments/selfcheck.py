@@ -61,8 +61,9 @@ flags.DEFINE_bool("forward_mode", True, "Also check jax.jvp of the output agains
 # (TF32 on recent GPUs: 2^-11 per product), so 2e-3 leaves room for that and for float32 accumulation over
 # ~800 keys. bfloat16: outputs and the weights fed to the value matmul are rounded to 8 bits (2^-8) a few times.
 # The output's tangent is held to the same bounds: a sum of the same products, with tangents rounded to the dtype
-# like the inputs (measured on a CPU at 70 x 45: below 5e-7 in float32, 8e-3 in bfloat16).
-TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2}
+# like the inputs (measured on a CPU at 70 x 45: below 5e-7 in float32, 8e-3 in bfloat16). float16
+# (--dtypes=float16) has 11 bits, 2^-11 per rounding, so 2e-2 leaves more than bfloat16's margin.
+TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2, "float16": 2e-2}
 LP_ORDER = 3.0
 HUBER = "huber"
 
@@ -252,11 +253,13 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def _implementation(name: str) -> Any:
   """The kernel to check, with ``--block``-wide tiles where the kernel takes tile sizes (the fused GPU kernel
-  only takes powers of two from 16 up; other --block values leave it its own tiles)."""
+  only takes powers of two from 16 up; other --block values leave it its own tiles). Without a GPU the fused
+  kernel runs through Pallas' interpreter, which computes the same arithmetic (its accuracy, not its speed)."""
   if name == "blockwise":
     return da.kernels.Blockwise(block_q=FLAGS.block, block_k=FLAGS.block)
-  if name == "pallas" and FLAGS.block >= 16 and FLAGS.block & (FLAGS.block - 1) == 0:
-    return da.kernels.Pallas(block_q=FLAGS.block, block_k=FLAGS.block)
+  if name == "pallas":
+    block = FLAGS.block if FLAGS.block >= 16 and FLAGS.block & (FLAGS.block - 1) == 0 else None
+    return da.kernels.Pallas(block_q=block, block_k=block, interpret=jax.default_backend() != "gpu")
   return name
 
 
