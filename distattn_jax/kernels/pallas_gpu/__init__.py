@@ -27,11 +27,12 @@ metric gets a fused kernel too:
   float32, so autodiff carries their gradient. Every matmul takes 16-bit operands with float32 accumulation, never
   Triton's IEEE float32 path (scalar FMA loops): 16-bit inputs as they are, a float32 operand split into
   bfloat16 pieces (:mod:`.gram`): three pieces (six matmuls) for float32 inputs, as accurate as IEEE float32
-  (8e-8 of ``|q||k|`` per score); two (three matmuls, 1e-5) for 16-bit inputs that centring or normalisation
+  (8.5e-8 of ``|q||k|`` per score); two (three matmuls, 1.1e-5) for 16-bit inputs that centring or normalisation
   made float32. Against the float64 oracle (``experiments/selfcheck.py --implementations=pallas``, interpreted on
-  CPU, docs/kernels.md) float32 outputs and gradients stay within 2e-6 of the largest entry for sqeuclidean,
-  cosine and dot, as before the change, but for sqeuclidean's lam gradient under packed segments (3e-5, a sum of
-  ``dS * score`` that cancels to a small result; 1e-5 with IEEE float32).
+  CPU; docs/kernels.md has the table and the command) float32 outputs and gradients of sqeuclidean, cosine and
+  dot are within 2.5e-6 of the largest entry, as with IEEE float32 matmuls, but for sqeuclidean's lam gradient
+  under packed segments (3.1e-5 against IEEE's 1.1e-5: a sum of ``dS * score`` that cancels to a small result);
+  16-bit outputs are those of IEEE float32 matmuls to two digits, their gradients within 10%.
 * :class:`~distattn_jax.metrics.Elementwise` forms: the difference tile is feature-major, ``[bd, bq, bk]``, and
   reduced over its leading axis on the CUDA cores in float32, ``bd`` features at a time, so that the sum stays in
   each thread's registers under Triton's layout (:mod:`.elementwise`); the program's own tile is loaded once,
