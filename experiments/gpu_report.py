@@ -114,7 +114,7 @@ TILE_SWEEP: dict[str, tuple[dict[str, int] | None, ...]] = {
             dict(block_q=128, block_k=64, num_stages=2), dict(block_q=128, block_k=64, num_stages=4),
             dict(block_q=64, block_k=32, num_warps=2)),
     "l1": (None, dict(block_q=32, block_k=32), dict(block_q=64, block_k=64, num_warps=8),
-           dict(block_d=16), dict(block_d=4), dict(num_stages=2), dict(num_warps=8)),
+           dict(block_d=16), dict(block_d=4), dict(num_stages=1), dict(num_stages=3), dict(num_warps=8)),
 }
 DRY_TILE_SWEEP: dict[str, tuple[dict[str, int] | None, ...]] = {
     "dot": (None, dict(block_q=32, block_k=16, num_warps=2)), "l1": (None, dict(block_d=4, num_stages=2))}
@@ -361,8 +361,11 @@ def part_d(report: Report, sizes: Sizes, metrics: list[str], deadline: float, dr
       settings = dict(candidate or {}, **({"block_q": 16, "block_k": 16} if dry_run and not candidate else {}))
       kernel = da.kernels.Pallas(interpret=dry_run, **settings)
       tiles = kernel.tiles(metric, LP_ORDER, dim, n, n, "bfloat16")
+      # The forward's tiles; the backward programs' own (the same where a candidate sets them) beside them.
       cell = {"metric": metric, "head_dim": dim, "n": n, "heads": h, "default": candidate is None,
-              "tiles": dataclasses.asdict(tiles)}
+              "tiles": dataclasses.asdict(tiles),
+              "backward_tiles": {role: dataclasses.asdict(kernel.tiles(metric, LP_ORDER, dim, n, n, "bfloat16", role))
+                                 for role in ("dq", "dkv")}}
       if time.perf_counter() > deadline:
         report.add("tiles", {**cell, "status": "skipped: time budget"})
         continue
