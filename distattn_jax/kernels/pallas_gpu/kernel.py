@@ -22,7 +22,8 @@ from distattn_jax.metrics import gram as gram_lib
 
 @dataclasses.dataclass(frozen=True)
 class Pallas:
-  """The fused GPU kernel (registered as ``"pallas"``); ``None`` tiles pick :func:`default_tiles`.
+  """The fused GPU kernel (registered as ``"pallas"``); ``None`` tiles pick :func:`default_tiles`, per program
+  (forward, dq, dk/dv); a value set here applies to all three.
 
   Attributes:
     block_q, block_k: query and key positions per tile (powers of two, at least 16; clipped to the lengths).
