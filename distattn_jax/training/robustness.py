@@ -372,7 +372,8 @@ def columns(doc: dict[str, Any]) -> list[tuple[str, str, Callable[[dict], float]
   for attack in ("fgsm", "pgd"):
     out += [(f"{attack.upper()} {level_key(x)}", "accuracy", (lambda a, k: lambda r: r[a][k])(attack, level_key(x)))
             for x in _floats(g["epsilons"])]
-  out.append(("Lipschitz", "lipschitz", lambda r: r["lipschitz"]["max"]))
+  out.append(("Lipschitz max", "lipschitz", lambda r: r["lipschitz"]["max"]))
+  out.append(("Lipschitz mean", "lipschitz", lambda r: r["lipschitz"]["mean"]))
   return out
 
 
@@ -424,8 +425,8 @@ def verdicts(doc: dict[str, Any], task: str, baseline: str = "dot") -> list[str]
     for label in labels:
       (m, sd, _), (mb, sdb, _) = s[(task, metric, label)], s[(task, baseline, label)]
       if abs(m - mb) > sd + sdb + TIE:
-        scale = 1.0 if label == "Lipschitz" else 100.0
-        unit = "" if label == "Lipschitz" else " points"
+        scale = 1.0 if label.startswith("Lipschitz") else 100.0
+        unit = "" if label.startswith("Lipschitz") else " points"
         name = label if label.startswith(("drop", "Lipschitz")) else f"accuracy {label}"
         beyond.append(f"{name} {m * scale:.2f} vs {mb * scale:.2f} ({'higher' if m > mb else 'lower'} by "
                       f"{abs(m - mb) * scale:.2f}{unit}; spread {(sd + sdb) * scale:.2f})")
@@ -448,9 +449,9 @@ def report(doc: dict[str, Any]) -> str:
            f"{b['depth']}, {b['num_heads']} heads, {g['lambda_mode']} lam; measured on the first {e['examples']} "
            f"test examples. Accuracy in %, mean +- std over seeds. noise s: Gaussian noise of standard deviation s "
            f"on every input feature; FGSM / PGD e: robust accuracy under an L-inf perturbation of radius e "
-           f"(PGD: {e['pgd_steps']} steps of {e['pgd_step_factor']:g} e / {e['pgd_steps']}). Lipschitz: the "
-           f"largest spectral norm of the logits' Jacobian with respect to the input over {e['lipschitz_points']} "
-           "test points (lower is smoother).", ""]
+           f"(PGD: {e['pgd_steps']} steps of {e['pgd_step_factor']:g} e / {e['pgd_steps']}). Lipschitz max / "
+           f"mean: the largest and the mean spectral norm of the logits' Jacobian with respect to the input over "
+           f"{e['lipschitz_points']} test points (lower is smoother).", ""]
   for task in tasks_of(doc):
     metrics = metrics_of(doc, task)
     seeds = sorted({r["seed"] for r in doc["records"] if r["task"] == task})
@@ -479,7 +480,8 @@ def report(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
   """One row per task: accuracy against the noise level, robust accuracy against epsilon (FGSM dashed, PGD
-  solid), and the Lipschitz estimate per metric; means over seeds with their standard deviations."""
+  solid), and the Lipschitz estimates per metric (bars: the mean over points, with the seeds' standard deviation;
+  marks: the largest point); means over seeds."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -501,14 +503,17 @@ def plot(doc: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         vals = [clean] + [s[(task, metric, f"{attack} {level_key(v)}")] for v in eps]
         row[1].errorbar([0.0] + eps, [100 * v[0] for v in vals], [100 * v[1] for v in vals], color=colors[metric],
                         linestyle=style, marker="o", capsize=2, label=f"{metric} {attack}")
-    lip = [s[(task, m, "Lipschitz")] for m in metrics]
+    lip = [s[(task, m, "Lipschitz mean")] for m in metrics]
     row[2].bar(range(len(metrics)), [v[0] for v in lip], yerr=[v[1] for v in lip], capsize=2,
-               color=[colors[m] for m in metrics])
+               color=[colors[m] for m in metrics], label="mean over points")
+    row[2].plot(range(len(metrics)), [s[(task, m, "Lipschitz max")][0] for m in metrics], "k_", markersize=14,
+                label="max over points")
+    row[2].legend(fontsize=7)
     row[2].set_xticks(range(len(metrics)), metrics, rotation=45, fontsize=8)
     row[0].set(title=f"{task}: Gaussian input noise", xlabel="noise std", ylabel="accuracy (%)")
     row[1].set(title=f"{task}: L-inf attacks (FGSM dashed, PGD solid)", xlabel="epsilon", ylabel="robust accuracy (%)")
     row[1].set_xscale("symlog", linthresh=min(eps))
-    row[2].set(title=f"{task}: Jacobian spectral norm (max over points)", ylabel="Lipschitz estimate")
+    row[2].set(title=f"{task}: Jacobian norm of the logits", ylabel="Lipschitz estimate (mean over seeds)")
     row[2].set_yscale("log")
     row[0].legend(fontsize=7)
   fig.suptitle(f"{doc['grid']['suite']}: mean +- std over seeds")
