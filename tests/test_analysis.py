@@ -1,6 +1,10 @@
 """Attention statistics against closed forms, the sown weights against distance_attention, lam history, plots;
 Jacobian norms and Lipschitz lower bounds against numpy's SVD, row sums and closed forms."""
 
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -189,14 +193,87 @@ def test_lipschitz_lower_bound_of_tanh_climbs_towards_but_never_past_the_norm_of
 
 @pytest.mark.slow
 def test_lipschitz_program_writes_one_row_of_bounds_per_head(tmp_path):
-  out = tmp_path / "lipschitz.md"
-  result = scripts.run_script("lipschitz.py", "--lengths=2", "--heads=dot,sqeuclidean_tied", "--steps=1",
-                              f"--out={out}", timeout=300)
+  result = scripts.run_script("lipschitz.py", "--studies=bounds", "--lengths=2", "--heads=dot,sqeuclidean_tied",
+                              "--steps=1", f"--out={tmp_path}", timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
-  assert [r[0].strip() for r in rows] == ["head", "dot", "sqeuclidean_tied"]
-  assert [c.strip() for c in rows[0][1:]] == ["N=2"]
+  rows = _table_rows((tmp_path / "bounds.md").read_text())
+  assert [r[0] for r in rows] == ["head", "dot", "sqeuclidean_tied"]
+  assert rows[0][1:] == ["N=2"]
   assert all(float(c) > 0 for r in rows[1:] for c in r[1:])  # a spectral norm of a non-constant map
+
+
+def _table_rows(text):
+  return [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+          if line.startswith("| ") and not line.startswith("|---")]
+
+
+LIPSCHITZ_HEADS = [f"{m}{t}" for m in ("dot", "l1", "l2", "lp", "chebyshev", "cosine", "sqeuclidean")
+                   for t in ("", "_tied")] + ["kim_l2"]
+
+
+@pytest.mark.slow
+def test_lipschitz_quick_studies_reproduce_kim_et_al_at_toy_sizes(tmp_path):
+  # About two minutes on two shared cores: every study compiles one ascent per metric and shape.
+  result = scripts.run_script("lipschitz.py", "--quick", f"--out={tmp_path}", timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  texts = {s: (tmp_path / f"{s}.md").read_text() for s in ("bounds", "scale", "length", "castin")}
+  for text in texts.values():
+    assert text.startswith("Command: `.venv/bin/python experiments/lipschitz.py --quick")
+    assert "Machine: " in text and "CPUs" in text and "Wall time: " in text
+  for study in ("scale", "length", "castin"):
+    assert matplotlib.image.imread(tmp_path / f"{study}.png").ndim == 3
+  scale = {r[0]: r[1:] for r in _table_rows(texts["scale"])}
+  assert [h for h in scale if h != "head"] == LIPSCHITZ_HEADS  # every metric, tied and not, and Kim's head
+  # Kim et al.'s theorem 3.1: at c X0 with a zero row, dot-product attention's Jacobian grows like c^2.
+  assert float(scale["dot"][2]) > 1.5 and float(scale["dot_tied"][2]) > 1.5
+  assert abs(float(scale["kim_l2"][2])) < 0.3  # and Kim's L2 head's does not grow
+  # Theorem 3.2: every norm found for Kim's head stays below the bound computed for its weights.
+  line = next(l for l in texts["scale"].splitlines() if l.startswith("Kim et al.'s theorem 3.2 bound"))
+  bound, found = (float(v.rstrip(";,")) for v in (line.split(": ")[1].split()[0], line.split("scale, ")[1].split()[0]))
+  assert 0 < found < bound
+  length = _table_rows(texts["length"])
+  kim = {r[0]: [float(v) for v in r[1:]] for r in length if r[0] in ("lower bound", "theorem 3.2")}
+  assert all(0 < lo < hi for lo, hi in zip(kim["lower bound"], kim["theorem 3.2"]))
+  assert {r[0] for r in length} >= {"log N - log log N", "sqrt(N)", "log N"} | set(LIPSCHITZ_HEADS)
+  assert {r[0] for r in _table_rows(texts["castin"])} >= set(LIPSCHITZ_HEADS)
+
+
+@pytest.mark.slow
+def test_lipschitz_program_helpers_against_scipy_and_the_library_ascent():
+  # The program's Lambert W against scipy's, its theorem 3.2 bound at D = 1 against the closed form, and its
+  # jitted unconstrained ascent against da.analysis.lipschitz_lower_bound from the same start.
+  code = """
+import math, sys
+sys.path.insert(0, "experiments")
+import jax, jax.numpy as jnp, numpy as np, scipy.special
+import distattn_jax as da
+import lipschitz as L
+for z in (0.0, 1e-3, 0.5, 1.0, math.e, 100.0, 1e6):
+  assert abs(L.lambert_w0(z) - scipy.special.lambertw(z).real) < 1e-12 * max(1, abs(scipy.special.lambertw(z).real)), z
+for n in (2, 3, 10, 256):
+  w = L.phi_inverse(n - 1)
+  assert abs(w * math.exp(w + 1) - (n - 1)) < 1e-9 * n
+  one = np.ones((1, 1))
+  assert abs(L.kim_theorem_bound(n, 1, one, one) - math.sqrt(n) * (4 * w + 1)) < 1e-9 * n
+# Scaling W^Q by s scales Kim's head's Lipschitz constant by s^2 (f_s(X) = s f_1(s X)); the bound must too.
+w_q, _, w_v = L.head_weights(3, 0)
+assert abs(L.kim_theorem_bound(5, 3, 2 * w_q, w_v) / L.kim_theorem_bound(5, 3, w_q, w_v) - 4) < 1e-5
+metric, params = L.head_params("l2_tied", L.head_weights(3, 1))
+x0 = jax.random.normal(jax.random.key(2), (4, 3))
+ours = float(L.ascent(metric, params, x0[None], 20, 0.05)[0])
+lib = float(da.analysis.lipschitz_lower_bound(lambda x: L.attend(metric, params, x), x0, steps=20,
+                                              learning_rate=0.05).value)
+assert abs(ours - lib) < 1e-4 * lib, (ours, lib)
+norm = float(da.analysis.jacobian_norm(lambda x: L.attend(metric, params, x), x0).value)
+stacked = jax.tree.map(lambda a: a[None], params)
+assert abs(float(L.power_norms(metric, stacked, x0[None], 300)[0]) - norm) < 1e-4 * norm
+assert abs(float(L.norms_at(metric, params, x0[None])[0]) - norm) < 1e-5 * norm
+print("ok")
+"""
+  env = {**os.environ, "PYTHONPATH": str(scripts.ROOT)}
+  proc = subprocess.run([sys.executable, "-c", code], cwd=scripts.ROOT, capture_output=True, text=True, env=env,
+                        timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 def test_lipschitz_lower_bound_in_the_max_norm_by_row_blocks_stays_below_the_largest_row_of_a():
