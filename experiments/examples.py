@@ -31,12 +31,17 @@ def tour_metrics() -> None:
   section("1. Every metric on one input: distance(x_0, y_j) for 4 keys, 8 features")
   x = jax.random.normal(jax.random.key(0), (1, 8))
   y = jax.random.normal(jax.random.key(1), (4, 8))
+  # The weighted metrics with weights that favour the later features (all ones would repeat l1 and l2).
+  feature_weights = jnp.linspace(0.25, 2.0, 8)
   for name in da.metrics.DistanceType:
     name = name.value
     kwargs = {"p": 3.0} if name == "lp" else {}
+    if name.startswith("weighted_"):
+      kwargs = {"metric_weights": feature_weights}
     values = np.asarray(da.metrics.get(name)(x, y, **kwargs))[0]
-    label = f"{name} (p=3)" if name == "lp" else name + (" (similarity)" if name == "dot" else "")
-    print(f"  {label:<18} " + "  ".join(f"{v:8.4f}" for v in values))
+    label = {"lp": "lp (p=3)", "dot": "dot (similarity)"}.get(name, name)
+    label += " (w=0.25..2)" if name.startswith("weighted_") else ""
+    print(f"  {label:<26} " + "  ".join(f"{v:8.4f}" for v in values))
 
   section("2. distance_attention: one query over the same 4 keys, per metric (lam = default for D=8)")
   q = x.reshape(1, 1, 1, 8)
@@ -44,7 +49,8 @@ def tour_metrics() -> None:
   v = jnp.eye(4).reshape(1, 4, 1, 4)  # identity values: the output row is the attention distribution
   for name in map(str, da.metrics.DistanceType):
     lam = da.initializers.default_lambda(name, 8, 3.0)
-    out = da.distance_attention(q, k, v, metric=name, lam=lam, p=3.0)
+    weights = feature_weights if name.startswith("weighted_") else None
+    out = da.distance_attention(q, k, v, metric=name, lam=lam, p=3.0, metric_weights=weights)
     print(f"  {name:<12} lam={lam:7.3f}  weights " + "  ".join(f"{w:.3f}" for w in np.asarray(out).ravel()))
 
 

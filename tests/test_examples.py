@@ -10,11 +10,14 @@ import examples  # experiments/ is on pytest's pythonpath (pyproject.toml)
 
 
 def check_metric_sections(out: str) -> None:
-  for name in ("l1", "l2", "sqeuclidean", "lp (p=3)", "cosine", "chebyshev", "dot (similarity)"):
+  for name in ("l1", "l2", "sqeuclidean", "lp (p=3)", "cosine", "chebyshev", "weighted_l1 (w=0.25..2)", "weighted_l2 (w=0.25..2)",
+               "dot (similarity)"):
     assert re.search(rf"^  {re.escape(name)}\s+-?\d", out, re.M), name
-  # Section 2 prints attention distributions: each row's weights sum to 1 (to the printed 3 decimals).
+  # Section 2 prints attention distributions, one per metric: each row's weights sum to 1 (to the printed 3
+  # decimals).
   rows = re.findall(r"weights ((?:\d\.\d{3}\s*){4})", out)
-  assert len(rows) == 7 and all(abs(sum(map(float, r.split())) - 1) < 3e-3 for r in rows)
+  assert len(rows) == len(da.metrics.DistanceType)
+  assert all(abs(sum(map(float, r.split())) - 1) < 3e-3 for r in rows)
 
 
 def test_the_tours_metric_sections_print_every_metric_and_distributions_that_sum_to_one(capsys):
