@@ -6,7 +6,7 @@ law of Castin, Ablin and Peyre, "How Smooth Is Attention?" (ICML 2024).
   .venv/bin/python experiments/lipschitz.py --studies=scale,length,castin --steps=200 --out=runs/lipschitz
   .venv/bin/python experiments/lipschitz.py --studies=length --kim_restarts=0 --head_lengths= --steps=200 \
       --out=runs/lipschitz_kim                           # Kim's head from the cluster start only
-  .venv/bin/python experiments/lipschitz.py --quick --out=/tmp/lipschitz   # every study at toy sizes, 2 minutes
+  .venv/bin/python experiments/lipschitz.py --quick --out=/tmp/lipschitz   # every study at toy sizes, 35 s
 
 The second command (docs/research.md's tables) took about 14 minutes on two shared CPU cores, most of it in the
 length study's Jacobians of Kim's head at N = 128.
@@ -63,6 +63,7 @@ flags.DEFINE_list("studies", list(STUDIES), f"Which of {STUDIES} to run.")
 flags.DEFINE_list("lengths", ["2", "4", "8", "16"], "bounds: sequence lengths N.")
 flags.DEFINE_list("heads", ["dot", "dot_tied", "l2_tied", "sqeuclidean_tied"],
                   f"bounds: heads; any of {ALL_HEADS}.")
+flags.DEFINE_list("study_heads", list(ALL_HEADS), "scale, length, castin: the heads studied (default all).")
 flags.DEFINE_integer("features", 4, "D, the input and head width.")
 flags.DEFINE_integer("steps", 100, "Adam steps per optimised bound (bounds, scale, length).")
 flags.DEFINE_float("learning_rate", 0.05, "Adam's step on X.")
@@ -74,9 +75,9 @@ flags.DEFINE_integer("kim_restarts", 2, "length: random starts per N for kim_l2 
 flags.DEFINE_list("head_lengths", ["2", "4", "8", "16", "32"], "length: N for every head at --features.")
 flags.DEFINE_list("castin_lengths", ["2", "4", "8", "16", "32", "64", "128", "256", "512"], "castin: N.")
 flags.DEFINE_integer("castin_seeds", 2, "castin: random heads and inputs per N (the mean is reported).")
-flags.DEFINE_integer("castin_iterations", 150, "castin: power iterations per norm.")
-flags.DEFINE_bool("quick", False, "Every study at toy sizes (about two minutes, mostly compilation): overrides "
-                  "the size flags.")
+flags.DEFINE_integer("castin_iterations", 150, "castin: power iterations per norm (0: the exact norm).")
+flags.DEFINE_bool("quick", False, "Every study at toy sizes and four heads (dot, l2_tied, l1, kim_l2; about 20 s, "
+                  "mostly compilation): overrides the size and head flags.")
 flags.DEFINE_string("out", None, "Output folder for <study>.md and <study>.png (default: print only).")
 
 FLAGS = flags.FLAGS
@@ -267,7 +268,7 @@ def study_scale(cfg):
   rows, curves = [], {}
   radii = jnp.asarray(scales * float(jnp.linalg.norm(x0)), jnp.float32)
   row_scale = jnp.ones((len(scales), n, 1)).at[:, 0, 0].set(1 / jnp.asarray(scales, jnp.float32))
-  for name in ALL_HEADS:
+  for name in cfg["study_heads"]:
     metric, params = head_params(name, w)
     construction = np.asarray(norms_at(metric, params, jnp.asarray(scales, jnp.float32)[:, None, None] * x_kim))
     shrink = np.asarray(norms_at(metric, params, x0[None] * row_scale))
@@ -277,7 +278,7 @@ def study_scale(cfg):
     rows.append((name, construction, sphere, slope(scales[upper], construction[upper]),
                  slope(scales[upper], sphere[upper]), shrink, slope(scales[upper], shrink[upper])))
   bound = kim_theorem_bound(n, d, w[0], w[2])
-  kim = dict((r[0], r) for r in rows)["kim_l2"]
+  kim = dict((r[0], r) for r in rows).get("kim_l2")
   lines = [f"Spectral norm of the Jacobian of one head (D = {d}, N = {n}, weights N(0, 1/D), seed {cfg['seed']}) "
            f"as the inputs grow by c in {', '.join(f'{c:g}' for c in scales)}. `construction`: at c X0, X0 ~ "
            "N(0, 1) with its first row zero (Kim et al.'s proof of theorem 3.1). `sphere`: the largest norm "
@@ -290,8 +291,8 @@ def study_scale(cfg):
   for name, con, sph, s_con, s_sph, shr, s_shr in rows:
     lines.append(f"| {name} | {con[0]:.3g} | {con[-1]:.3g} | {s_con:.2f} | {sph[0]:.3g} | {sph[-1]:.3g} | "
                  f"{s_sph:.2f} | {shr[-1]:.3g} | {s_shr:.2f} |")
-  kim_max = float(max(kim[1].max(), kim[2].max(), kim[5].max()))
-  lines += ["", f"Kim et al.'s theorem 3.2 bound for `kim_l2` at these weights (N = {n}, D = {d}, H = 1): "
+  kim_max = float(max(kim[1].max(), kim[2].max(), kim[5].max())) if kim else float("nan")
+  lines += [] if not kim else ["", f"Kim et al.'s theorem 3.2 bound for `kim_l2` at these weights (N = {n}, D = {d}, H = 1): "
             f"{bound:.4g}; the largest norm found at any scale, {kim_max:.4g}, is {kim_max / bound:.3g} of it."]
 
   def plot(path):
@@ -369,7 +370,7 @@ def study_length(cfg):
            "| ratio | " + " | ".join(f"{v / b:.3f}" for v, b in zip(kim, kim_bounds)) + " |", "",
            "Fits of the lower bound, a g(N) + b, least squares over every N:", ""] + _fit_table(kim_n, kim)
   weights = head_weights(d, cfg["seed"])
-  curves = {name: _length_sweep(name, head_n, d, cfg, weights, 1)[0] for name in ALL_HEADS} if head_n else {}
+  curves = {name: _length_sweep(name, head_n, d, cfg, weights, 1)[0] for name in cfg["study_heads"]} if head_n else {}
   lines += [] if not curves else [
       "", f"Every head at D = {d} (weights N(0, 1/D), seed {cfg['seed']}): the lower bound from one start per N, "
       f"{cfg['steps']} Adam steps; the best law by rms residual, and the log-log slope. For a head "
@@ -421,22 +422,30 @@ def bounded_inputs(key, n, d):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * np.sqrt(d)
 
 
+def castin_norms(metric, params, xs, iterations):
+  """``||J(x)||_2`` per head ``params`` (leading axis B) at ``xs [B, N, D]``: by :func:`power_norms`, or exactly
+  from the materialised Jacobian when ``iterations`` is 0 (cheaper to compile at toy sizes)."""
+  if iterations:
+    return power_norms(metric, params, xs, iterations)
+  return jax.vmap(lambda p, x: norms_at(metric, p, x[None])[0])(params, xs)
+
+
 def study_castin(cfg):
   lengths, d, seeds = cfg["castin_lengths"], cfg["features"], cfg["castin_seeds"]
   means = {}
   weights = [head_weights(d, cfg["seed"] + 100 + s) for s in range(seeds)]
-  for name in ALL_HEADS:
+  for name in cfg["study_heads"]:
     per_seed = [head_params(name, w) for w in weights]
     metric = per_seed[0][0]
     params = jax.tree.map(lambda *a: jnp.stack(a), *[p for _, p in per_seed])
-    means[name] = np.asarray([float(np.mean(power_norms(metric, params, jnp.stack(
+    means[name] = np.asarray([float(np.mean(castin_norms(metric, params, jnp.stack(
         [bounded_inputs(jax.random.key(cfg["seed"] + 10_000 * s + n), n, d) for s in range(seeds)]),
         cfg["castin_iterations"]))) for n in lengths])
     logging.info("castin: %s %s", name, means[name])
   half = np.asarray(lengths) >= np.median(lengths)
   lines = [f"Spectral norm of the Jacobian at random bounded inputs (rows uniform on the sphere of radius "
-           f"sqrt(D), D = {d}), mean over {seeds} random heads and inputs (weights N(0, 1/D)), by "
-           f"{cfg['castin_iterations']} power iterations; "
+           f"sqrt(D), D = {d}), mean over {seeds} random heads and inputs (weights N(0, 1/D)), by " +
+           (f"{cfg['castin_iterations']} power iterations; " if cfg["castin_iterations"] else "the exact norm; ") +
            f"exponents: log-log slope over every N and over N >= {np.median(lengths):g}. Castin et al.'s bound "
            "on bounded inputs grows as sqrt(N) (exponent 0.5).", "",
            "| head | " + " | ".join(f"N={n}" for n in lengths) + " | exponent | exponent, upper half |",
@@ -453,7 +462,7 @@ def study_castin(cfg):
     for name, values in means.items():
       ax.loglog(lengths, values, "-" if name.endswith("_tied") or name == "kim_l2" else "--", marker=".",
                 label=name, lw=2.2 if name == "dot" else 1)
-    ref = means["dot"][0] * np.sqrt(np.asarray(lengths) / lengths[0])
+    ref = means.get("dot", next(iter(means.values())))[0] * np.sqrt(np.asarray(lengths) / lengths[0])
     ax.loglog(lengths, ref, "k:", label="sqrt(N) (Castin et al.)")
     ax.set_xlabel("N")
     ax.set_ylabel("||J||_2 at random bounded inputs")
@@ -474,13 +483,16 @@ def _pyplot():
 
 STUDY_FNS = {"bounds": study_bounds, "scale": study_scale, "length": study_length, "castin": study_castin}
 
-QUICK = {"lengths": [2, 4], "heads": ["dot", "kim_l2"], "steps": 8, "scales": [1.0, 4.0, 16.0], "scale_length": 4,
-         "kim_lengths": [2, 4, 16], "kim_restarts": 1, "head_lengths": [2, 4], "castin_lengths": [2, 16],
-         "castin_seeds": 1, "features": 2}
+# Four heads over four metrics (dot product, a tied gram-form distance, an elementwise one and Kim's head), two
+# lengths per sweep: each metric and shape compiles once.
+QUICK = {"lengths": [4], "heads": ["dot", "kim_l2"], "study_heads": ["dot", "l2_tied", "l1", "kim_l2"], "steps": 8,
+         "scales": [1.0, 4.0, 16.0], "scale_length": 4, "kim_lengths": [2, 8], "kim_restarts": 1,
+         "head_lengths": [2, 4], "castin_lengths": [2, 8], "castin_seeds": 1, "castin_iterations": 0, "features": 2}
 
 
 def config_from_flags() -> dict:
-  cfg = {"lengths": [int(n) for n in FLAGS.lengths], "heads": list(FLAGS.heads), "features": FLAGS.features,
+  cfg = {"lengths": [int(n) for n in FLAGS.lengths], "heads": list(FLAGS.heads),
+         "study_heads": list(FLAGS.study_heads), "features": FLAGS.features,
          "steps": FLAGS.steps, "learning_rate": FLAGS.learning_rate, "seed": FLAGS.seed,
          "scales": [float(c) for c in FLAGS.scales], "scale_length": FLAGS.scale_length,
          "kim_lengths": [int(n) for n in FLAGS.kim_lengths], "kim_restarts": FLAGS.kim_restarts,
@@ -489,9 +501,10 @@ def config_from_flags() -> dict:
          "castin_iterations": FLAGS.castin_iterations}
   if FLAGS.quick:
     cfg.update(QUICK)
-  for name in cfg["heads"]:
-    if name not in ALL_HEADS:
-      raise app.UsageError(f"--heads: {name!r} is not one of {ALL_HEADS}")
+  for flag in ("heads", "study_heads"):
+    for name in cfg[flag]:
+      if name not in ALL_HEADS:
+        raise app.UsageError(f"--{flag}: {name!r} is not one of {ALL_HEADS}")
   return cfg
 
 
