@@ -35,6 +35,14 @@ wall time, and a plot ``<out>/<study>.png``:
 * ``castin``: the Jacobian norm at random bounded inputs (rows uniform on the sphere of radius ``sqrt(D)``,
   never optimised) of random heads against N, its exponent fitted on log-log beside Castin et al.'s
   ``sqrt(N)`` (exponent 0.5) upper bound on bounded inputs.
+* ``trained`` (not run by default): the same law for trained layers. The first attention layer (4 heads, width
+  64, with its trained lam, ``p`` and projections) of each classifier the robustness study saved
+  (``--trained_dir``, ``<task>__<metric>__<seed>.msgpack``), beside the same layer at initialisation, at
+  ``X ~ N(0, 1)`` and at tokens drawn from the trained model's own inputs to that layer, against N. It needs
+  those parameters, which are git-ignored: make them first with (about 15 minutes on two cores)
+  ``nice -n 10 .venv/bin/python experiments/robustness.py --config=configs/robustness.py:suite=cpu
+  --results_dir=results/robustness --plot=docs/robustness_cpu.png``, then
+  ``.venv/bin/python experiments/lipschitz.py --studies=trained --out=runs/lipschitz_trained``.
 """
 
 from __future__ import annotations
@@ -56,10 +64,13 @@ import distattn_jax as da
 
 METRICS = ("dot", "l1", "l2", "lp", "chebyshev", "cosine", "sqeuclidean")
 ALL_HEADS = tuple(f"{m}{t}" for m in METRICS for t in ("", "_tied")) + ("kim_l2",)
-STUDIES = ("bounds", "scale", "length", "castin")
+STUDIES = ("bounds", "scale", "length", "castin", "trained")
+DEFAULT_STUDIES = STUDIES[:4]  # "trained" needs the robustness study's saved parameters
+ROBUSTNESS_COMMAND = ("nice -n 10 .venv/bin/python experiments/robustness.py --config=configs/robustness.py:suite=cpu "
+                      "--results_dir=results/robustness --plot=docs/robustness_cpu.png")
 P = 3.0  # the order of lp
 
-flags.DEFINE_list("studies", list(STUDIES), f"Which of {STUDIES} to run.")
+flags.DEFINE_list("studies", list(DEFAULT_STUDIES), f"Which of {STUDIES} to run.")
 flags.DEFINE_list("lengths", ["2", "4", "8", "16"], "bounds: sequence lengths N.")
 flags.DEFINE_list("heads", ["dot", "dot_tied", "l2_tied", "sqeuclidean_tied"],
                   f"bounds: heads; any of {ALL_HEADS}.")
@@ -76,6 +87,13 @@ flags.DEFINE_list("head_lengths", ["2", "4", "8", "16", "32"], "length: N for ev
 flags.DEFINE_list("castin_lengths", ["2", "4", "8", "16", "32", "64", "128", "256", "512"], "castin: N.")
 flags.DEFINE_integer("castin_seeds", 2, "castin: random heads and inputs per N (the mean is reported).")
 flags.DEFINE_integer("castin_iterations", 150, "castin: power iterations per norm (0: the exact norm).")
+flags.DEFINE_string("trained_dir", "results/robustness/robustness_cpu.cells",
+                    "trained: the robustness study's saved classifiers (<task>__<metric>__<seed>.msgpack); made by "
+                    f"`{ROBUSTNESS_COMMAND}`.")
+flags.DEFINE_list("trained_tasks", ["mnist1d", "fashion_mnist"], "trained: the tasks whose classifiers are measured.")
+flags.DEFINE_list("trained_metrics", ["dot", "l1", "l2", "cosine", "sqeuclidean", "lp", "chebyshev"],
+                  "trained: the metrics (every seed found in --trained_dir is used).")
+flags.DEFINE_list("trained_lengths", ["8", "16", "32", "64", "128", "256"], "trained: N.")
 flags.DEFINE_bool("quick", False, "Every study at toy sizes and four heads (dot, l2_tied, l1, kim_l2; about 20 s, "
                   "mostly compilation): overrides the size and head flags.")
 flags.DEFINE_string("out", None, "Output folder for <study>.md and <study>.png (default: print only).")
@@ -474,6 +492,134 @@ def study_castin(cfg):
   return "\n".join(lines), plot, {"exponents": exps}
 
 
+TRAINED_SETTINGS = dict(num_heads=4, width=64)  # the robustness study's (configs/ablate.py, suite cpu) encoder
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def layer_norms(metric, num_heads, params, xs, iterations):
+  """``||J(x)||_2`` of one trained encoder's first attention layer (``DistanceBasedAttention``: projections with
+  biases, its lam, ``p`` and metric weights where it has them, the output projection; ``[N, width] -> [N,
+  width]``) for each layer ``params`` (leading axis B) at ``xs [B, N, width]``, by ``iterations`` of power
+  iteration on ``J^T J`` (as :func:`distattn_jax.analysis.jacobian_norm`'s ``"power_iteration"``)."""
+  module = da.DistanceBasedAttention(num_heads=num_heads, metric=metric, learnable_lambda=True, p=P)
+
+  def one(p, x):
+    _, jvp = jax.linearize(lambda x: module.apply({"params": p}, x[None])[0], x)
+    vjp = jax.linear_transpose(jvp, x)
+
+    def body(_, v):
+      w = vjp(jvp(v))[0]
+      return w / jnp.maximum(jnp.linalg.norm(w), 1e-30)
+
+    v = jax.lax.fori_loop(0, iterations, body, jnp.ones_like(x) / np.sqrt(x.size))
+    return jnp.linalg.norm(jvp(v))
+
+  return jax.vmap(one)(params, xs)
+
+
+def _trained_cells(cell_dir: pathlib.Path, task: str, metric: str) -> list[pathlib.Path]:
+  return sorted(cell_dir.glob(f"{task}__{metric}__*.msgpack"), key=lambda f: int(f.stem.rsplit("__", 1)[1]))
+
+
+def _token_pool(task: str, metric: str, params, examples: int = 64) -> np.ndarray:
+  """The inputs of the first attention layer of the trained classifier on its first ``examples`` test examples
+  (``ln_attention`` of the embedded, position-added tokens), real positions only: ``[tokens, width]``."""
+  from distattn_jax.data import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  from distattn_jax.training import cells  # pylint: disable=import-outside-toplevel
+  data = tasks_lib.load(task)
+  model = cells.model_for(task, data, metric, "learned", dict(
+      width=TRAINED_SETTINGS["width"], depth=len([k for k in params["trunk"] if k.startswith("block_")]),
+      num_heads=TRAINED_SETTINGS["num_heads"], mlp_dim=params["trunk"]["block_0"]["mlp"]["fc_in"]["kernel"].shape[1],
+      p=P, pooling="cls" if "cls" in params else "mean"))
+  batch = data.eval_batches(examples, limit=examples)[0]
+  _, state = model.apply({"params": params}, batch["inputs"], batch["lengths"], capture_intermediates=True,
+                         mutable=["intermediates"])
+  y = np.asarray(state["intermediates"]["trunk"]["block_0"]["ln_attention"]["__call__"][0])
+  real = np.arange(y.shape[1])[None, :] < batch["lengths"][:, None] + (1 if "cls" in params else 0)
+  return y[real]
+
+
+def study_trained(cfg):
+  cell_dir, lengths = pathlib.Path(cfg["trained_dir"]), cfg["trained_lengths"]
+  found = {(t, m): _trained_cells(cell_dir, t, m) for t in cfg["trained_tasks"] for m in cfg["trained_metrics"]}
+  missing = [f"{t}/{m}" for (t, m), files in found.items() if not files]
+  if missing:
+    raise app.UsageError(
+        f"--studies=trained needs the robustness study's trained classifiers in --trained_dir={cell_dir} "
+        f"(<task>__<metric>__<seed>.msgpack); none for {', '.join(missing)}. Make them with `{ROBUSTNESS_COMMAND}` "
+        "(about 15 minutes on two cores) or point --trained_dir at another <suite>.cells folder.")
+  from flax import serialization  # pylint: disable=import-outside-toplevel
+  heads, width, its = TRAINED_SETTINGS["num_heads"], TRAINED_SETTINGS["width"], cfg["castin_iterations"] or 100
+  results, lams = {}, {}
+  for (task, metric), files in found.items():
+    models = [serialization.msgpack_restore(f.read_bytes()) for f in files]
+    trained = [m["trunk"]["block_0"]["attention"] for m in models]
+    module = da.DistanceBasedAttention(num_heads=heads, metric=metric, learnable_lambda=True, p=P)
+    random = [module.init(jax.random.key(cfg["seed"] + s), jnp.ones((1, 4, width)))["params"]
+              for s in range(len(trained))]
+    lams[task, metric] = (float(np.mean([np.exp(t["log_lambda"]) for t in trained])),
+                          float(np.mean([np.exp(r["log_lambda"]) for r in random])))
+    stacked = jax.tree.map(lambda *a: jnp.stack([jnp.asarray(v, jnp.float32) for v in a]), *(trained + random))
+    pools = [_token_pool(task, metric, m) for m in models]
+    for kind in ("normal", "tokens"):
+      per_n = []
+      for n in lengths:
+        rng = np.random.default_rng(cfg["seed"] + n)
+        if kind == "normal":
+          xs = [rng.standard_normal((n, width)) for _ in trained]
+        else:  # n tokens drawn from the trained model's own pool (with replacement only past its size)
+          xs = [pool[rng.choice(len(pool), n, replace=n > len(pool))] for pool in pools]
+        xs = jnp.asarray(np.stack(xs + xs), jnp.float32)  # the random layers see the trained layers' inputs
+        per_n.append(np.asarray(layer_norms(metric, heads, stacked, xs, its)))
+      per_n = np.stack(per_n, axis=1)  # [2 * seeds, N]
+      results[task, metric, kind] = (per_n[:len(trained)].mean(0), per_n[len(trained):].mean(0), len(trained))
+      logging.info("trained: %s %s %s %s", task, metric, kind, per_n)
+  half = np.asarray(lengths) >= np.median(lengths)
+  lines = [f"Spectral norm of the Jacobian of the first attention layer of the robustness study's classifiers "
+           f"(`{cell_dir}`; width {width}, {heads} heads; the layer with its projections, trained lam, p and "
+           "metric weights, [N, width] -> [N, width], without the residual) against N, beside the same layer "
+           f"at initialisation (seeds {cfg['seed']}..., the calibrated lam), mean over the seeds found, by {its} "
+           "power iterations. Inputs: `normal`, X ~ N(0, 1) (the scale of a LayerNorm'd token); `tokens`, N "
+           "tokens drawn from the first 64 test examples' inputs to that layer in the trained model (ln_attention "
+           "of the embedded tokens plus positions; drawn with replacement past the pool's size), the same X "
+           "for the trained and the random layer. Exponent: log-log slope over every N (and over N >= "
+           f"{np.median(lengths):g}). lam: mean over heads and seeds.", ""]
+  for task in cfg["trained_tasks"]:
+    for kind in ("normal", "tokens"):
+      lines += [f"{task}, {kind} inputs:", "",
+                "| metric | seeds | lam trained (init) | trained " + " | ".join(f"N={n}" for n in lengths) +
+                " | exponent (upper) | random " + " | ".join(f"N={n}" for n in lengths) + " | exponent (upper) |",
+                "|---|---|---|" + "---|" * (2 * len(lengths) + 2)]
+      for metric in cfg["trained_metrics"]:
+        tr, rd, seeds = results[task, metric, kind]
+        fmt = lambda v: " | ".join(f"{x:.3g}" for x in v)  # noqa: E731
+        exps = [(slope(lengths, v), slope(np.asarray(lengths)[half], v[half])) for v in (tr, rd)]
+        lines.append(f"| {metric} | {seeds} | {lams[task, metric][0]:.3g} ({lams[task, metric][1]:.3g}) | "
+                     f"{fmt(tr)} | {exps[0][0]:.2f} ({exps[0][1]:.2f}) | {fmt(rd)} | "
+                     f"{exps[1][0]:.2f} ({exps[1][1]:.2f}) |")
+      lines.append("")
+
+  def plot(path):
+    plt = _pyplot()
+    tasks = cfg["trained_tasks"]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+      for ax, kind in zip(row, ("normal", "tokens")):
+        for i, metric in enumerate(cfg["trained_metrics"]):
+          tr, rd, _ = results[task, metric, kind]
+          ax.loglog(lengths, tr, "-", marker=".", color=f"C{i}", label=f"{metric} trained")
+          ax.loglog(lengths, rd, ":", color=f"C{i}", label=f"{metric} random")
+        ax.set_title(f"{task}, {kind} inputs", fontsize=9)
+        ax.set_xlabel("N")
+        ax.set_ylabel("||J||_2, first attention layer")
+    axes[0][1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+  return "\n".join(lines).rstrip(), plot, {"results": results, "lams": lams}
+
+
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -481,7 +627,8 @@ def _pyplot():
   return plt
 
 
-STUDY_FNS = {"bounds": study_bounds, "scale": study_scale, "length": study_length, "castin": study_castin}
+STUDY_FNS = {"bounds": study_bounds, "scale": study_scale, "length": study_length, "castin": study_castin,
+             "trained": study_trained}
 
 # Four heads over four metrics (dot product, a tied gram-form distance, an elementwise one and Kim's head), two
 # lengths per sweep: each metric and shape compiles once.
@@ -498,7 +645,9 @@ def config_from_flags() -> dict:
          "kim_lengths": [int(n) for n in FLAGS.kim_lengths], "kim_restarts": FLAGS.kim_restarts,
          "head_lengths": [int(n) for n in FLAGS.head_lengths],
          "castin_lengths": [int(n) for n in FLAGS.castin_lengths], "castin_seeds": FLAGS.castin_seeds,
-         "castin_iterations": FLAGS.castin_iterations}
+         "castin_iterations": FLAGS.castin_iterations, "trained_dir": FLAGS.trained_dir,
+         "trained_tasks": list(FLAGS.trained_tasks), "trained_metrics": list(FLAGS.trained_metrics),
+         "trained_lengths": [int(n) for n in FLAGS.trained_lengths]}
   if FLAGS.quick:
     cfg.update(QUICK)
   for flag in ("heads", "study_heads"):

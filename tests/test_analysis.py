@@ -244,6 +244,13 @@ def test_lipschitz_quick_studies_reproduce_kim_et_al_at_toy_sizes(tmp_path):
   assert set(castin) == set(LIPSCHITZ_HEADS) and all(v > 0 for r in castin.values() for v in r[:2])
 
 
+def test_lipschitz_trained_study_names_the_parameters_it_needs_and_the_command_that_makes_them(tmp_path):
+  result = scripts.run_script("lipschitz.py", "--studies=trained", f"--trained_dir={tmp_path}", timeout=300)
+  assert result.returncode != 0
+  assert f"--trained_dir={tmp_path}" in result.stderr and "mnist1d/dot" in result.stderr
+  assert "experiments/robustness.py --config=configs/robustness.py:suite=cpu" in result.stderr
+
+
 @pytest.mark.slow
 def test_lipschitz_program_helpers_against_scipy_and_the_library_ascent():
   # The program's Lambert W against scipy's, its theorem 3.2 bound at D = 1 against the closed form, and its
@@ -274,6 +281,13 @@ norm = float(da.analysis.jacobian_norm(lambda x: L.attend(metric, params, x), x0
 stacked = jax.tree.map(lambda a: a[None], params)
 assert abs(float(L.power_norms(metric, stacked, x0[None], 300)[0]) - norm) < 1e-4 * norm
 assert abs(float(L.norms_at(metric, params, x0[None])[0]) - norm) < 1e-5 * norm
+# The trained study's layer norms against the library's on a layer at initialisation (lam, p, biases, output).
+module = da.DistanceBasedAttention(num_heads=4, metric="lp", learnable_lambda=True, p=L.P)
+x = jax.random.normal(jax.random.key(3), (5, 64))
+layer = module.init(jax.random.key(4), x[None])["params"]
+norm = float(da.analysis.jacobian_norm(lambda x: module.apply({"params": layer}, x[None])[0], x).value)
+ours = float(L.layer_norms("lp", 4, jax.tree.map(lambda a: a[None], layer), x[None], 300)[0])
+assert abs(ours - norm) < 1e-3 * norm, (ours, norm)
 print("ok")
 """
   env = {**os.environ, "PYTHONPATH": str(scripts.ROOT)}
