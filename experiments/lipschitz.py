@@ -6,7 +6,7 @@ law of Castin, Ablin and Peyre, "How Smooth Is Attention?" (ICML 2024).
   .venv/bin/python experiments/lipschitz.py --studies=scale,length,castin --steps=200 --out=runs/lipschitz
   .venv/bin/python experiments/lipschitz.py --studies=length --kim_restarts=0 --head_lengths= --steps=200 \
       --out=runs/lipschitz_kim                           # Kim's head from the cluster start only
-  .venv/bin/python experiments/lipschitz.py --quick --out=/tmp/lipschitz   # every study at toy sizes, 35 s
+  .venv/bin/python experiments/lipschitz.py --quick --out=/tmp/lipschitz   # every study at toy sizes, 22 s
 
 The second command (docs/research.md's tables) took about 14 minutes on two shared CPU cores, most of it in the
 length study's Jacobians of Kim's head at N = 128.
@@ -94,7 +94,7 @@ flags.DEFINE_list("trained_tasks", ["mnist1d", "fashion_mnist"], "trained: the t
 flags.DEFINE_list("trained_metrics", ["dot", "l1", "l2", "cosine", "sqeuclidean", "lp", "chebyshev"],
                   "trained: the metrics (every seed found in --trained_dir is used).")
 flags.DEFINE_list("trained_lengths", ["8", "16", "32", "64", "128", "256"], "trained: N.")
-flags.DEFINE_bool("quick", False, "Every study at toy sizes and four heads (dot, l2_tied, l1, kim_l2; about 20 s, "
+flags.DEFINE_bool("quick", False, "Every study at toy sizes and four heads (dot, l2_tied, l1, kim_l2; about 22 s, "
                   "mostly compilation): overrides the size and head flags.")
 flags.DEFINE_string("out", None, "Output folder for <study>.md and <study>.png (default: print only).")
 
@@ -120,11 +120,18 @@ def head_params(name: str, weights) -> tuple[str, tuple[jax.Array, jax.Array, ja
   return name.removesuffix("_tied"), (w_q, w_q if name.endswith("_tied") else w_k, w_v)
 
 
-def attend(metric: str, params, x: jax.Array) -> jax.Array:
+def attend(metric: str, params, x: jax.Array, length=None) -> jax.Array:
   """One head, ``X [N, D] -> [N, D]``, at lam = 1 (a pure function of the projections: a tied and an untied
-  head of one metric share their compilations)."""
+  head of one metric share their compilations). With ``length`` (traced), only the first ``length`` tokens
+  exist: the others are masked as queries (output 0) and as keys, so the Jacobian is that of the ``length``-token
+  head padded with zeros, with the same norm, and one compilation serves every length."""
   q, k, v = ((x @ w)[:, None, :] for w in params)
-  return da.distance_attention(q, k, v, metric=metric, lam=1.0, **({"p": P} if metric == "lp" else {}))[:, 0, :]
+  mask = None
+  if length is not None:
+    real = jnp.arange(x.shape[0]) < length
+    mask = (real[:, None] & real[None, :])[None]
+  return da.distance_attention(q, k, v, mask=mask, metric=metric, lam=1.0,
+                               **({"p": P} if metric == "lp" else {}))[:, 0, :]
 
 
 def head_fn(name: str, features: int, seed: int, weights=None):
@@ -165,18 +172,18 @@ def spectral_norm(fn, x) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def norms_at(metric, params, xs):
-  """``||J(x)||_2`` for each ``x`` of ``xs [B, N, D]``."""
-  return jax.vmap(lambda x: spectral_norm(functools.partial(attend, metric, params), x))(xs)
+def norms_at(metric, params, xs, length=None):
+  """``||J(x)||_2`` for each ``x`` of ``xs [B, N, D]`` (``length``: see :func:`attend`)."""
+  return jax.vmap(lambda x: spectral_norm(functools.partial(attend, metric, params, length=length), x))(xs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def ascent(metric, params, x0s, steps, learning_rate):
+def ascent(metric, params, x0s, steps, learning_rate, length=None):
   """Adam uphill on ``||J(x)||_2`` from each ``x0`` of ``x0s [B, N, D]``, unconstrained, as
   :func:`distattn_jax.analysis.lipschitz_lower_bound` (here jitted whole and batched over starts); returns the
-  largest norm seen per start."""
+  largest norm seen per start. ``length``: see :func:`attend` (the padded rows get zero gradients and stay)."""
   optimizer = optax.adam(learning_rate)
-  fn = functools.partial(attend, metric, params)
+  fn = functools.partial(attend, metric, params, length=length)
   grad = jax.value_and_grad(lambda x: spectral_norm(fn, x))
 
   def one(x0):
@@ -354,7 +361,10 @@ def _length_sweep(name, lengths, d, cfg, weights, restarts, cluster=False):
     x0s = jax.random.normal(key, (restarts, n, d))
     if cluster:
       x0s = jnp.concatenate([x0s, cluster_start(jax.random.fold_in(key, 1), n, d)[None]])
-    found = np.asarray(ascent(metric, params, x0s, cfg["steps"], cfg["learning_rate"]))
+    length = None
+    if cfg.get("pad_lengths"):  # one compilation for every N: pad to the largest, mask the padding
+      x0s, length = jnp.pad(x0s, ((0, 0), (0, max(lengths) - n), (0, 0))), jnp.asarray(n, jnp.int32)
+    found = np.asarray(ascent(metric, params, x0s, cfg["steps"], cfg["learning_rate"], length))
     random_best.append(float(found[:restarts].max()) if restarts else float("nan"))
     cluster_best.append(float(found[restarts:].max()) if cluster else float("nan"))
     logging.info("length: %s N=%d D=%d: %s", name, n, d, found)
@@ -440,12 +450,16 @@ def bounded_inputs(key, n, d):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * np.sqrt(d)
 
 
-def castin_norms(metric, params, xs, iterations):
+def castin_norms(metric, params, xs, iterations, pad_to=None):
   """``||J(x)||_2`` per head ``params`` (leading axis B) at ``xs [B, N, D]``: by :func:`power_norms`, or exactly
-  from the materialised Jacobian when ``iterations`` is 0 (cheaper to compile at toy sizes)."""
+  from the materialised Jacobian when ``iterations`` is 0 (cheaper to compile at toy sizes; then ``pad_to``
+  pads N with masked tokens, as :func:`attend`, so that every N shares one compilation)."""
   if iterations:
     return power_norms(metric, params, xs, iterations)
-  return jax.vmap(lambda p, x: norms_at(metric, p, x[None])[0])(params, xs)
+  length = None
+  if pad_to:
+    xs, length = jnp.pad(xs, ((0, 0), (0, pad_to - xs.shape[1]), (0, 0))), jnp.asarray(xs.shape[1], jnp.int32)
+  return jax.vmap(lambda p, x: norms_at(metric, p, x[None], length)[0])(params, xs)
 
 
 def study_castin(cfg):
@@ -458,7 +472,7 @@ def study_castin(cfg):
     params = jax.tree.map(lambda *a: jnp.stack(a), *[p for _, p in per_seed])
     means[name] = np.asarray([float(np.mean(castin_norms(metric, params, jnp.stack(
         [bounded_inputs(jax.random.key(cfg["seed"] + 10_000 * s + n), n, d) for s in range(seeds)]),
-        cfg["castin_iterations"]))) for n in lengths])
+        cfg["castin_iterations"], max(lengths) if cfg.get("pad_lengths") else None))) for n in lengths])
     logging.info("castin: %s %s", name, means[name])
   half = np.asarray(lengths) >= np.median(lengths)
   lines = [f"Spectral norm of the Jacobian at random bounded inputs (rows uniform on the sphere of radius "
@@ -634,7 +648,7 @@ STUDY_FNS = {"bounds": study_bounds, "scale": study_scale, "length": study_lengt
 # lengths per sweep: each metric and shape compiles once.
 QUICK = {"lengths": [4], "heads": ["dot", "kim_l2"], "study_heads": ["dot", "l2_tied", "l1", "kim_l2"], "steps": 8,
          "scales": [1.0, 4.0, 16.0], "scale_length": 4, "kim_lengths": [2, 8], "kim_restarts": 1,
-         "head_lengths": [2, 4], "castin_lengths": [2, 8], "castin_seeds": 1, "castin_iterations": 0, "features": 2}
+         "head_lengths": [2, 4], "castin_lengths": [2, 8], "castin_seeds": 1, "castin_iterations": 0, "features": 2, "pad_lengths": True}
 
 
 def config_from_flags() -> dict:

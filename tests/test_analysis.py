@@ -212,8 +212,8 @@ LIPSCHITZ_HEADS = ["dot", "l2_tied", "l1", "kim_l2"]  # --quick's: dot product, 
 
 @pytest.mark.slow
 def test_lipschitz_quick_studies_reproduce_kim_et_al_at_toy_sizes(tmp_path):
-  # About 34 s on two shared cores with a cold compilation cache, mostly compiling one ascent per metric and
-  # length, hence slow.
+  # About 22 s on two shared cores with a cold compilation cache, mostly compiling one ascent per metric (every
+  # length padded to the largest), hence slow.
   result = scripts.run_script("lipschitz.py", "--quick", f"--out={tmp_path}", timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   texts = {s: (tmp_path / f"{s}.md").read_text() for s in ("bounds", "scale", "length", "castin")}
@@ -281,6 +281,9 @@ norm = float(da.analysis.jacobian_norm(lambda x: L.attend(metric, params, x), x0
 stacked = jax.tree.map(lambda a: a[None], params)
 assert abs(float(L.power_norms(metric, stacked, x0[None], 300)[0]) - norm) < 1e-4 * norm
 assert abs(float(L.norms_at(metric, params, x0[None])[0]) - norm) < 1e-5 * norm
+# --quick's padded ascent (one compilation for every N): the masked padding changes nothing.
+padded = L.ascent(metric, params, jnp.pad(x0[None], ((0, 0), (0, 3), (0, 0))), 20, 0.05, jnp.asarray(4, jnp.int32))
+assert abs(float(padded[0]) - ours) < 1e-4 * ours, (float(padded[0]), ours)
 # The trained study's layer norms against the library's on a layer at initialisation (lam, p, biases, output).
 module = da.DistanceBasedAttention(num_heads=4, metric="lp", learnable_lambda=True, p=L.P)
 x = jax.random.normal(jax.random.key(3), (5, 64))
