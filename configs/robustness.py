@@ -13,11 +13,11 @@ report covers every metric in the file. Noise levels and epsilons are in the uni
 (MNIST-1D's steps and Fashion-MNIST's standardised patch pixels: both have standard deviation about 1).
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from distattn_jax import training
 from distattn_jax.training import ablation
 
 SUITES = {
@@ -31,18 +31,11 @@ QUICK_BUDGET = dict(steps=20, batch_size=16, warmup_steps=2, eval_every=10, widt
 
 
 def _ablate():
-  spec = importlib.util.spec_from_file_location("config_ablate", pathlib.Path(__file__).with_name("ablate.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return training.load_config_file(pathlib.Path(__file__).with_name("ablate.py"))
 
 
 def get_config(arg=None):
-  given = dict(s.split("=", 1) for s in (arg or "suite=cpu").split(",") if s)
-  unknown = sorted(set(given) - {"suite"})
-  if unknown:
-    raise ValueError(f"config arguments {unknown} are unknown; valid: suite")
-  suite = given.get("suite", "cpu")
+  suite = training.parse_arg(arg, suite="cpu")["suite"]
   if suite not in SUITES:
     raise ValueError(f"config argument suite={suite!r} is not a suite; valid suites: {', '.join(SUITES)}")
   s = SUITES[suite]

@@ -11,8 +11,8 @@ extras.require("distattn_jax.training", "train")
 
 # pylint: disable=wrong-import-position
 from distattn_jax.training.checkpoint import CheckpointError, Checkpoints, NoReadableCheckpoint
-from distattn_jax.training.config import (ConfigChangedError, check_resume, default_config, fingerprint, parse_arg,
-                                         validate)
+from distattn_jax.training.config import (ConfigChangedError, check_resume, default_config, fingerprint,
+                                         load_config_file, parse_arg, validate)
 from distattn_jax.training.distributed import Placement, pmap_train_step
 from distattn_jax.training.distributed import initialize as initialize_distributed
 from distattn_jax.training.loop import (NonFiniteError, NonFiniteLossError, build, hide_orbax_info_logs, load_data,

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import json
+import pathlib
+import types
 from typing import Any
 
 import ml_collections
@@ -137,6 +140,16 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, An
     else:
       flat[prefix + key] = value
   return flat
+
+
+def load_config_file(path: str | pathlib.Path) -> types.ModuleType:
+  """A config file as a module (config files are loaded by path, not imported): for a config that builds on
+  another's ``get_config``, e.g. ``load_config_file(pathlib.Path(__file__).with_name("ablate.py"))``."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
