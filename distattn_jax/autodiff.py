@@ -95,42 +95,30 @@ class _Maps:
     code elimination of ``fun``'s jaxpr, into shard_maps and loops): a transpose whose caller needs the
     cotangents of some linear arguments only (reverse mode in q alone) does not compute, or reduce over a mesh,
     the others'."""
+    out_avals, num_res = self.out_avals, self.num_res
+
+    def kept_outputs(fun):
+      return lambda *args: [o for o, k in zip(fun(*args), keep) if k]
+
+    def with_zero_cotangents(transpose):  # the dropped outputs' cotangents are zeros
+      def kept_transpose(*args):
+        cts = iter(args[num_res:])
+        full = [next(cts) if k else jnp.zeros(a.shape, a.dtype) for k, a in zip(keep, out_avals)]
+        return transpose(*args[:num_res], *full)
+      kept_transpose.__name__ = getattr(transpose, "__name__", "transpose")
+      return kept_transpose
+
     fun = self.fun if self.fun_keep is None else functools.partial(self.fun_keep, tuple(keep))
-
-    def selected(*args):
-      return [o for o, k in zip(fun(*args), keep) if k]
-
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.res_avals + self.lin_avals]
-    closed = jax.make_jaxpr(selected)(*structs)
+    closed = jax.make_jaxpr(kept_outputs(fun))(*structs)
     jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * sum(keep), instantiate=True)
     kept_fun = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, closed.consts))
     kept_fun.__name__ = getattr(self.fun, "__name__", "fun")
-    out_avals = self.out_avals
-    num_res, transpose = self.num_res, self.transpose
-
-    def kept_transpose(*args):
-      cts = iter(args[num_res:])
-      full = [next(cts) if k else jnp.zeros(a.shape, a.dtype) for k, a in zip(keep, out_avals)]
-      return transpose(*args[:num_res], *full)
-
-    kept_transpose.__name__ = getattr(transpose, "__name__", "transpose")
     kept_avals = tuple(a for a, k in zip(out_avals, keep) if k)
-    kept_derivable = None
-    if self.fun_derivable is not None:
-      fun_derivable = self.fun_derivable
-
-      def kept_derivable(*args):
-        return [o for o, k in zip(fun_derivable(*args), keep) if k]
-    kept_transpose_derivable = None
-    if self.transpose_derivable is not None:
-      transpose_derivable = self.transpose_derivable
-
-      def kept_transpose_derivable(*args):
-        cts = iter(args[num_res:])
-        full = [next(cts) if k else jnp.zeros(a.shape, a.dtype) for k, a in zip(keep, out_avals)]
-        return transpose_derivable(*args[:num_res], *full)
-    return _Maps(kept_fun, kept_transpose, self.res_avals, self.lin_avals, kept_avals,
-                 fun_derivable=kept_derivable, transpose_derivable=kept_transpose_derivable)
+    return _Maps(kept_fun, with_zero_cotangents(self.transpose), self.res_avals, self.lin_avals, kept_avals,
+                 fun_derivable=None if self.fun_derivable is None else kept_outputs(self.fun_derivable),
+                 transpose_derivable=None if self.transpose_derivable is None else with_zero_cotangents(
+                     self.transpose_derivable))
 
 
 _linear_call_p = jex_core.Primitive("distattn_linear_call")
