@@ -185,8 +185,10 @@ def _batch(args, dims, *, maps: _Maps):
   lin_axes = axes[maps.num_res:]
   num_out = len(maps.out_avals)
 
-  def fun(*a):
-    return jax.vmap(lambda *b: list(maps.fun(*b)), in_axes=axes, out_axes=0)(*a)
+  def fun_of(inner):
+    def fun(*a):
+      return jax.vmap(lambda *b: list(inner(*b)), in_axes=axes, out_axes=0)(*a)
+    return fun
 
   def transpose_of(inner):
     def transpose(*a):
@@ -199,14 +201,11 @@ def _batch(args, dims, *, maps: _Maps):
   def transpose_keep(keep, *a):
     return transpose_of(functools.partial(maps.transpose_keep, keep))(*a)
 
-  def fun_of(inner):
-    return lambda *a: jax.vmap(lambda *b: list(inner(*b)), in_axes=axes, out_axes=0)(*a)
-
   def batched(avals, in_axes):
     return tuple(a if ax is None else jax.core.ShapedArray((size,) + a.shape, a.dtype)
                  for a, ax in zip(avals, in_axes))
 
-  new = _Maps(fun, transpose, batched(maps.res_avals, axes[:maps.num_res]), batched(maps.lin_avals, lin_axes),
+  new = _Maps(fun_of(maps.fun), transpose, batched(maps.res_avals, axes[:maps.num_res]), batched(maps.lin_avals, lin_axes),
               batched(maps.out_avals, [0] * num_out),
               transpose_keep=None if maps.transpose_keep is None else transpose_keep,
               fun_derivable=None if maps.fun_derivable is None else fun_of(maps.fun_derivable),
